@@ -1,0 +1,194 @@
+"""The `scope` command."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scope.errors import ScopeError
+
+app = typer.Typer(
+    help="Gemma Scope Workbench: Gemma + JumpReLU SAEs, on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Hub name (google/gemma-2-2b) or local checkpoint folder."),
+]
+SaeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--sae",
+        "-s",
+        help="RELEASE/ID (gemma-scope-2b-pt-res-canonical/layer_20/width_16k/"
+        "canonical) or a folder. Repeat for several.",
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cuda, mps or cpu (default: the best there is).")
+]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: bf16 on GPU).")]
+HookOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Hook an SAE folder reads, when its path does not say (blocks.12.hook_resid_post)."
+    ),
+]
+
+
+def friendly(fn: F) -> F:
+    """Print a ScopeError as one clear message and exit 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ScopeError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, progress bars) hides what the user asked for."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def parse_sae_spec(spec: str) -> tuple[str, str | None]:
+    """``RELEASE/ID`` -> (release, id); an existing folder -> (folder, None)."""
+    if Path(spec).expanduser().is_dir():
+        return spec, None
+    if "/" not in spec:
+        raise ScopeError(
+            f"--sae {spec!r}: give RELEASE/ID (e.g. gemma-scope-2b-pt-res-canonical/"
+            "layer_20/width_16k/canonical) or an existing folder"
+        )
+    release, sae_id = spec.split("/", 1)
+    return release, sae_id
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+@app.command()
+@friendly
+def info(
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    hook: HookOpt = None,
+) -> None:
+    """Print a model and SAEs, and whether each SAE fits the model."""
+    from scope.model import load_model, model_info
+    from scope.sae import check_fit, load_sae, sae_info
+
+    quiet_libraries()
+    if not model and not sae:
+        raise ScopeError("give --model, --sae, or both")
+    loaded = None
+    if model:
+        with out.status(f"loading {model}"):
+            loaded = load_model(model, device=device, dtype=dtype)
+        m = model_info(loaded)
+        table = Table(title=f"model {m.name}", show_header=False)
+        for label, value in (
+            ("architecture", m.architecture),
+            ("layers", m.n_layers),
+            ("d_model", m.d_model),
+            ("vocab", m.d_vocab),
+            ("context", m.n_ctx),
+            ("parameters", _human(m.n_params)),
+            ("dtype", m.dtype),
+            ("device", m.device),
+        ):
+            table.add_row(label, str(value))
+        out.print(table)
+    for spec in sae or []:
+        release, sae_id = parse_sae_spec(spec)
+        s = load_sae(release, sae_id, device=device, dtype=dtype, hook=hook)
+        i = sae_info(s)
+        table = Table(title=f"SAE {i.key}", show_header=False)
+        for row, entry in (
+            ("release", i.release),
+            ("id", i.sae_id),
+            ("source", i.source),
+            ("hook", i.hook_name),
+            ("site", i.site),
+            ("d_in", i.d_in),
+            ("width", i.d_sae),
+            ("dtype", f"{i.dtype} (threshold float32)"),
+            ("neuronpedia", i.neuronpedia_id),
+        ):
+            table.add_row(row, str(entry) if entry is not None else "-")
+        if loaded is not None:
+            try:
+                check_fit(loaded, s)
+                table.add_row("fits", f"[green]yes[/]: {i.hook_name} of {loaded.cfg.model_name}")
+            except ScopeError as e:
+                table.add_row("fits", f"[red]no[/]: {e}")
+        out.print(table)
+
+
+@app.command()
+@friendly
+def saes(
+    model: Annotated[str, typer.Option("--model", "-m", help="Hub name or folder.")],
+    local_only: Annotated[bool, typer.Option(help="Only SAEs already under saes/.")] = False,
+) -> None:
+    """List the SAEs that fit a model: sae-lens' registry and the local saes/ library."""
+    from scope.model import resolve_source
+    from scope.sae import list_saes
+
+    quiet_libraries()
+    source = resolve_source(model)
+    target: Any = source  # a hub name: the registry is keyed by name, no download needed
+    if Path(source).is_dir():  # a folder: load it to learn its hooks' widths
+        from scope.model import load_model
+
+        target = load_model(source, device="cpu")
+    rows = [r for r in list_saes(target) if r.local or not local_only]
+    table = Table(title=f"SAEs for {model} ({len(rows)})")
+    for col in ("release", "id", "hook", "neuronpedia", "local"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.release,
+            r.sae_id,
+            r.hook_name or "-",
+            r.neuronpedia_id or "-",
+            "yes" if r.local else "",
+        )
+    out.print(table)
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

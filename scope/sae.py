@@ -1,0 +1,446 @@
+"""Load JumpReLU SAEs: Gemma Scope by release and id (through sae-lens), a local params.npz in
+Gemma Scope's layout, or a folder that sae-lens saved. Sites map to hooks; fits are checked.
+
+Lookup order for a release and id: ``saes/<repo>/<folder>/params.npz`` (the release's own
+folder structure, so an air-gapped machine uses the same names), then the Hugging Face hub
+or its local cache. Either way the SAE is built by ``sae_lens.SAE.from_pretrained``, which
+keeps the release's config and Neuronpedia id; only the reading of params.npz is ours, so a
+corrupt, truncated, pickled or non-finite file gets a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scope.errors import ScopeError, closest
+from scope.params import GEMMA_SCOPE_KEYS, read_params_npz, refuse_unsafe_weights
+
+SITE_HOOKS = {
+    "res": "blocks.{layer}.hook_resid_post",
+    "mlp": "blocks.{layer}.hook_mlp_out",
+    "att": "blocks.{layer}.attn.hook_z",
+}
+_HOOK_SITES = [
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), "res"),
+    (re.compile(r"^blocks\.(\d+)\.hook_mlp_out$"), "mlp"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.hook_z$"), "att"),
+]
+
+
+def saes_dir() -> Path:
+    """The local SAE library: $SCOPE_SAES_DIR, else ./saes, else the checkout's saes/."""
+    if env := os.environ.get("SCOPE_SAES_DIR"):
+        return Path(env).expanduser()
+    here = Path.cwd() / "saes"
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "saes"
+
+
+def hook_site(hook_name: str) -> tuple[int | None, str]:
+    """(layer, site) of a hook: ``blocks.12.hook_resid_post`` -> (12, "res")."""
+    for pattern, site in _HOOK_SITES:
+        if m := pattern.match(hook_name):
+            return int(m.group(1)), site
+    m = re.match(r"^blocks\.(\d+)\.", hook_name)
+    return (int(m.group(1)) if m else None), hook_name.rsplit(".", 1)[-1]
+
+
+def width_label(d_sae: int) -> str:
+    """16384 -> "16k", 1048576 -> "1m", as Gemma Scope names widths."""
+    if d_sae % (1 << 20) == 0:
+        return f"{d_sae >> 20}m"
+    return f"{d_sae >> 10}k" if d_sae % 1024 == 0 else str(d_sae)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAEInfo:
+    """Who an SAE is and where it attaches."""
+
+    key: str
+    """Short name used in stores and feature addresses, e.g. ``L12.res.16k``."""
+    release: str | None
+    sae_id: str | None
+    source: str
+    """Where the weights came from: a file path or ``hub:<repo>/<folder>``."""
+    hook_name: str
+    layer: int | None
+    site: str
+    d_in: int
+    d_sae: int
+    dtype: str
+    neuronpedia_id: str | None
+    model_name: str | None
+
+
+def sae_info(sae: Any) -> SAEInfo:
+    meta = sae.cfg.metadata
+    hook = meta.hook_name or ""
+    layer, site = hook_site(hook)
+    return SAEInfo(
+        key=f"L{layer}.{site}.{width_label(sae.cfg.d_sae)}",
+        release=meta.get("release"),
+        sae_id=meta.get("sae_id"),
+        source=meta.get("scope_source") or "",
+        hook_name=hook,
+        layer=layer,
+        site=site,
+        d_in=sae.cfg.d_in,
+        d_sae=sae.cfg.d_sae,
+        dtype=str(sae.W_enc.dtype).removeprefix("torch."),
+        neuronpedia_id=meta.get("neuronpedia_id"),
+        model_name=meta.get("model_name"),
+    )
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _registry() -> dict[str, Any]:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def _unknown_release(release: str) -> ScopeError:
+    local = [p.name for p in saes_dir().iterdir() if p.is_dir()] if saes_dir().is_dir() else []
+    names = list(_registry()) + local
+    near = closest(release, names)
+    hint = f" Close names: {', '.join(near)}." if near else ""
+    return ScopeError(
+        f"SAE release {release!r} is not in sae-lens' registry, not a folder under "
+        f"{saes_dir()}, and not a path.{hint} See `scope saes --model <model>` for what fits."
+    )
+
+
+def _unknown_id(release: str, sae_id: str, ids: list[str]) -> ScopeError:
+    near = closest(sae_id, ids, n=6)
+    return ScopeError(
+        f"SAE id {sae_id!r} is not in release {release!r} ({len(ids)} ids). "
+        f"Nearest ids: {', '.join(near) if near else ', '.join(ids[:6])}"
+    )
+
+
+def _gemma_scope_converter(release: str, sae_id: str) -> Any:
+    """A sae-lens converter reading params.npz from saes/ if there, else from the hub/cache."""
+    from sae_lens.loading.pretrained_sae_loaders import get_gemma_2_config_from_hf
+
+    seen: dict[str, str] = {}
+
+    def load(
+        repo_id: str,
+        folder_name: str,
+        device: str = "cpu",
+        force_download: bool = False,
+        cfg_overrides: dict[str, Any] | None = None,
+    ) -> tuple[dict, dict, None]:
+        cfg = get_gemma_2_config_from_hf(
+            repo_id, folder_name, device, force_download, cfg_overrides
+        )
+        local = saes_dir() / repo_id.split("/")[-1] / folder_name / "params.npz"
+        if local.is_file():
+            path, source = local, str(local)
+        else:
+            path, source = (
+                _hub_download(repo_id, folder_name, force_download, local),
+                f"hub:{repo_id}/{folder_name}",
+            )
+        params = read_params_npz(
+            path, d_in=cfg["d_in"], d_sae=cfg["d_sae"], what=f"{release} {sae_id}"
+        )
+        seen["source"] = source
+        state = {k: torch.from_numpy(v).float().to(device) for k, v in params.items()}
+        return cfg, state, None
+
+    load.seen = seen  # type: ignore[attr-defined]
+    return load
+
+
+def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id=repo_id,
+                filename="params.npz",
+                subfolder=folder,
+                force_download=force,
+                token=os.environ.get("HF_TOKEN") or None,
+            )
+        )
+    except Exception as err:  # hub errors come in many types; all mean "not reachable"
+        raise ScopeError(
+            f"could not get {repo_id}/{folder}/params.npz from the Hugging Face hub or its "
+            f"cache ({type(err).__name__}). Check your connection (unset HF_HUB_OFFLINE), or "
+            f"put the file at {local} for offline use"
+        ) from err
+
+
+def _from_release(release: str, sae_id: str, device: str) -> Any:
+    from sae_lens import SAE
+
+    registry = _registry()
+    lookup = registry[release]
+    if sae_id not in lookup.saes_map:
+        raise _unknown_id(release, sae_id, list(lookup.saes_map))
+    if lookup.conversion_func == "gemma_2":
+        converter = _gemma_scope_converter(release, sae_id)
+        sae = SAE.from_pretrained(release, sae_id, device=device, converter=converter)
+        sae.cfg.metadata["scope_source"] = converter.seen["source"]
+    else:  # other releases (Gemma Scope 2, ...) load with sae-lens' own converter
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+        sae.cfg.metadata["scope_source"] = f"hub:{lookup.repo_id}/{lookup.saes_map[sae_id]}"
+    sae.cfg.metadata["release"] = release
+    sae.cfg.metadata["sae_id"] = sae_id
+    return sae
+
+
+def _infer_hook(path: Path) -> str | None:
+    text = path.as_posix()
+    layer = re.search(r"layer_(\d+)", text)
+    site = re.search(r"-(res|mlp|att)(?:-|/|$)", text)
+    if layer and site:
+        return SITE_HOOKS[site.group(1)].format(layer=layer.group(1))
+    return None
+
+
+def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> Any:
+    from sae_lens import SAE
+
+    if (path / "params.npz").is_file():
+        hook = hook_name or _infer_hook(path)
+        if hook is None:
+            raise ScopeError(
+                f"cannot tell which hook the SAE in {path} reads: pass hook= (--hook), e.g. "
+                "blocks.12.hook_resid_post, or keep it under <release>-res/layer_12/... as "
+                "Gemma Scope does"
+            )
+
+        def converter(
+            p: str, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+        ) -> tuple[dict, dict]:
+            params = read_params_npz(Path(p) / "params.npz", what=label)
+            d_in, d_sae = params["W_enc"].shape
+            cfg = {
+                "architecture": "jumprelu",
+                "d_in": d_in,
+                "d_sae": d_sae,
+                "dtype": "float32",
+                "device": device,
+                "hook_name": hook,
+                "apply_b_dec_to_input": False,
+                "normalize_activations": "none",
+                "reshape_activations": "hook_z" if hook.endswith("hook_z") else "none",
+            }
+            state = {k: torch.from_numpy(v).float() for k, v in params.items()}
+            return cfg, state
+
+        sae = SAE.load_from_disk(path, device=device, converter=converter)
+    elif (path / "cfg.json").is_file():
+        refuse_unsafe_weights(path)
+        sae = SAE.load_from_disk(path, device=device)
+        if hook_name:
+            sae.cfg.metadata.hook_name = hook_name
+    else:
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise ScopeError(
+            f"{path} holds neither params.npz (Gemma Scope layout) nor cfg.json + "
+            f"sae_weights.safetensors (a sae-lens save); found {found}"
+        )
+    sae.cfg.metadata["scope_source"] = str(path)
+    return sae
+
+
+def load_sae(
+    release_or_path: str | os.PathLike[str],
+    sae_id: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    hook: str | None = None,
+) -> Any:
+    """Load a JumpReLU SAE as a sae-lens ``SAE``.
+
+    - ``load_sae("gemma-scope-2b-pt-res-canonical", "layer_20/width_16k/canonical")``: a release
+      and id from sae-lens' registry; params.npz is read from ``saes/`` first, else the hub.
+    - ``load_sae("path/to/folder")``: a folder with params.npz (Gemma Scope layout; the hook is
+      read from the path, or pass ``hook=``) or a sae-lens save (cfg.json + safetensors).
+    - ``load_sae("my-release", "layer_6/width_4k/average_l0_50")``: ``saes/my-release/<id>``.
+
+    Weights take ``dtype`` (default: fp32 on the CPU, bf16 on a GPU); thresholds stay fp32 so
+    which features fire does not change with the dtype.
+    """
+    from scope.model import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    target = str(release_or_path)
+    path = Path(target).expanduser()
+    if path.is_dir():
+        full = path / sae_id if sae_id else path
+        if not full.is_dir():
+            raise ScopeError(f"SAE folder {full} does not exist: check the id")
+        sae = _from_folder(full, str(dev), hook, label=str(full))
+    elif target in _registry():
+        if sae_id is None:
+            ids = list(_registry()[target].saes_map)
+            raise ScopeError(f"release {target!r} needs an SAE id, e.g. {ids[0]!r}")
+        sae = _from_release(target, sae_id, str(dev))
+    elif (saes_dir() / target).is_dir():
+        local = saes_dir() / target / (sae_id or "")
+        if not local.is_dir():
+            ids = sorted(
+                str(p.parent.relative_to(saes_dir() / target))
+                for p in (saes_dir() / target).rglob("params.npz")
+            )
+            raise _unknown_id(target, sae_id or "", ids)
+        sae = _from_folder(local, str(dev), hook, label=f"{target} {sae_id}")
+        sae.cfg.metadata["release"], sae.cfg.metadata["sae_id"] = target, sae_id
+    elif "/" in target or target.startswith("."):
+        raise ScopeError(f"SAE folder {target} does not exist: check the path")
+    else:
+        raise _unknown_release(target)
+    _check_finite(sae, target)
+    _set_dtype(sae, torch_dtype)
+    sae.eval()
+    return sae
+
+
+def _check_finite(sae: Any, label: str) -> None:
+    for name, param in sae.named_parameters():
+        bad = (~torch.isfinite(param)).sum().item()
+        if bad:
+            raise ScopeError(
+                f"SAE {label}: {name} has {bad} non-finite values (NaN or inf); "
+                "the file is damaged: download or export it again"
+            )
+
+
+def _set_dtype(sae: Any, dtype: torch.dtype) -> None:
+    """Weights in ``dtype``; the JumpReLU threshold in fp32 (bf16 would round it and move
+    features across it)."""
+    for name, param in sae.named_parameters():
+        param.requires_grad_(False)
+        param.data = param.data.to(torch.float32 if name == "threshold" else dtype)
+    sae.dtype = dtype
+    sae.cfg.dtype = str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- fitting and listing
+
+
+def hook_size(model: Any, hook_name: str) -> int:
+    """Width an SAE must have (d_in) to read ``hook_name`` of ``model``."""
+    cfg = model.cfg
+    if hook_name not in model.hook_dict:
+        layer, _ = hook_site(hook_name)
+        if layer is not None and not 0 <= layer < cfg.n_layers:
+            raise ScopeError(
+                f"hook {hook_name}: layer {layer} is not in {cfg.model_name} "
+                f"(layers 0-{cfg.n_layers - 1}): pick an SAE for one of its layers"
+            )
+        near = closest(hook_name, list(model.hook_dict), n=3)
+        raise ScopeError(f"hook {hook_name} is not in {cfg.model_name}; close: {', '.join(near)}")
+    if hook_name.endswith("hook_z"):
+        return cfg.n_heads * cfg.d_head
+    if "mlp.hook_pre" in hook_name or "mlp.hook_post" in hook_name:
+        return cfg.d_mlp
+    return cfg.d_model
+
+
+def check_fit(model: Any, sae: Any) -> None:
+    """Raise a ScopeError unless ``sae`` reads a hook of ``model`` with the right width."""
+    info = sae_info(sae)
+    size = hook_size(model, info.hook_name)
+    if size != info.d_in:
+        what = "n_heads x d_head" if info.site == "att" else "d_model"
+        raise ScopeError(
+            f"SAE {info.release or info.source} {info.sae_id or ''} expects d_in {info.d_in} at "
+            f"{info.hook_name} but {model.cfg.model_name} has {what} {size} there: pick an SAE "
+            "trained on this model"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAEListing:
+    """One SAE that fits a model: where to get it and what it reads."""
+
+    release: str
+    sae_id: str
+    hook_name: str | None
+    neuronpedia_id: str | None
+    local: bool
+    """True when its weights are already under saes/."""
+
+
+def list_saes(model: Any | str) -> list[SAEListing]:
+    """SAEs that fit ``model`` (a loaded model, or a hub name): sae-lens' registry entries
+    for its name, and, for a loaded model, saes/ entries whose width fits one of its hooks."""
+    from scope.params import npz_shapes
+
+    name = model.split("/")[-1] if isinstance(model, str) else model.cfg.model_name
+    names = {name, f"google/{name}"}
+    rows: list[SAEListing] = []
+    root = saes_dir()
+    for release, lookup in _registry().items():
+        if lookup.model not in names:
+            continue
+        site = re.search(r"-(res|mlp|att)\b", release)
+        for sae_id, folder in lookup.saes_map.items():
+            layer = re.search(r"layer_(\d+)", sae_id)
+            hook = (
+                SITE_HOOKS[site.group(1)].format(layer=layer.group(1)) if site and layer else None
+            )
+            rows.append(
+                SAEListing(
+                    release=release,
+                    sae_id=sae_id,
+                    hook_name=hook,
+                    neuronpedia_id=lookup.neuronpedia_id.get(sae_id),
+                    local=(root / lookup.repo_id.split("/")[-1] / folder / "params.npz").is_file(),
+                )
+            )
+    registry_repos = {lookup.repo_id.split("/")[-1] for lookup in _registry().values()}
+    if root.is_dir() and not isinstance(model, str):
+        for params in sorted(root.rglob("params.npz")):
+            release = params.relative_to(root).parts[0]
+            if release in registry_repos:
+                continue  # listed above under its registry release
+            hook = _infer_hook(params.parent)
+            shapes = npz_shapes(params)
+            d_in = shapes.get("W_enc", (0,))[0]
+            try:
+                fits = hook is not None and hook_size(model, hook) == d_in
+            except ScopeError:
+                fits = False
+            if fits:
+                rows.append(
+                    SAEListing(
+                        release=release,
+                        sae_id=str(params.parent.relative_to(root / release)),
+                        hook_name=hook,
+                        neuronpedia_id=None,
+                        local=True,
+                    )
+                )
+    return rows
+
+
+__all__ = [
+    "GEMMA_SCOPE_KEYS",
+    "SAEInfo",
+    "SAEListing",
+    "check_fit",
+    "hook_site",
+    "hook_size",
+    "list_saes",
+    "load_sae",
+    "sae_info",
+    "saes_dir",
+    "width_label",
+]

@@ -1,0 +1,221 @@
+"""Build test artifacts at test time: tiny Gemma 2 checkpoints with random weights and an
+offline tokenizer, and Gemma Scope-format params.npz files.
+
+Run it to get them on disk for trying the CLI:  python tests/fixtures.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma's chat template (model card): user/model turns, BOS first.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _training_text() -> list[str]:
+    """English prose that ships with Python itself: stdlib docstrings."""
+    import collections
+    import json as json_mod
+    import pathlib
+    import statistics
+    import textwrap
+
+    text = []
+    for module in (collections, json_mod, pathlib, statistics, textwrap, inspect):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc:
+                text.append(doc)
+    return text
+
+
+def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE tokenizer with Gemma's special tokens and chat template, saved so that
+    ``AutoTokenizer.from_pretrained(out)`` works offline and prepends <bos>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_training_text(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        add_bos_token=True,
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(out)
+
+
+def build_gemma2(
+    out: Path,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_head: int = 16,
+    d_mlp: int = 128,
+    vocab_size: int | None = None,
+    sliding_window: int = 6,
+    query_pre_attn_scalar: int = 24,
+    attn_softcap: float = 5.0,
+    final_softcap: float = 3.0,
+    init_std: float = 0.15,
+    seed: int = 0,
+) -> Path:
+    """A Gemma 2 checkpoint with random weights, saved as Hugging Face would save it.
+
+    Defaults make every Gemma 2 detail matter to the logits: grouped-query attention, a
+    sliding window shorter than test prompts, soft caps that bite, a query scale unlike
+    sqrt(d_head), and non-trivial norm weights.
+    """
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    n_tokens = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    config = Gemma2Config(
+        vocab_size=vocab_size or n_tokens,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=d_head,
+        max_position_embeddings=256,
+        sliding_window=sliding_window,
+        query_pre_attn_scalar=query_pre_attn_scalar,
+        attn_logit_softcapping=attn_softcap,
+        final_logit_softcapping=final_softcap,
+        initializer_range=init_std,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_implementation="eager",
+    )
+    config.architectures = ["Gemma2ForCausalLM"]
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # HF inits these to 0 (scale 1): randomize so +1 offsets count
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def build_gemma2_2b_shape(out: Path, n_layers: int = 2, seed: int = 0) -> Path:
+    """gemma-2-2b's exact dimensions (d_model 2304, 8 heads, 4 KV heads, d_head 256, d_mlp
+    9216, vocab 256000, window 4096, soft caps 50/30) with ``n_layers`` random layers."""
+    return build_gemma2(
+        out,
+        n_layers=n_layers,
+        d_model=2304,
+        n_heads=8,
+        n_kv_heads=4,
+        d_head=256,
+        d_mlp=9216,
+        vocab_size=256000,
+        sliding_window=4096,
+        query_pre_attn_scalar=256,
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        init_std=0.02,
+        seed=seed,
+    )
+
+
+def gemma_scope_params(
+    acts: torch.Tensor, d_sae: int, *, firing_rate: float = 0.05, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Gemma Scope-layout arrays for an SAE over activations ``acts`` [n, d_in].
+
+    Decoder rows are unit-norm random directions; the encoder is their transpose; each
+    threshold is set at the feature's (1 - firing_rate) quantile of ``acts`` so features fire
+    on real data but sparsely.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    d_in = acts.shape[-1]
+    w_dec = torch.randn(d_sae, d_in, generator=gen)
+    w_dec /= w_dec.norm(dim=-1, keepdim=True)
+    w_enc = w_dec.T.contiguous() * 2.0
+    b_enc = torch.randn(d_sae, generator=gen) * 0.1
+    b_dec = torch.randn(d_in, generator=gen) * 0.01
+    pre = acts.reshape(-1, d_in).float() @ w_enc + b_enc
+    threshold = torch.quantile(pre, 1 - firing_rate, dim=0).clamp(min=1e-3)
+    return {
+        "W_enc": w_enc.numpy(),
+        "W_dec": w_dec.numpy(),
+        "b_enc": b_enc.numpy(),
+        "b_dec": b_dec.numpy(),
+        "threshold": threshold.numpy(),
+    }
+
+
+def write_params(folder: Path, params: dict[str, np.ndarray]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "params.npz", **params)
+    return folder / "params.npz"
+
+
+def seed_hf_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Place ``files`` (repo path -> local file) in a Hugging Face cache under ``hf_home`` as a
+    download of ``repo_id`` would, so HF_HUB_OFFLINE=1 loads resolve to them."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    for rel, src in files.items():
+        dest = snapshot / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            dest.symlink_to(Path(src).resolve())
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def main(out_dir: str) -> None:
+    """Write a tiny Gemma 2 model and a res SAE at its layer 2, for trying the CLI."""
+    from scope.model import load_model
+
+    out = Path(out_dir)
+    model_dir = build_gemma2(out / "tiny-gemma2")
+    model = load_model(model_dir, device="cpu")
+    _, cache = model.run_with_cache(
+        "The quick brown fox jumps over the lazy dog. " * 4, names_filter="blocks.2.hook_resid_post"
+    )
+    acts = cache["blocks.2.hook_resid_post"][0, 1:]
+    folder = out / "saes" / "tiny-scope-res" / "layer_2" / "width_1k" / "average_l0_50"
+    write_params(folder, gemma_scope_params(acts, 1024))
+    print(f"model: {model_dir}\nsae:   {folder}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "fixtures")
