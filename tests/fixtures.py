@@ -131,6 +131,46 @@ def build_gemma2(
     return out
 
 
+def build_gemma3(out: Path, *, n_layers: int = 6, seed: int = 0) -> Path:
+    """A Gemma 3 text checkpoint with random weights: qk-norm, five local layers to one
+    global, separate local and global rope bases, one KV head, as gemma-3-270m has."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    n_tokens = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    config = Gemma3TextConfig(
+        vocab_size=n_tokens,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=6,
+        query_pre_attn_scalar=24,
+        initializer_range=0.15,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        },
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_implementation="eager",
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
 def build_gemma2_2b_shape(out: Path, n_layers: int = 2, seed: int = 0) -> Path:
     """gemma-2-2b's exact dimensions (d_model 2304, 8 heads, 4 KV heads, d_head 256, d_mlp
     9216, vocab 256000, window 4096, soft caps 50/30) with ``n_layers`` random layers."""

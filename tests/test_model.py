@@ -243,3 +243,21 @@ def test_gemma_2_2b_hub_path_parity(tmp_path_factory):
     print("gemma-2-2b-shape parity:", report)
     assert report["shape"] == [2304, 8, 4, 256, 9216, 256000, 4096, 50.0, 30.0]
     assert report["logits"] < 1e-4 and report["resid"] < 1e-4
+
+
+def test_gemma3_folder_parity(tmp_path):
+    """A Gemma 3 text checkpoint (qk-norm, 5:1 local/global, two rope bases) matches HF."""
+    from transformers import AutoModelForCausalLM
+
+    src = fixtures.build_gemma3(tmp_path / "tiny-gemma3")
+    model = load_model(src, device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    assert model.cfg.use_qk_norm and model.cfg.attn_types.count("global") == 1
+    assert (model.cfg.rotary_base, model.cfg.rotary_base_local) == (1000.0, 10.0)
+    tokens = model.to_tokens(PROMPT)
+    hf_logits, hf_resid = hf_resid_posts(hf.eval(), tokens)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    assert (logits - hf_logits).abs().max().item() < 1e-4
+    for layer, hf_layer in enumerate(hf_resid):
+        assert (cache[f"blocks.{layer}.hook_resid_post"] - hf_layer).abs().max().item() < 1e-4
