@@ -186,6 +186,157 @@ def saes(
     out.print(table)
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ScopeError(f"--shard {text!r}: use i/N, e.g. 0/4") from None
+    return i, n
+
+
+@app.command()
+@friendly
+def record(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Hub name or local checkpoint folder.")
+    ],
+    sae: SaeOpt = None,
+    corpus: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Text file, folder, .jsonl, .parquet or saved dataset. Repeat for several."
+        ),
+    ] = None,
+    store: Annotated[str, typer.Option(help="Store folder to create, add to or resume.")] = "",
+    field: Annotated[
+        str, typer.Option(help="The .jsonl field / .parquet column with the text.")
+    ] = "text",
+    tokens: Annotated[
+        str | None, typer.Option(help="Token budget, e.g. 2M or 500k (default: all).")
+    ] = None,
+    ctx: Annotated[int, typer.Option(help="Window length in tokens, BOS included.")] = 128,
+    k: Annotated[int, typer.Option(help="Top windows kept per feature.")] = 20,
+    samples: Annotated[int, typer.Option(help="Interval samples per activation bin.")] = 5,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Windows per batch (default: fit memory).")
+    ] = None,
+    shard: Annotated[
+        str, typer.Option(help="Record slice i/N of the windows (merge with `scope merge`).")
+    ] = "0/1",
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run of this store.")
+    ] = False,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="Save resumable state this often.")
+    ] = 60.0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    hook: HookOpt = None,
+) -> None:
+    """Record every feature of the SAEs over a corpus in one pass into a store."""
+    from scope.corpus import CorpusSpec, parse_tokens
+    from scope.model import load_model
+    from scope.record import RecordSettings
+    from scope.record import record as run_record
+    from scope.sae import load_sae
+
+    quiet_libraries()
+    if not store:
+        raise ScopeError("give --store FOLDER: where the recording goes")
+    if not sae:
+        raise ScopeError("give --sae at least once")
+    spec = CorpusSpec(
+        paths=tuple(corpus or ()), field=field, ctx=ctx, max_tokens=parse_tokens(tokens)
+    )
+    settings = RecordSettings(
+        ctx=ctx,
+        k=k,
+        samples=samples,
+        batch_size=batch_size,
+        shard=_parse_shard(shard),
+        checkpoint_seconds=checkpoint_seconds,
+    )
+    with out.status(f"loading {model}"):
+        loaded = load_model(model, device=device, dtype=dtype)
+        saes_ = [load_sae(*parse_sae_spec(s), device=device, dtype=dtype, hook=hook) for s in sae]
+    summary = run_record(loaded, saes_, spec, store, settings, resume=resume, progress=True)
+    table = Table(
+        title=f"recorded {summary.tokens:,} tokens in {summary.seconds:,.1f} s "
+        f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) into {summary.store}"
+    )
+    for col in ("SAE", "tokens in store", "mean L0", "dead", "dense", "width"):
+        table.add_column(col)
+    for s in summary.saes:
+        table.add_row(
+            s["sae"],
+            f"{s['tokens']:,}",
+            f"{s['mean_l0']:.1f}",
+            str(s["dead"]),
+            str(s["dense"]),
+            str(s["d_sae"]),
+        )
+    out.print(table)
+    if summary.skipped:
+        out.print("skipped: " + "; ".join(f"{n} {why}" for why, n in summary.skipped.items()))
+
+
+@app.command()
+@friendly
+def merge(
+    shards: Annotated[list[str], typer.Argument(help="The shard stores (i/N for every i).")],
+    store: Annotated[str, typer.Option(help="New folder for the merged store.")],
+) -> None:
+    """Merge shard stores into exactly what one pass would have recorded."""
+    from scope.record.merge import merge_stores
+
+    manifest = merge_stores(store, shards)
+    out.print(f"merged {len(shards)} shards into {store}: {manifest['tokens_recorded']:,} tokens")
+
+
+@app.command()
+@friendly
+def feature(
+    address: Annotated[str, typer.Argument(help="SAE/INDEX, e.g. L12.res.16k/1234.")],
+    store: Annotated[str, typer.Option(help="A recorded store folder.")],
+    examples: Annotated[int, typer.Option(help="Top examples to show.")] = 5,
+) -> None:
+    """Print a feature's statistics, top examples and logit lens."""
+    from scope.store import Store
+
+    view = Store(store).feature(address)
+    out.print(
+        f"[bold]{view.sae}/{view.index}[/]  fires on {view.density:.3%} of tokens "
+        f"({view.count:,}), max {view.max:.2f}, mean {view.mean:.2f}"
+    )
+    if view.neuronpedia_url:
+        out.print(view.neuronpedia_url)
+    if view.top_tokens:
+        out.print("promotes: " + "  ".join(t for t, _ in view.top_tokens))
+        out.print("suppresses: " + "  ".join(t for t, _ in view.bottom_tokens))
+    for ex in view.top[:examples]:
+        text = "".join(
+            f"[reverse]{t}[/]" if i == ex.pos else t for i, t in enumerate(ex.tokens[1:], 1)
+        )
+        out.print(f"{ex.act:8.2f}  {text!s}", highlight=False, markup=True)
+
+
+@app.command()
+@friendly
+def sql(
+    query: Annotated[
+        str,
+        typer.Argument(
+            help="SQL over features, topk, intervals, hist, l0, saes, lens, windows, vocab."
+        ),
+    ],
+    store: Annotated[str, typer.Option(help="A recorded store folder.")],
+) -> None:
+    """Query a store with DuckDB SQL."""
+    from scope.store import Store
+
+    print(Store(store).sql(query))
+
+
 def main() -> None:
     sys.exit(app())
 

@@ -1,0 +1,283 @@
+"""Corpus -> BOS-first token windows, with the source document and offset of every window.
+
+Sources: text files and folders of them, .jsonl (one JSON object a line; choose the field),
+.parquet (choose the column), and Hugging Face datasets saved with ``save_to_disk`` (read
+with pyarrow, no ``datasets`` needed). Documents are read in a fixed order (sorted paths, file
+order within a file), so the same corpus and settings always give the same windows.
+
+Each document is tokenized on its own and cut into chunks of ``ctx - 1`` tokens; each window
+is BOS + one chunk, so no window mixes documents. A final short chunk makes a shorter window
+(padded in the batch; padding is never counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scope.errors import ScopeError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
+TABLE_SUFFIXES = {".jsonl", ".parquet"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusSpec:
+    """What to read and how to cut it."""
+
+    paths: tuple[str, ...]
+    """Files or folders; folders are read recursively in sorted order."""
+    field: str = "text"
+    """The .jsonl field / .parquet or dataset column holding the text."""
+    ctx: int = 128
+    """Window length in tokens, BOS included."""
+    max_tokens: int | None = None
+    """Stop once this many corpus tokens (BOS and padding not counted) are windowed."""
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise ScopeError("no corpus given: pass --corpus FILE_OR_FOLDER")
+        if self.ctx < 2:
+            raise ScopeError(f"--ctx {self.ctx} is too small: a window needs BOS and a token")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ScopeError(f"--tokens {self.max_tokens} must be positive")
+
+
+@dataclass
+class ReadReport:
+    """What was read and what was skipped, for the end-of-run summary."""
+
+    documents: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Token windows [n, ctx] (right-padded), with provenance."""
+
+    tokens: np.ndarray  # [n, ctx] int32, BOS first, pad after `lengths`
+    lengths: np.ndarray  # [n] int32, BOS included
+    doc: np.ndarray  # [n] int32, index into `doc_names`
+    offset: np.ndarray  # [n] int32, token offset of the window's first text token in its doc
+    doc_names: list[str]
+    report: ReadReport
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def n_tokens(self) -> int:
+        """Corpus tokens covered (BOS and padding excluded)."""
+        return int(self.lengths.sum() - len(self.lengths))
+
+    def fingerprint(self) -> str:
+        """sha256 of the windows' tokens and lengths: same corpus + settings -> same value."""
+        h = hashlib.sha256()
+        h.update(self.lengths.tobytes())
+        for row, n in zip(self.tokens, self.lengths, strict=True):
+            h.update(row[:n].tobytes())
+        return h.hexdigest()
+
+
+def _files(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise ScopeError(f"corpus path {raw} does not exist: check --corpus")
+        if _is_saved_dataset(path):
+            out.append(path)
+        elif path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and (p.suffix.lower() in TEXT_SUFFIXES | TABLE_SUFFIXES)
+            )
+            datasets = sorted(p for p in path.rglob("state.json") if _is_saved_dataset(p.parent))
+            skip_under = [d.parent for d in datasets]
+            found = [p for p in found if not any(d in p.parents for d in skip_under)]
+            out += found + [d.parent for d in datasets]
+        else:
+            out.append(path)
+    return out
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (
+        path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").exists()
+    )
+
+
+def _read_text(path: Path, report: ReadReport) -> Iterator[tuple[str, str]]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        report.skip(f"{path.suffix or 'text'} files that are not UTF-8")
+        return
+    if text.strip():
+        yield str(path), text
+    else:
+        report.skip("empty documents")
+
+
+def _read_jsonl(path: Path, column: str, report: ReadReport) -> Iterator[tuple[str, str]]:
+    seen_field = False
+    with path.open("rb") as f:
+        for i, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                report.skip(".jsonl lines that are not UTF-8")
+                continue
+            except json.JSONDecodeError:
+                report.skip(".jsonl lines that are not JSON")
+                continue
+            if not isinstance(row, dict) or column not in row:
+                if i == 0 and isinstance(row, dict):
+                    raise ScopeError(
+                        f"{path}: the first row has no field {column!r} (fields: "
+                        f"{', '.join(sorted(row))}): pass --field with one of them"
+                    )
+                report.skip(f".jsonl rows without {column!r}")
+                continue
+            seen_field = True
+            text = row[column]
+            if isinstance(text, str) and text.strip():
+                yield f"{path}:{i + 1}", text
+            else:
+                report.skip("empty documents")
+    if not seen_field:
+        report.skip(f"{path.name}: no rows with {column!r}")
+
+
+def _read_table(
+    table: Any, name: str, column: str, report: ReadReport
+) -> Iterator[tuple[str, str]]:
+    if column not in table.column_names:
+        raise ScopeError(
+            f"{name} has no column {column!r} (columns: {', '.join(table.column_names)}): "
+            "pass --field with one of them"
+        )
+    for i, text in enumerate(table.column(column).to_pylist()):
+        if isinstance(text, str) and text.strip():
+            yield f"{name}:{i}", text
+        else:
+            report.skip("empty documents")
+
+
+def _read_dataset(path: Path, column: str, report: ReadReport) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    files = [path / f["filename"] for f in state.get("_data_files", [])]
+    if not files:
+        raise ScopeError(f"{path} looks like a saved dataset but lists no data files in state.json")
+    offset = 0
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        for name, text in _read_table(table, str(path), column, report):
+            index = int(name.rsplit(":", 1)[1]) + offset
+            yield f"{path}:{index}", text
+        offset += table.num_rows
+
+
+def iter_documents(spec: CorpusSpec, report: ReadReport) -> Iterator[tuple[str, str]]:
+    """(name, text) for every document, in a fixed order."""
+    for path in _files(spec.paths):
+        suffix = path.suffix.lower()
+        if _is_saved_dataset(path):
+            yield from _read_dataset(path, spec.field, report)
+        elif suffix == ".jsonl":
+            yield from _read_jsonl(path, spec.field, report)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(path)
+            except Exception as err:  # pyarrow raises several types for a bad file
+                raise ScopeError(f"{path} is not a readable Parquet file ({err})") from err
+            yield from _read_table(table, str(path), spec.field, report)
+        else:
+            yield from _read_text(path, report)
+
+
+def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
+    """Tokenize the corpus into BOS-first windows of ``spec.ctx`` tokens."""
+    bos = tokenizer.bos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if bos is None:
+        raise ScopeError("the model's tokenizer has no BOS token; Gemma's always does")
+    step = spec.ctx - 1
+    budget = spec.max_tokens
+    report = ReadReport()
+    rows: list[np.ndarray] = []
+    lengths: list[int] = []
+    docs: list[int] = []
+    offsets: list[int] = []
+    names: list[str] = []
+    total = 0
+    for name, text in iter_documents(spec, report):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            report.skip("documents with no tokens")
+            continue
+        report.documents += 1
+        names.append(name)
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            if budget is not None:
+                chunk = chunk[: budget - total]
+            row = np.full(spec.ctx, pad, dtype=np.int32)
+            row[0] = bos
+            row[1 : 1 + len(chunk)] = chunk
+            rows.append(row)
+            lengths.append(1 + len(chunk))
+            docs.append(len(names) - 1)
+            offsets.append(start)
+            total += len(chunk)
+            if budget is not None and total >= budget:
+                break
+        if budget is not None and total >= budget:
+            break
+    if not rows:
+        skipped = "; ".join(f"{n} {why}" for why, n in report.skipped.items()) or "no files"
+        raise ScopeError(
+            f"the corpus {', '.join(spec.paths)} has no text to record ({skipped}): give UTF-8 "
+            "text files, .jsonl, .parquet or a saved dataset, and --field for their text"
+        )
+    return Windows(
+        tokens=np.stack(rows),
+        lengths=np.asarray(lengths, dtype=np.int32),
+        doc=np.asarray(docs, dtype=np.int32),
+        offset=np.asarray(offsets, dtype=np.int32),
+        doc_names=names,
+        report=report,
+    )
+
+
+def parse_tokens(text: str | None) -> int | None:
+    """``2M`` -> 2_000_000, ``500k`` -> 500_000, ``123`` -> 123."""
+    if text is None:
+        return None
+    scale = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
+    t = text.strip().lower().replace("_", "")
+    try:
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        return int(t)
+    except ValueError:
+        raise ScopeError(f"--tokens {text!r} is not a count: use e.g. 2M, 500k or 100000") from None

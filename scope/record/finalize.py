@@ -1,0 +1,71 @@
+"""Write a finished snapshot's tables from the recording state."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scope.record import tables
+from scope.record.state import FeatureState
+from scope.store.files import VersionBuilder
+
+
+def window_lengths(root: Path) -> np.ndarray:
+    """n_tokens of every window recorded in the store, indexed by window id."""
+    parts = sorted((root / "windows").glob("part-*.parquet"))
+    t = pa.concat_tables([pq.read_table(p, columns=["window_id", "n_tokens"]) for p in parts])
+    out = np.zeros(int(pa.compute.max(t["window_id"]).as_py()) + 1, dtype=np.int32)
+    out[t["window_id"].to_numpy()] = t["n_tokens"].to_numpy()
+    return out
+
+
+def finalize(
+    builder: VersionBuilder,
+    manifest: dict[str, Any],
+    states: dict[str, FeatureState],
+    saes: dict[str, Any],
+    model: Any,
+    root: Path,
+    lens_from: Path | None = None,
+) -> None:
+    """Tables of every SAE into ``builder``. Lens tables are copied from the previous snapshot
+    (or ``lens_from``, a finished version folder) when there, else computed."""
+    dense = manifest["settings"]["dense_threshold"]
+    lengths = window_lengths(root)
+    parts: dict[str, list[pa.Table]] = {
+        n: [] for n in ("features", "topk", "samples", "hist", "l0")
+    }
+    summaries = []
+    for key, st in states.items():
+        parts["features"].append(tables.feature_table(key, st, dense))
+        parts["topk"].append(tables.topk_table(key, st, lengths))
+        parts["samples"].append(tables.samples_table(key, st))
+        parts["hist"].append(tables.hist_table(key, st))
+        parts["l0"].append(tables.l0_table(key, st))
+        summaries.append(tables.sae_summary(key, st, dense))
+    for name, ts in parts.items():
+        pq.write_table(pa.concat_tables(ts), builder.path(f"{name}.parquet"), compression="zstd")
+    pq.write_table(pa.Table.from_pylist(summaries), builder.path("saes.parquet"))
+    # logit lens and neighbours depend only on the SAEs and the model: compute once per store
+    previous = manifest.get("tables_version")
+    sources = [root / previous if previous else None, lens_from]
+    for key in states:
+        old = next(
+            (
+                p / "lens" / f"{key}.parquet"
+                for p in sources
+                if p is not None and (p / "lens" / f"{key}.parquet").is_file()
+            ),
+            None,
+        )
+        if old is not None:
+            shutil.copyfile(old, builder.path(f"lens/{key}.parquet"))
+        else:
+            pq.write_table(
+                tables.lens_table(key, saes[key], model), builder.path(f"lens/{key}.parquet")
+            )

@@ -1,0 +1,300 @@
+"""Per-feature recording state for one SAE: updated on the device from each batch's codes, and
+mergeable, so shards recorded anywhere combine into exactly what one pass gives.
+
+What is kept per feature (F = d_sae, k = top-k, T = ctx, m = samples per bin):
+- count, sum, sum of squares and max of its activations over counted tokens;
+- a histogram over fixed log-spaced bins (fixed, so histograms of shards add);
+- the exact top-k windows by the window's max activation (ties: lower window id first),
+  with the activation at every token of the window;
+- a stratified random sample of activating windows: per log-spaced bin of the window's max,
+  the m windows with the smallest hash of (window, feature). A bottom-m hash sample is
+  uniform within the bin and merges exactly (the union's m smallest keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+# Activation histogram: 16 bins a decade over [1e-3, 1e4), plus under/overflow bins.
+HIST_EDGES = torch.logspace(-3, 4, 16 * 7 + 1, dtype=torch.float64)
+# Interval samples: 4 bins a decade over the same range.
+SAMPLE_EDGES = HIST_EDGES[::4].clone()
+EMPTY_KEY = torch.iinfo(torch.int64).max
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def sample_key(window: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """A deterministic pseudo-random int64 per (window, feature): splitmix64 of the pair."""
+    x = window.to(torch.int64) * 1_048_583 + feature.to(torch.int64) + _GOLDEN
+    x = (x ^ (x >> 30)) * _MIX1
+    x = (x ^ (x >> 27)) * _MIX2
+    return x ^ (x >> 31)
+
+
+def lexsort(*keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting by keys[0], then keys[1], ... (all ascending, stable)."""
+    order = torch.argsort(keys[-1], stable=True)
+    for key in reversed(keys[:-1]):
+        order = order[torch.argsort(key[order], stable=True)]
+    return order
+
+
+def rank_within(groups: torch.Tensor) -> torch.Tensor:
+    """For a sorted 1-D tensor of group ids, each element's position within its group."""
+    n = groups.numel()
+    idx = torch.arange(n, device=groups.device)
+    starts = torch.ones(n, dtype=torch.bool, device=groups.device)
+    starts[1:] = groups[1:] != groups[:-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
+    return idx - first
+
+
+@dataclass
+class FeatureState:
+    """The mergeable state of one SAE. Create with ``FeatureState.empty``."""
+
+    count: torch.Tensor  # [F] int64, counted tokens where the feature fired
+    act_sum: torch.Tensor  # [F] float64
+    act_sumsq: torch.Tensor  # [F] float64
+    act_max: torch.Tensor  # [F] float32, 0 if never fired
+    hist: torch.Tensor  # [F, len(HIST_EDGES) + 1] int64
+    l0_hist: torch.Tensor  # [F + 1] int64, counted tokens by number of firing features
+    tokens: torch.Tensor  # [] int64, counted tokens
+    top_act: torch.Tensor  # [F, k] float32, -inf where empty
+    top_win: torch.Tensor  # [F, k] int64, -1 where empty
+    top_pos: torch.Tensor  # [F, k] int64, position of the max in the window
+    top_acts: torch.Tensor  # [F, k, T] float32, the feature at every token of the window
+    smp_key: torch.Tensor  # [F, S, m] int64, EMPTY_KEY where empty
+    smp_win: torch.Tensor  # [F, S, m] int64
+    smp_pos: torch.Tensor  # [F, S, m] int64
+    smp_act: torch.Tensor  # [F, S, m] float32, the window's max
+
+    @classmethod
+    def empty(cls, d_sae: int, *, k: int, ctx: int, m: int, device: torch.device) -> FeatureState:
+        f, s = d_sae, len(SAMPLE_EDGES) + 1
+        acc = torch.float64 if device.type != "mps" else torch.float32
+
+        def z(*shape: int, dtype: torch.dtype = torch.int64, fill: float = 0) -> torch.Tensor:
+            return torch.full(shape, fill, dtype=dtype, device=device)
+
+        return cls(
+            count=z(f),
+            act_sum=z(f, dtype=acc),
+            act_sumsq=z(f, dtype=acc),
+            act_max=z(f, dtype=torch.float32),
+            hist=z(f, len(HIST_EDGES) + 1),
+            l0_hist=z(f + 1),
+            tokens=z(),
+            top_act=z(f, k, dtype=torch.float32, fill=float("-inf")),
+            top_win=z(f, k, fill=-1),
+            top_pos=z(f, k),
+            top_acts=z(f, k, ctx, dtype=torch.float32),
+            smp_key=z(f, s, m, fill=EMPTY_KEY),
+            smp_win=z(f, s, m, fill=-1),
+            smp_pos=z(f, s, m),
+            smp_act=z(f, s, m, dtype=torch.float32),
+        )
+
+    @property
+    def d_sae(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.top_act.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> FeatureState:
+        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+
+    def to(self, device: torch.device | str) -> FeatureState:
+        return FeatureState(**{n: t.to(device) for n, t in self.tensors().items()})
+
+    # ------------------------------------------------------------ one batch
+
+    @torch.no_grad()
+    def update(self, acts: torch.Tensor, counted: torch.Tensor, windows: torch.Tensor) -> None:
+        """Fold one batch in.
+
+        acts: [batch, pos, d_sae] codes; counted: [batch, pos] bool, False at BOS, padding and
+        special tokens; windows: [batch] int64 global window ids, increasing across calls.
+        """
+        acts = acts.float() * counted.unsqueeze(-1)  # uncounted positions never fire
+        fired = acts > 0
+        b, t, f = fired.nonzero(as_tuple=True)  # sparse codes, still on the device
+        v = acts[b, t, f]
+        self.count += torch.bincount(f, minlength=self.d_sae)
+        self.act_sum.index_add_(0, f, v.to(self.act_sum.dtype))
+        self.act_sumsq.index_add_(0, f, v.to(self.act_sum.dtype) ** 2)
+        self.act_max.scatter_reduce_(0, f, v, reduce="amax")
+        n_bins = self.hist.shape[1]
+        bins = torch.bucketize(v.double(), HIST_EDGES.to(v.device), right=True)
+        self.hist.view(-1).add_(torch.bincount(f * n_bins + bins, minlength=self.hist.numel()))
+        l0 = fired.sum(-1)[counted]
+        self.l0_hist += torch.bincount(l0, minlength=self.l0_hist.numel())
+        self.tokens += counted.sum()
+        wmax, wpos = acts.max(dim=1)  # [batch, d_sae]
+        self._update_topk(acts, wmax, wpos, windows)
+        self._update_samples(wmax, wpos, windows)
+
+    def _update_topk(
+        self, acts: torch.Tensor, wmax: torch.Tensor, wpos: torch.Tensor, windows: torch.Tensor
+    ) -> None:
+        # New windows have larger ids than any kept, so a tie with the k-th never enters.
+        cand = (wmax > self.top_act[:, -1]) & (wmax > 0)
+        cb, cf = cand.nonzero(as_tuple=True)
+        if cb.numel() == 0:
+            return
+        touched = torch.unique(cf)
+        k = self.k
+        of = touched.repeat_interleave(k)
+        oj = torch.arange(k, device=of.device).repeat(touched.numel())
+        keep_old = self.top_win[of, oj] >= 0
+        of, oj = of[keep_old], oj[keep_old]
+        n_old = of.numel()
+        feat = torch.cat([of, cf])
+        val = torch.cat([self.top_act[of, oj], wmax[cb, cf]])
+        win = torch.cat([self.top_win[of, oj], windows[cb]])
+        pos = torch.cat([self.top_pos[of, oj], wpos[cb, cf]])
+        order = lexsort(feat, -val, win)
+        rank = rank_within(feat[order])
+        sel = order[rank < k]
+        rank = rank[rank < k]
+        from_old = sel < n_old
+        rows = torch.zeros(sel.numel(), self.top_acts.shape[2], device=acts.device)
+        rows[from_old] = self.top_acts[of[sel[from_old]], oj[sel[from_old]]]
+        new = sel[~from_old] - n_old
+        rows[~from_old, : acts.shape[1]] = acts[cb[new], :, cf[new]]
+        self.top_act[touched] = float("-inf")
+        self.top_win[touched] = -1
+        dest = feat[sel]
+        self.top_act[dest, rank] = val[sel]
+        self.top_win[dest, rank] = win[sel]
+        self.top_pos[dest, rank] = pos[sel]
+        self.top_acts[dest, rank] = rows
+
+    def _update_samples(
+        self, wmax: torch.Tensor, wpos: torch.Tensor, windows: torch.Tensor
+    ) -> None:
+        pb, pf = (wmax > 0).nonzero(as_tuple=True)
+        if pb.numel() == 0:
+            return
+        val = wmax[pb, pf]
+        key = sample_key(windows[pb], pf)
+        sbin = torch.bucketize(val.double(), SAMPLE_EDGES.to(val.device), right=True)
+        go = key < self.smp_key[pf, sbin, -1]
+        pb, pf, val, key, sbin = pb[go], pf[go], val[go], key[go], sbin[go]
+        if pb.numel() == 0:
+            return
+        n_s, m = self.smp_key.shape[1], self.smp_key.shape[2]
+        slot = pf * n_s + sbin
+        touched = torch.unique(slot)
+        flat_key = self.smp_key.view(-1, m)
+        flat_win, flat_pos, flat_act = (
+            x.view(-1, m) for x in (self.smp_win, self.smp_pos, self.smp_act)
+        )
+        os_ = touched.repeat_interleave(m)
+        oj = torch.arange(m, device=os_.device).repeat(touched.numel())
+        keep_old = flat_key[os_, oj] != EMPTY_KEY
+        os_, oj = os_[keep_old], oj[keep_old]
+        slots = torch.cat([os_, slot])
+        keys = torch.cat([flat_key[os_, oj], key])
+        wins = torch.cat([flat_win[os_, oj], windows[pb]])
+        poss = torch.cat([flat_pos[os_, oj], wpos[pb, pf]])
+        acts = torch.cat([flat_act[os_, oj], val])
+        order = lexsort(slots, keys)
+        rank = rank_within(slots[order])
+        sel, rank = order[rank < m], rank[rank < m]
+        flat_key[touched] = EMPTY_KEY
+        flat_win[touched] = -1
+        dest = slots[sel]
+        flat_key[dest, rank] = keys[sel]
+        flat_win[dest, rank] = wins[sel]
+        flat_pos[dest, rank] = poss[sel]
+        flat_act[dest, rank] = acts[sel]
+
+    # ------------------------------------------------------------ merging
+
+    @torch.no_grad()
+    def merge(self, other: FeatureState) -> FeatureState:
+        """The state of both inputs recorded together (windows must not overlap)."""
+        if self.top_acts.shape != other.top_acts.shape or self.smp_key.shape != other.smp_key.shape:
+            raise ValueError(
+                f"cannot merge states of different shapes: {tuple(self.top_acts.shape)} "
+                f"vs {tuple(other.top_acts.shape)}; record shards with the same --k and --ctx"
+            )
+        o = other.to(self.count.device)
+        top = _merge_rows(
+            sort_keys=(
+                -torch.cat([self.top_act, o.top_act], 1),
+                torch.cat([self.top_win, o.top_win], 1),
+            ),
+            carry=[
+                torch.cat([self.top_act, o.top_act], 1),
+                torch.cat([self.top_win, o.top_win], 1),
+                torch.cat([self.top_pos, o.top_pos], 1),
+                torch.cat([self.top_acts, o.top_acts], 1),
+            ],
+            keep=self.k,
+            empty=torch.cat([self.top_win, o.top_win], 1) < 0,
+        )
+        shape = self.smp_key.shape
+        m = shape[2]
+
+        def flat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a.reshape(-1, m), b.reshape(-1, m)], 1)
+
+        smp = _merge_rows(
+            sort_keys=(flat(self.smp_key, o.smp_key),),
+            carry=[
+                flat(getattr(self, n), getattr(o, n))
+                for n in ("smp_key", "smp_win", "smp_pos", "smp_act")
+            ],
+            keep=m,
+            empty=flat(self.smp_key, o.smp_key) == EMPTY_KEY,
+        )
+        return FeatureState(
+            count=self.count + o.count,
+            act_sum=self.act_sum + o.act_sum,
+            act_sumsq=self.act_sumsq + o.act_sumsq,
+            act_max=torch.maximum(self.act_max, o.act_max),
+            hist=self.hist + o.hist,
+            l0_hist=self.l0_hist + o.l0_hist,
+            tokens=self.tokens + o.tokens,
+            top_act=top[0],
+            top_win=top[1],
+            top_pos=top[2],
+            top_acts=top[3],
+            smp_key=smp[0].reshape(shape),
+            smp_win=smp[1].reshape(shape),
+            smp_pos=smp[2].reshape(shape),
+            smp_act=smp[3].reshape(shape),
+        )
+
+
+def _merge_rows(
+    sort_keys: tuple[torch.Tensor, ...], carry: list[torch.Tensor], keep: int, empty: torch.Tensor
+) -> list[torch.Tensor]:
+    """Row-wise: sort each row by sort_keys (empties last), keep the first ``keep`` columns."""
+    order = torch.argsort(sort_keys[-1], dim=1, stable=True)
+    for key in reversed(sort_keys[:-1]):
+        order = order.gather(1, torch.argsort(key.gather(1, order), dim=1, stable=True))
+    order = order.gather(
+        1, torch.argsort(empty.gather(1, order).to(torch.int8), dim=1, stable=True)
+    )
+    order = order[:, :keep]
+    out = []
+    for x in carry:
+        idx = order
+        if x.dim() == 3:
+            idx = order.unsqueeze(-1).expand(-1, -1, x.shape[2])
+        out.append(x.gather(1, idx))
+    return out

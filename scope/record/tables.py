@@ -1,0 +1,177 @@
+"""Turn recording state into the store's Parquet tables, and per-SAE tables that depend only
+on the SAE and the model (logit lens, decoder neighbours)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
+from scope.sae import hook_site
+
+LENS_K = 10
+NEIGHBOURS_K = 10
+CHUNK = 1024
+
+
+def bin_bounds(edges: torch.Tensor, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper activation bound of bin ``index`` (bin 0 is below the first edge)."""
+    e = np.concatenate([[0.0], edges.numpy(), [np.inf]])
+    return e[index], e[index + 1]
+
+
+def feature_table(sae: str, st: FeatureState, dense_threshold: float) -> pa.Table:
+    count = st.count.cpu().numpy()
+    tokens = max(int(st.tokens.item()), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(count > 0, st.act_sum.cpu().numpy() / count, 0.0)
+        var = np.where(count > 0, st.act_sumsq.cpu().numpy() / count - mean**2, 0.0)
+    density = count / tokens
+    return pa.table(
+        {
+            "sae": pa.array([sae] * len(count), pa.string()),
+            "feature": np.arange(len(count), dtype=np.int32),
+            "count": count,
+            "density": density,
+            "max": st.act_max.cpu().numpy(),
+            "mean": mean,
+            "std": np.sqrt(np.maximum(var, 0.0)),
+            "dead": count == 0,
+            "dense": density > dense_threshold,
+        }
+    )
+
+
+def topk_table(sae: str, st: FeatureState, lengths: np.ndarray) -> pa.Table:
+    """One row per (feature, rank): the window, its max, where, and the per-token acts."""
+    win = st.top_win.cpu().numpy()
+    f, r = np.nonzero(win >= 0)
+    w = win[f, r]
+    acts = st.top_acts.cpu().numpy()[f, r]  # [n, T]
+    n = lengths[w]
+    flat = np.concatenate([acts[i, : n[i]] for i in range(len(w))]) if len(w) else np.zeros(0)
+    offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+    return pa.table(
+        {
+            "sae": pa.array([sae] * len(f), pa.string()),
+            "feature": f.astype(np.int32),
+            "rank": r.astype(np.int32),
+            "window_id": w,
+            "act": st.top_act.cpu().numpy()[f, r],
+            "pos": st.top_pos.cpu().numpy()[f, r].astype(np.int32),
+            "acts": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())),
+        }
+    )
+
+
+def samples_table(sae: str, st: FeatureState) -> pa.Table:
+    key = st.smp_key.cpu().numpy()
+    f, b, j = np.nonzero(st.smp_win.cpu().numpy() >= 0)
+    lo, hi = bin_bounds(SAMPLE_EDGES, b)
+    return pa.table(
+        {
+            "sae": pa.array([sae] * len(f), pa.string()),
+            "feature": f.astype(np.int32),
+            "bin": b.astype(np.int16),
+            "bin_lo": lo,
+            "bin_hi": hi,
+            "key": key[f, b, j],
+            "window_id": st.smp_win.cpu().numpy()[f, b, j],
+            "pos": st.smp_pos.cpu().numpy()[f, b, j].astype(np.int32),
+            "act": st.smp_act.cpu().numpy()[f, b, j],
+        }
+    )
+
+
+def hist_table(sae: str, st: FeatureState) -> pa.Table:
+    hist = st.hist.cpu().numpy()
+    f, b = np.nonzero(hist)
+    lo, hi = bin_bounds(HIST_EDGES, b)
+    return pa.table(
+        {
+            "sae": pa.array([sae] * len(f), pa.string()),
+            "feature": f.astype(np.int32),
+            "bin": b.astype(np.int16),
+            "lo": lo,
+            "hi": hi,
+            "count": hist[f, b],
+        }
+    )
+
+
+def l0_table(sae: str, st: FeatureState) -> pa.Table:
+    hist = st.l0_hist.cpu().numpy()
+    (l0,) = np.nonzero(hist)
+    return pa.table(
+        {
+            "sae": pa.array([sae] * len(l0), pa.string()),
+            "l0": l0.astype(np.int32),
+            "count": hist[l0],
+        }
+    )
+
+
+def sae_summary(sae: str, st: FeatureState, dense_threshold: float) -> dict[str, Any]:
+    hist = st.l0_hist.cpu().double()
+    tokens = int(st.tokens.item())
+    mean_l0 = float((hist * torch.arange(len(hist))).sum() / max(tokens, 1))
+    density = st.count.cpu().double() / max(tokens, 1)
+    return {
+        "sae": sae,
+        "tokens": tokens,
+        "mean_l0": mean_l0,
+        "dead": int((st.count == 0).sum()),
+        "dense": int((density > dense_threshold).sum()),
+        "d_sae": st.d_sae,
+    }
+
+
+@torch.no_grad()
+def lens_table(sae_key: str, sae: Any, model: Any) -> pa.Table:
+    """Per feature: top and bottom tokens of W_dec @ W_U, and nearest features by decoder
+    cosine. Chunked over features so the [features, vocab] product never exists whole."""
+    w_dec = sae.W_dec.detach()
+    w_out = w_dec  # the direction each feature writes into the residual stream
+    layer, site = hook_site(sae.cfg.metadata.hook_name)
+    if site == "att":  # z is [heads x d_head]: map through the layer's W_O
+        w_o = model.blocks[layer].attn.W_O.detach().to(w_dec.dtype)  # [heads, d_head, d_model]
+        w_out = torch.einsum("fhd,hdm->fm", w_dec.reshape(-1, *w_o.shape[:2]), w_o)
+    w_u = model.W_U.detach().to(w_dec.dtype)
+    unit = w_dec.float() / w_dec.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    n = w_dec.shape[0]
+    k_nb = min(NEIGHBOURS_K, n - 1)
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in ("ti", "tv", "bi", "bv", "ni", "nv")}
+    for start in range(0, n, CHUNK):
+        chunk = slice(start, min(start + CHUNK, n))
+        logits = (w_out[chunk] @ w_u).float()  # [chunk, vocab]
+        for (i, v), largest in ((("ti", "tv"), True), (("bi", "bv"), False)):
+            found = logits.topk(LENS_K, dim=-1, largest=largest)
+            out[i].append(found.indices.cpu())
+            out[v].append(found.values.cpu())
+        cos = unit[chunk] @ unit.T  # [chunk, d_sae]
+        cos[torch.arange(cos.shape[0]), torch.arange(chunk.start, chunk.stop)] = -2.0  # not itself
+        near = cos.topk(k_nb, dim=-1)
+        out["ni"].append(near.indices.cpu())
+        out["nv"].append(near.values.cpu())
+    cat = {name: torch.cat(parts).numpy() for name, parts in out.items()}
+    return pa.table(
+        {
+            "sae": pa.array([sae_key] * n, pa.string()),
+            "feature": np.arange(n, dtype=np.int32),
+            "top_ids": _lists(cat["ti"].astype(np.int32)),
+            "top_logits": _lists(cat["tv"]),
+            "bottom_ids": _lists(cat["bi"].astype(np.int32)),
+            "bottom_logits": _lists(cat["bv"]),
+            "neighbours": _lists(cat["ni"].astype(np.int32)),
+            "neighbour_cos": _lists(cat["nv"]),
+        }
+    )
+
+
+def _lists(matrix: np.ndarray) -> pa.Array:
+    rows, cols = matrix.shape
+    offsets = pa.array(np.arange(0, rows * cols + 1, cols, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))

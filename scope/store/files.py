@@ -1,0 +1,96 @@
+"""The store on disk: a folder with manifest.json and immutable version folders.
+
+    runs/wiki/
+      manifest.json            the only file ever replaced (atomically, by rename)
+      windows/part-000.parquet corpus windows of each corpus part, written once
+      v000007/                 one snapshot: state/<sae>.safetensors, and the tables
+      v000006/                 the one before, kept so a reader mid-read is not cut off
+
+A writer builds a new version folder under a temporary name, renames it into place, then
+replaces manifest.json. A reader reads manifest.json once and then only that version's
+files, so it always sees one consistent snapshot, whatever the writer does meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scope.errors import ScopeError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScopeError(f"{path} is not a valid store manifest ({err})") from err
+    if data.get("format") != FORMAT:
+        raise ScopeError(
+            f"{root} was written by another version of the workbench (format {data.get('format')}, "
+            f"this one reads {FORMAT})"
+        )
+    return data
+
+
+class VersionBuilder:
+    """A new version folder, invisible to readers until ``commit``."""
+
+    def __init__(self, root: Path, number: int) -> None:
+        self.root = root
+        self.name = f"v{number:06d}"
+        self.tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{self.name}."))
+
+    def path(self, rel: str) -> Path:
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def commit(self, manifest: dict[str, Any], keep: int = 2) -> None:
+        """Move the folder into place, point the manifest at it, drop old versions."""
+        final = self.root / self.name
+        if final.exists():  # left by a run killed between rename and manifest update
+            shutil.rmtree(final)
+        os.replace(self.tmp, final)
+        write_json_atomic(self.root / MANIFEST, manifest)
+        live = {manifest.get("state_version"), manifest.get("tables_version")}
+        versions = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir())
+        for old in versions[:-keep]:
+            if old.name not in live:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".v[0-9]*"):  # temp folders of killed runs
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def next_version(root: Path) -> int:
+    numbers = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()]
+    return max(numbers, default=0) + 1
