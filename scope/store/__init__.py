@@ -113,6 +113,10 @@ class Store:
         """Run SQL over the tables above; ``.df()``, ``.fetchall()`` or ``.arrow()`` the result."""
         try:
             return self.con.sql(query, params=params)
+        except duckdb.IOException as err:
+            raise ScopeError(
+                f"this snapshot of {self.root} was replaced by a newer recording and removed: open the Store again ({err})"
+            ) from err
         except duckdb.Error as err:
             raise ScopeError(f"query failed: {err}") from err
 

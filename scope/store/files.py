@@ -4,7 +4,7 @@
       manifest.json            the only file ever replaced (atomically, by rename)
       windows/part-000.parquet corpus windows of each corpus part, written once
       v000007/                 one snapshot: state/<sae>.safetensors, and the tables
-      v000006/                 the one before, kept so a reader mid-read is not cut off
+      v000006/                 a replaced snapshot, kept a while so open readers are not cut off
 
 A writer builds a new version folder under a temporary name, renames it into place, then
 replaces manifest.json. A reader reads manifest.json once and then only that version's
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from scope.errors import ScopeError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+READER_GRACE_SECONDS = 600.0
+"""A replaced snapshot stays on disk this long, so readers that opened it can finish."""
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -75,7 +78,7 @@ class VersionBuilder:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
-    def commit(self, manifest: dict[str, Any], keep: int = 2) -> None:
+    def commit(self, manifest: dict[str, Any]) -> None:
         """Move the folder into place, point the manifest at it, drop old versions."""
         final = self.root / self.name
         if final.exists():  # left by a run killed between rename and manifest update
@@ -83,9 +86,17 @@ class VersionBuilder:
         os.replace(self.tmp, final)
         write_json_atomic(self.root / MANIFEST, manifest)
         live = {manifest.get("state_version"), manifest.get("tables_version")}
-        versions = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir())
-        for old in versions[:-keep]:
-            if old.name not in live:
+        for old in sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir()):
+            if old.name in live:
+                continue
+            if not (old / "features.parquet").exists():  # checkpoint only: readers never use it
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            # a snapshot readers may still have open: drop it a grace period after it is replaced
+            marker = old / ".superseded"
+            if not marker.exists():
+                marker.touch()
+            elif time.time() - marker.stat().st_mtime > READER_GRACE_SECONDS:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".v[0-9]*"):  # temp folders of killed runs
             shutil.rmtree(stale, ignore_errors=True)

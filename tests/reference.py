@@ -1,0 +1,68 @@
+"""Brute-force reference for recording: one window at a time through
+run_with_cache_with_saes, statistics in float64 numpy with plain loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from scope.corpus import Windows
+from scope.record.state import HIST_EDGES, SAMPLE_EDGES, sample_key
+
+
+@dataclass
+class Reference:
+    count: np.ndarray
+    act_sum: np.ndarray
+    act_max: np.ndarray
+    hist: dict[tuple[int, int], int]
+    l0: dict[int, int]
+    tokens: int
+    top: dict[int, list[tuple[float, int, int, np.ndarray]]]  # f -> [(act, window, pos, acts)]
+    samples: dict[tuple[int, int], list[tuple[int, int]]] = field(
+        default_factory=dict
+    )  # (f, bin) -> [(key, window)]
+
+
+def reference(model, sae, windows: Windows, k: int, m: int, first_window: int = 0) -> Reference:
+    d = sae.cfg.d_sae
+    hook = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
+    special = set(model.tokenizer.all_special_ids)
+    ref = Reference(np.zeros(d, np.int64), np.zeros(d), np.zeros(d), {}, {}, 0, {})
+    cands: dict[int, list] = {f: [] for f in range(d)}
+    samples: dict[tuple[int, int], list] = {}
+    hist_edges, sample_edges = HIST_EDGES.numpy(), SAMPLE_EDGES.numpy()
+    for w in range(len(windows)):
+        n = int(windows.lengths[w])
+        tokens = torch.tensor(windows.tokens[w, :n], dtype=torch.long)[None]
+        with torch.no_grad():
+            _, cache = model.run_with_cache_with_saes(
+                tokens, saes=[sae], names_filter=lambda x: x == hook
+            )
+        acts = cache[hook][0].double().numpy()  # [n, d]
+        counted = np.array([t not in special for t in tokens[0].tolist()])
+        acts[~counted] = 0.0
+        ref.tokens += int(counted.sum())
+        for t in np.nonzero(counted)[0]:
+            fired = np.nonzero(acts[t] > 0)[0]
+            ref.l0[len(fired)] = ref.l0.get(len(fired), 0) + 1
+            for f in fired:
+                v = acts[t, f]
+                ref.count[f] += 1
+                ref.act_sum[f] += v
+                ref.act_max[f] = max(ref.act_max[f], v)
+                b = int(np.searchsorted(hist_edges, v, side="right"))
+                ref.hist[(f, b)] = ref.hist.get((f, b), 0) + 1
+        wid = first_window + w
+        for f in np.nonzero(acts.max(0) > 0)[0]:
+            pos = int(acts[:, f].argmax())
+            cands[f].append((float(acts[pos, f]), wid, pos, acts[:, f].copy()))
+            key = int(sample_key(torch.tensor([wid]), torch.tensor([int(f)]))[0])
+            b = int(np.searchsorted(sample_edges, acts[pos, f], side="right"))
+            samples.setdefault((int(f), b), []).append((key, wid))
+    for f, c in cands.items():
+        ref.top[f] = sorted(c, key=lambda x: (-x[0], x[1]))[:k]
+    ref.samples = {slot: sorted(v)[:m] for slot, v in samples.items()}
+    return ref

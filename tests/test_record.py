@@ -1,0 +1,367 @@
+"""Recording equals a brute-force reference; shards merge, killed runs resume, readers stay
+consistent, and bad input is refused without losing what is recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fixtures
+from reference import reference
+from scope import ScopeError, load_sae
+from scope.corpus import CorpusSpec, build_windows
+from scope.record import RecordSettings, record
+from scope.record.merge import merge_stores
+from scope.store import Store
+
+CTX, K, M = 24, 4, 3
+
+
+def settings(**kw) -> RecordSettings:
+    return RecordSettings(**{"ctx": CTX, "k": K, "samples": M, "batch_size": 4, **kw})
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Real prose (stdlib docstrings) as a .txt file and a .jsonl file."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [d for d in fixtures._training_text() if len(d) > 200][:30]
+    (root / "a.txt").write_text(docs[0])
+    with (root / "b.jsonl").open("w") as f:
+        for d in docs[1:]:
+            f.write(json.dumps({"text": d, "id": 1}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def att_sae_dir(tmp_path_factory, tiny_model) -> Path:
+    _, cache = tiny_model.run_with_cache(
+        fixtures._training_text()[3][:400], names_filter="blocks.1.attn.hook_z"
+    )
+    flat = cache["blocks.1.attn.hook_z"][0, 1:].flatten(-2)
+    folder = (
+        tmp_path_factory.mktemp("att") / "tiny-scope-att" / "layer_1" / "width_128" / "average_l0_6"
+    )
+    fixtures.write_params(folder, fixtures.gemma_scope_params(flat, 128, seed=5))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def saes(tiny_sae_dir, att_sae_dir):
+    return [load_sae(tiny_sae_dir, device="cpu"), load_sae(att_sae_dir, device="cpu")]
+
+
+@pytest.fixture(scope="session")
+def spec(corpus_dir) -> CorpusSpec:
+    return CorpusSpec(paths=(str(corpus_dir),), ctx=CTX, max_tokens=1500)
+
+
+@pytest.fixture(scope="session")
+def one_pass(tmp_path_factory, tiny_model, saes, spec) -> Path:
+    root = tmp_path_factory.mktemp("stores") / "one"
+    record(tiny_model, saes, spec, root, settings(), progress=False)
+    return root
+
+
+def table(store: Path, name: str, order: str) -> list[tuple]:
+    return Store(store).sql(f"select * from {name} order by {order}").fetchall()
+
+
+def assert_same_tables(a: Path, b: Path) -> None:
+    """Integers and ids exactly; floats to 1e-5 (batching moves the last bits of a forward)."""
+    for name, order in [
+        ("features", "sae, feature"),
+        ("topk", "sae, feature, rank"),
+        ("hist", "sae, feature, bin"),
+        ("samples", "sae, feature, bin, key"),
+        ("l0", "sae, l0"),
+        ("saes", "sae"),
+        ("intervals", "sae, feature, interval, window_id"),
+    ]:
+        ta, tb = table(a, name, order), table(b, name, order)
+        assert len(ta) == len(tb), name
+        for ra, rb in zip(ta, tb, strict=True):
+            for x, y in zip(ra, rb, strict=True):
+                if isinstance(x, float):
+                    assert x == pytest.approx(y, rel=1e-5, abs=1e-5), name
+                elif isinstance(x, list):
+                    np.testing.assert_allclose(
+                        np.asarray(x, float), np.asarray(y, float), rtol=1e-5, atol=1e-5
+                    )
+                else:
+                    assert x == y, name
+
+
+def test_record_equals_brute_force(one_pass, tiny_model, saes, spec):
+    windows = build_windows(spec, tiny_model.tokenizer)
+    store = Store(one_pass)
+    for sae in saes:
+        key = f"L{sae.cfg.metadata.hook_name.split('.')[1]}." + (
+            "att" if "hook_z" in sae.cfg.metadata.hook_name else "res"
+        )
+        key = next(k for k in store.saes if k.startswith(key))
+        ref = reference(tiny_model, sae, windows, K, M)
+        feats = store.sql(
+            f"select count, mean, max from features where sae = '{key}' order by feature"
+        ).fetchall()
+        count = np.array([r[0] for r in feats])
+        np.testing.assert_array_equal(count, ref.count)
+        assert count.sum() > 100 and (count == 0).mean() < 0.5  # the check is not vacuous
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref_mean = np.where(ref.count > 0, ref.act_sum / ref.count, 0)
+        np.testing.assert_allclose([r[1] for r in feats], ref_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([r[2] for r in feats], ref.act_max, rtol=1e-5, atol=1e-6)
+        hist = {
+            (f, b): c
+            for f, b, c in store.sql(
+                f"select feature, bin, count from hist where sae = '{key}'"
+            ).fetchall()
+        }
+        assert hist == ref.hist
+        l0 = dict(store.sql(f"select l0, count from l0 where sae = '{key}'").fetchall())
+        assert l0 == ref.l0
+        assert (
+            store.sql(f"select tokens from saes where sae = '{key}'").fetchall()[0][0] == ref.tokens
+        )
+        rows = store.sql(
+            f"select feature, rank, window_id, act, pos, acts from topk where sae = '{key}' order by feature, rank"
+        ).fetchall()
+        got: dict[int, list] = {}
+        for f, _, w, act, pos, acts in rows:
+            got.setdefault(f, []).append((act, w, pos, acts))
+        for f, expected in ref.top.items():
+            assert [g[1] for g in got.get(f, [])] == [e[1] for e in expected], f
+            for g, e in zip(got.get(f, []), expected, strict=True):
+                assert g[0] == pytest.approx(e[0], rel=1e-5) and g[2] == e[2]
+                np.testing.assert_allclose(
+                    g[3], e[3], rtol=1e-5, atol=1e-5
+                )  # every token of the window
+        smp = store.sql(
+            f"select feature, bin, key, window_id from samples where sae = '{key}' order by feature, bin, key"
+        ).fetchall()
+        got_s: dict[tuple[int, int], list] = {}
+        for f, b, k, w in smp:
+            got_s.setdefault((f, b), []).append((k, w))
+        assert got_s == ref.samples
+
+
+def test_interval_examples_cover_the_range(one_pass):
+    store = Store(one_pass)
+    f = store.sql(
+        "select feature from features where sae = 'L2.res.256' order by count desc limit 1"
+    ).fetchall()[0][0]
+    view = store.feature(f"L2.res.256/{f}")
+    assert len(view.top) == K and view.top[0].act == pytest.approx(view.max)
+    assert view.top[0].tokens[0] == "<bos>" and view.top[0].acts[0] == 0.0  # BOS never counts
+    assert len(view.intervals) >= 3
+    for interval, examples in view.intervals.items():
+        assert 1 <= len(examples) <= 5
+        for ex in examples:
+            assert interval * view.max / 5 <= ex.act <= (interval + 1) * view.max / 5 + 1e-6
+    assert sum(c for _, _, c in view.histogram) == view.count
+    assert len(view.top_tokens) == 10 and len(view.neighbours) == 10
+
+
+def test_logit_lens_and_neighbours_brute_force(one_pass, tiny_model, saes):
+    store = Store(one_pass)
+    sae = saes[0]
+    logits = (sae.W_dec @ tiny_model.W_U).detach()
+    lens = store.sql(
+        "select feature, top_ids, bottom_ids, neighbours from lens where sae = 'L2.res.256' order by feature"
+    ).fetchall()
+    unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    cos = (unit @ unit.T).fill_diagonal_(-2)
+    for f, top, bottom, near in lens[:50]:
+        assert top == logits[f].topk(10).indices.tolist()
+        assert bottom == logits[f].topk(10, largest=False).indices.tolist()
+        assert near == cos[f].topk(10).indices.tolist()
+
+
+def test_shards_merge_to_one_pass(tmp_path, one_pass, tiny_model, saes, spec):
+    for i in range(3):
+        record(tiny_model, saes, spec, tmp_path / f"s{i}", settings(shard=(i, 3)), progress=False)
+    merge_stores(tmp_path / "merged", [tmp_path / f"s{i}" for i in (2, 0, 1)])
+    assert_same_tables(one_pass, tmp_path / "merged")
+    with pytest.raises(ScopeError, match=r"shards given are \[0, 1\] of 3"):
+        merge_stores(tmp_path / "m2", [tmp_path / "s0", tmp_path / "s1"])
+
+
+def test_add_corpus_equals_single_pass(tmp_path, tiny_model, saes, corpus_dir):
+    a = CorpusSpec(paths=(str(corpus_dir / "a.txt"),), ctx=CTX)
+    b = CorpusSpec(paths=(str(corpus_dir / "b.jsonl"),), ctx=CTX)
+    record(tiny_model, saes, a, tmp_path / "parts", settings(), progress=False)
+    record(tiny_model, saes, b, tmp_path / "parts", settings(), progress=False)
+    record(
+        tiny_model,
+        saes,
+        CorpusSpec(paths=a.paths + b.paths, ctx=CTX),
+        tmp_path / "single",
+        settings(),
+        progress=False,
+    )
+    assert_same_tables(tmp_path / "parts", tmp_path / "single")
+    before = (tmp_path / "parts" / "manifest.json").read_text()
+    with pytest.raises(ScopeError, match="already holds this corpus"):
+        record(tiny_model, saes, b, tmp_path / "parts", settings(), progress=False)
+    assert (tmp_path / "parts" / "manifest.json").read_text() == before
+
+
+RUN = """
+import sys
+from scope import load_model, load_sae
+from scope.corpus import CorpusSpec
+from scope.record import RecordSettings, record
+model = load_model(sys.argv[1], device="cpu")
+saes = [load_sae(p, device="cpu") for p in sys.argv[4].split(",")]
+record(model, saes, CorpusSpec(paths=(sys.argv[2],), ctx={ctx}, max_tokens=1500), sys.argv[3],
+       RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=1, checkpoint_seconds=0.0),
+       resume="--resume" in sys.argv, progress=False)
+"""
+
+
+def test_killed_run_resumes_identically(
+    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
+):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(RUN.format(ctx=CTX, k=K, m=M)))
+    store = tmp_path / "killed"
+    args = [
+        sys.executable,
+        str(script),
+        str(tiny_dir),
+        str(corpus_dir),
+        str(store),
+        f"{tiny_sae_dir},{att_sae_dir}",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 once a few checkpoints are on disk
+        try:
+            part = json.loads((store / "manifest.json").read_text())["parts"][-1]
+            if part["next"] >= 12:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
+            pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert (
+        manifest["state"] == "recording"
+        and 12 <= manifest["parts"][-1]["next"] < manifest["parts"][-1]["windows"]
+    )
+    with pytest.raises(ScopeError, match="no finished snapshot yet"):
+        Store(store)
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode != 0 and "add --resume" in again.stderr
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_tables(one_pass, store)
+
+
+def test_reader_sees_consistent_snapshots_while_writing(
+    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, tiny_model, saes
+):
+    store = tmp_path / "live"
+    first = CorpusSpec(paths=(str(corpus_dir / "a.txt"),), ctx=CTX)
+    record(tiny_model, saes, first, store, settings(), progress=False)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(RUN.format(ctx=CTX, k=K, m=M)))
+    args = [
+        sys.executable,
+        str(script),
+        str(tiny_dir),
+        str(corpus_dir / "b.jsonl"),
+        str(store),
+        f"{tiny_sae_dir},{att_sae_dir}",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = set()
+    while True:
+        running = proc.poll() is None
+        s = Store(store)
+        tokens = s.sql("select sae, tokens from saes").fetchall()
+        fired = dict(s.sql("select sae, sum(count) from hist group by sae").fetchall())
+        counts = dict(s.sql("select sae, sum(count) from features group by sae").fetchall())
+        l0 = dict(s.sql("select sae, sum(count) from l0 group by sae").fetchall())
+        for sae, n in tokens:
+            assert fired[sae] == counts[sae] and l0[sae] == n  # one snapshot, never a mix
+        seen.add(tuple(n for _, n in tokens))
+        if not running:
+            break
+    assert proc.wait() == 0, proc.stderr.read()[-2000:] if proc.stderr else ""
+    assert len(seen) >= 2  # read the first snapshot while writing, and the final one after
+
+
+def test_refuses_another_model_or_sae(tmp_path, one_pass, tiny_model, saes, spec, tiny_dir):
+    from scope import load_model
+
+    other = load_model(fixtures.build_gemma2(tmp_path / "other", seed=1), device="cpu")
+    before = (one_pass / "manifest.json").read_text()
+    with pytest.raises(ScopeError, match=r"was recorded with model .*tiny-gemma2.*not .*other"):
+        record(other, saes, spec, one_pass, settings(), progress=False)
+    with pytest.raises(ScopeError, match=r"holds SAEs L1.att.128, L2.res.256, which differ"):
+        record(tiny_model, saes[:1], spec, one_pass, settings(), progress=False)
+    with pytest.raises(ScopeError, match=r"recorded with --k 4, not 7"):
+        record(tiny_model, saes, spec, one_pass, settings(k=7), progress=False)
+    assert (one_pass / "manifest.json").read_text() == before  # nothing recorded is touched
+
+
+def test_refuses_non_store_folder(tmp_path, tiny_model, saes, spec):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ScopeError, match="exists and is not a store"):
+        record(tiny_model, saes, spec, tmp_path, settings(), progress=False)
+
+
+def test_misfit_sae_refused_before_anything(tmp_path, tiny_model, spec):
+    folder = tmp_path / "x-res" / "layer_1" / "width_8" / "average_l0_1"
+    fixtures.write_params(
+        folder,
+        {
+            "W_enc": np.ones((2304, 8), np.float32),
+            "W_dec": np.ones((8, 2304), np.float32),
+            "b_enc": np.zeros(8, np.float32),
+            "b_dec": np.zeros(2304, np.float32),
+            "threshold": np.ones(8, np.float32),
+        },
+    )
+    with pytest.raises(ScopeError, match="expects d_in 2304"):
+        record(
+            tiny_model,
+            [load_sae(folder, device="cpu")],
+            spec,
+            tmp_path / "s",
+            settings(),
+            progress=False,
+        )
+    assert not (tmp_path / "s").exists()
+
+
+def test_store_feature_address_errors(one_pass):
+    store = Store(one_pass)
+    with pytest.raises(
+        ScopeError, match=r"no SAE 'L2.res.25' in this store.*did you mean L2.res.256"
+    ):
+        store.feature("L2.res.25/3")
+    with pytest.raises(ScopeError, match=r"index must be 0..255"):
+        store.feature("L2.res.256/256")
+    with pytest.raises(ScopeError, match="not a store"):
+        Store(one_pass.parent / "nothing")
+
+
+def test_states_are_on_device_tensors(one_pass):
+    from safetensors.torch import load_file
+
+    manifest = json.loads((one_pass / "manifest.json").read_text())
+    state = load_file(one_pass / manifest["state_version"] / "state" / "L2.res.256.safetensors")
+    assert state["top_acts"].shape == (256, K, CTX) and state["count"].dtype == torch.int64
