@@ -12,12 +12,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import fixtures
 import numpy as np
 import pytest
 import torch
-
-import fixtures
 from reference import reference
+
 from scope import ScopeError, load_sae
 from scope.corpus import CorpusSpec, build_windows
 from scope.record import RecordSettings, record
