@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,79 @@ def test_saes_lists_local_that_fit(tiny_dir, tiny_sae_dir, monkeypatch):
 )
 def test_parse_sae_spec(spec, expected):
     assert parse_sae_spec(spec) == expected
+
+
+def test_record_feature_sql_merge_from_command_line(tiny_dir, tiny_sae_dir, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w") as f:
+        for text in fixtures._training_text()[:40]:
+            f.write(json.dumps({"body": text}) + "\n")
+    scope = os.path.join(os.path.dirname(sys.executable), "scope")
+    env = {**os.environ, "COLUMNS": "200"}
+    base = [
+        scope,
+        "record",
+        "--model",
+        str(tiny_dir),
+        "--sae",
+        str(tiny_sae_dir),
+        "--corpus",
+        str(corpus),
+        "--field",
+        "body",
+        "--tokens",
+        "2k",
+        "--ctx",
+        "32",
+        "--batch-size",
+        "8",
+    ]
+    for i in range(2):
+        result = subprocess.run(
+            [*base, "--store", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (
+            "tok/s" in result.stdout
+            and "L2.res.256" in result.stdout
+            and "mean L0" in result.stdout
+        )
+    merged = runner.invoke(
+        app, ["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--store", str(tmp_path / "all")]
+    )
+    assert merged.exit_code == 0, merged.output
+    assert "2,000 tokens" in merged.output
+    top = runner.invoke(
+        app,
+        [
+            "sql",
+            "select feature from features order by count desc limit 1",
+            "--store",
+            str(tmp_path / "all"),
+        ],
+    )
+    index = int(top.output.split("│")[-2].strip()) if "│" in top.output else None
+    assert top.exit_code == 0 and index is not None, top.output
+    view = runner.invoke(
+        app,
+        ["feature", f"L2.res.256/{index}", "--store", str(tmp_path / "all")],
+        env={"COLUMNS": "200"},
+    )
+    assert view.exit_code == 0, view.output
+    assert (
+        f"L2.res.256/{index}" in view.output
+        and "fires on" in view.output
+        and "promotes:" in view.output
+    )
+    bad = subprocess.run(
+        [*base[:-6], "--corpus", str(tmp_path / "none"), "--store", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert bad.returncode == 2 and "corpus path" in bad.stderr and "does not exist" in bad.stderr

@@ -1,0 +1,123 @@
+"""Corpus reading and windowing: formats, provenance, budget, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from scope import ScopeError
+from scope.corpus import CorpusSpec, build_windows, parse_tokens
+
+TEXTS = [
+    "The river ran fast under the old stone bridge near the mill. " * 3,
+    "Bees carry pollen from flower to flower in the warm spring light.",
+    "A compiler turns source code into machine instructions, one pass at a time. " * 2,
+]
+
+
+def spec(*paths, **kw) -> CorpusSpec:
+    return CorpusSpec(paths=tuple(str(p) for p in paths), **{"ctx": 16, **kw})
+
+
+def test_windows_are_bos_first_with_provenance(tmp_path, tiny_model):
+    tok = tiny_model.tokenizer
+    for i, text in enumerate(TEXTS):
+        (tmp_path / f"{i}.txt").write_text(text)
+    w = build_windows(spec(tmp_path), tok)
+    assert (w.tokens[:, 0] == tok.bos_token_id).all()
+    assert w.doc_names == [str(tmp_path / f"{i}.txt") for i in range(3)]
+    for i, text in enumerate(TEXTS):  # the windows of a document rebuild it exactly
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        rows = np.nonzero(w.doc == i)[0]
+        assert [int(w.offset[r]) for r in rows] == list(range(0, len(ids), 15))
+        rebuilt = np.concatenate([w.tokens[r, 1 : w.lengths[r]] for r in rows])
+        assert rebuilt.tolist() == ids
+    assert w.n_tokens == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS)
+
+
+def test_budget_and_determinism(tmp_path, tiny_model):
+    for i, text in enumerate(TEXTS):
+        (tmp_path / f"{i}.txt").write_text(text)
+    a = build_windows(spec(tmp_path, max_tokens=40), tiny_model.tokenizer)
+    b = build_windows(spec(tmp_path, max_tokens=40), tiny_model.tokenizer)
+    assert a.n_tokens == 40 and a.fingerprint() == b.fingerprint()
+    assert build_windows(spec(tmp_path), tiny_model.tokenizer).fingerprint() != a.fingerprint()
+
+
+def test_jsonl_parquet_and_saved_dataset(tmp_path, tiny_model):
+    tok = tiny_model.tokenizer
+    with (tmp_path / "d.jsonl").open("w") as f:
+        for t in TEXTS:
+            f.write(json.dumps({"body": t, "n": 1}) + "\n")
+    pq.write_table(pa.table({"content": TEXTS}), tmp_path / "d.parquet")
+    ds = tmp_path / "saved"
+    ds.mkdir()
+    with pa.OSFile(str(ds / "data-00000-of-00001.arrow"), "wb") as sink:
+        table = pa.table({"text": TEXTS})
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (ds / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
+    (ds / "dataset_info.json").write_text("{}")
+    reference = build_windows(spec(tmp_path / "d.jsonl", field="body"), tok)
+    for source, field in ((tmp_path / "d.parquet", "content"), (ds, "text")):
+        got = build_windows(spec(source, field=field), tok)
+        assert got.fingerprint() == reference.fingerprint()
+    assert reference.doc_names[1] == f"{tmp_path / 'd.jsonl'}:2"
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("empty_folder", r"has no text to record"),
+        ("missing", r"corpus path .* does not exist"),
+        ("jsonl_field", r"the first row has no field 'text' \(fields: body\): pass --field"),
+        ("parquet_column", r"has no column 'text' \(columns: content\): pass --field"),
+        ("only_binary", r"has no text to record \(1 .txt files that are not UTF-8\)"),
+    ],
+)
+def test_bad_corpus(tmp_path, tiny_model, case, pattern):
+    path = tmp_path / "c"
+    path.mkdir()
+    if case == "jsonl_field":
+        (path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    elif case == "parquet_column":
+        pq.write_table(pa.table({"content": ["x"]}), path / "a.parquet")
+    elif case == "only_binary":
+        (path / "a.txt").write_bytes(b"\xff\xfe\x00bad \xc3\x28")
+    elif case == "missing":
+        path = tmp_path / "nope"
+    with pytest.raises(ScopeError, match=pattern):
+        build_windows(spec(path), tiny_model.tokenizer)
+
+
+def test_undecodable_files_are_skipped_and_counted(tmp_path, tiny_model):
+    (tmp_path / "good.txt").write_text(TEXTS[0])
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1")
+    (tmp_path / "rows.jsonl").write_bytes(b'{"text": "fine"}\nnot json\n{"other": 1}\n')
+    w = build_windows(spec(tmp_path), tiny_model.tokenizer)
+    assert w.report.documents == 2
+    assert w.report.skipped == {
+        ".txt files that are not UTF-8": 1,
+        ".jsonl lines that are not JSON": 1,
+        ".jsonl rows without 'text'": 1,
+    }
+
+
+def test_settings_validation():
+    with pytest.raises(ScopeError, match="no corpus given"):
+        CorpusSpec(paths=())
+    with pytest.raises(ScopeError, match="--ctx 1 is too small"):
+        CorpusSpec(paths=("x",), ctx=1)
+    assert (
+        parse_tokens("2M") == 2_000_000
+        and parse_tokens("500k") == 500_000
+        and parse_tokens("123") == 123
+    )
+    with pytest.raises(ScopeError, match="--tokens 'lots' is not a count"):
+        parse_tokens("lots")
