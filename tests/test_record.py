@@ -365,3 +365,22 @@ def test_states_are_on_device_tensors(one_pass):
     manifest = json.loads((one_pass / "manifest.json").read_text())
     state = load_file(one_pass / manifest["state_version"] / "state" / "L2.res.256.safetensors")
     assert state["top_acts"].shape == (256, K, CTX) and state["count"].dtype == torch.int64
+
+
+def test_fast_encode_is_bitwise_sae_encode(saes, tiny_model, tmp_path):
+    from scope.record.loop import capture, encode
+
+    tokens = tiny_model.to_tokens(fixtures._training_text()[5][:300])
+    with torch.no_grad():
+        acts = capture(tiny_model, tokens, ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z"], 3)
+    for sae in saes:
+        x = acts[sae.cfg.metadata.hook_name]
+        assert torch.equal(encode(sae, x, sae.threshold.clamp(min=0)), sae.encode(x))
+    # negative thresholds: relu still applies
+    params = fixtures.gemma_scope_params(acts["blocks.2.hook_resid_post"][0].detach(), 64)
+    params["threshold"][:32] = -0.5
+    folder = tmp_path / "n-res" / "layer_2" / "width_64" / "average_l0_1"
+    fixtures.write_params(folder, params)
+    sae = load_sae(folder, device="cpu")
+    x = acts["blocks.2.hook_resid_post"]
+    assert torch.equal(encode(sae, x, sae.threshold.clamp(min=0)), sae.encode(x))

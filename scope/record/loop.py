@@ -31,6 +31,16 @@ def capture(
     return out
 
 
+def encode(sae: Any, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """JumpReLU codes exactly as ``sae.encode`` computes them (relu(pre) where pre > threshold),
+    in two passes over [batch, pos, d_sae]: ``threshold`` is the SAE's, clamped at 0, which
+    folds the relu into the mask."""
+    if x.dim() == 4:  # attn.hook_z: [batch, pos, heads, d_head] -> heads flattened
+        x = x.flatten(-2)
+    pre = x.to(sae.W_enc.dtype) @ sae.W_enc + sae.b_enc
+    return pre.masked_fill_(pre <= threshold, 0)
+
+
 def deepest_layer(saes: list[Any]) -> int:
     layers = [hook_site(s.cfg.metadata.hook_name)[0] for s in saes]
     return max(layer if layer is not None else 0 for layer in layers)
@@ -56,6 +66,7 @@ def run_batches(
     stop = deepest_layer(saes) + 1
     special = torch.tensor(sorted(set(model.tokenizer.all_special_ids)), device=device)
     batch = int(part["batch_size"])
+    thresholds = [s.threshold.detach().float().clamp(min=0) for s in saes]
     total = int(windows.lengths[mine].sum() - len(mine))
     done_before = int(windows.lengths[mine[: part["next"]]].sum() - part["next"])
     counted_tokens = 0
@@ -87,8 +98,9 @@ def run_batches(
             ids = torch.from_numpy(idx + first).to(device)
             with torch.no_grad():
                 acts = capture(model, tokens, hooks, stop)
-                for key, sae in zip(keys, saes, strict=True):
-                    states[key].update(sae.encode(acts[sae.cfg.metadata.hook_name]), counted, ids)
+                for key, sae, thr in zip(keys, saes, thresholds, strict=True):
+                    codes = encode(sae, acts[sae.cfg.metadata.hook_name], thr)
+                    states[key].update(codes, counted, ids)
             part["next"] = pos + len(idx)
             n = int(lengths.sum()) - len(idx)
             counted_tokens += n

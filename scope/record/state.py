@@ -124,24 +124,33 @@ class FeatureState:
     def update(self, acts: torch.Tensor, counted: torch.Tensor, windows: torch.Tensor) -> None:
         """Fold one batch in.
 
-        acts: [batch, pos, d_sae] codes; counted: [batch, pos] bool, False at BOS, padding and
-        special tokens; windows: [batch] int64 global window ids, increasing across calls.
+        acts: [batch, pos, d_sae] codes (zeroed in place where not counted); counted: [batch,
+        pos] bool, False at BOS, padding and special tokens; windows: [batch] int64 global
+        window ids, increasing across calls. One dense pass finds the firing entries; all
+        else works on those sparse entries, on the device.
         """
-        acts = acts.float() * counted.unsqueeze(-1)  # uncounted positions never fire
-        fired = acts > 0
-        b, t, f = fired.nonzero(as_tuple=True)  # sparse codes, still on the device
-        v = acts[b, t, f]
-        self.count += torch.bincount(f, minlength=self.d_sae)
-        self.act_sum.index_add_(0, f, v.to(self.act_sum.dtype))
-        self.act_sumsq.index_add_(0, f, v.to(self.act_sum.dtype) ** 2)
+        n_b, n_t, n_f = acts.shape
+        acts[~counted] = 0  # only the uncounted rows are touched
+        b, t, f = acts.nonzero(as_tuple=True)
+        v = acts[b, t, f].float()
+        acc = self.act_sum.dtype
+        self.count += torch.bincount(f, minlength=n_f)
+        self.act_sum.index_add_(0, f, v.to(acc))
+        self.act_sumsq.index_add_(0, f, v.to(acc) ** 2)
         self.act_max.scatter_reduce_(0, f, v, reduce="amax")
         n_bins = self.hist.shape[1]
-        bins = torch.bucketize(v.double(), HIST_EDGES.to(v.device), right=True)
+        bins = torch.bucketize(v.to(acc), HIST_EDGES.to(v.device, acc), right=True)
         self.hist.view(-1).add_(torch.bincount(f * n_bins + bins, minlength=self.hist.numel()))
-        l0 = fired.sum(-1)[counted]
+        l0 = torch.bincount(b * n_t + t, minlength=n_b * n_t).view(n_b, n_t)[counted]
         self.l0_hist += torch.bincount(l0, minlength=self.l0_hist.numel())
         self.tokens += counted.sum()
-        wmax, wpos = acts.max(dim=1)  # [batch, d_sae]
+        # each window's max per feature, and the first position reaching it
+        bf = b * n_f + f
+        wmax = torch.zeros(n_b * n_f, device=v.device).scatter_reduce_(0, bf, v, reduce="amax")
+        at_max = v == wmax[bf]
+        wpos = torch.full((n_b * n_f,), n_t, device=v.device, dtype=torch.int64)
+        wpos.scatter_reduce_(0, bf[at_max], t[at_max], reduce="amin")
+        wmax, wpos = wmax.view(n_b, n_f), wpos.view(n_b, n_f)
         self._update_topk(acts, wmax, wpos, windows)
         self._update_samples(wmax, wpos, windows)
 
@@ -172,7 +181,7 @@ class FeatureState:
         rows = torch.zeros(sel.numel(), self.top_acts.shape[2], device=acts.device)
         rows[from_old] = self.top_acts[of[sel[from_old]], oj[sel[from_old]]]
         new = sel[~from_old] - n_old
-        rows[~from_old, : acts.shape[1]] = acts[cb[new], :, cf[new]]
+        rows[~from_old, : acts.shape[1]] = acts[cb[new], :, cf[new]].float()
         self.top_act[touched] = float("-inf")
         self.top_win[touched] = -1
         dest = feat[sel]
@@ -189,7 +198,8 @@ class FeatureState:
             return
         val = wmax[pb, pf]
         key = sample_key(windows[pb], pf)
-        sbin = torch.bucketize(val.double(), SAMPLE_EDGES.to(val.device), right=True)
+        acc = self.act_sum.dtype
+        sbin = torch.bucketize(val.to(acc), SAMPLE_EDGES.to(val.device, acc), right=True)
         go = key < self.smp_key[pf, sbin, -1]
         pb, pf, val, key, sbin = pb[go], pf[go], val[go], key[go], sbin[go]
         if pb.numel() == 0:
