@@ -1,0 +1,224 @@
+"""Recording throughput against a bare loop and SAEDashboard, measured in one run.
+
+    python bench/record_bench.py                       # CPU: 6 layers x d_model 512, 8k SAE at layer 3
+    python bench/record_bench.py --gemma-2b-shape      # GPU: gemma-2-2b dims, 16k SAE at layer 12
+    python bench/record_bench.py --saedashboard PYTHON # also time SAEDashboard, in its own venv
+
+The bare loop does only the unavoidable work: the forward pass up to the SAE's layer and the
+JumpReLU encode, over the same windows and batches. `scope record` adds every statistic, the
+exact top-k, interval samples, checkpoints and the Parquet store. SAEDashboard builds every
+feature's dashboard data from the same model (weights copied), SAE and tokens.
+Figures are medians of --repeats runs; ratios are of tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import fixtures  # noqa: E402
+
+from scope import load_model, load_sae  # noqa: E402
+from scope.corpus import CorpusSpec, build_windows  # noqa: E402
+from scope.record import RecordSettings, record  # noqa: E402
+from scope.record.loop import capture, encode  # noqa: E402
+
+TL_FIELDS = [
+    "d_model", "d_head", "n_heads", "d_mlp", "n_layers", "n_ctx", "eps", "d_vocab", "act_fn",
+    "normalization_type", "rotary_base", "rotary_dim", "positional_embedding_type", "use_attn_scale",
+    "attn_scale", "n_key_value_heads", "window_size", "use_local_attn", "attn_types",
+    "attn_scores_soft_cap", "output_logits_soft_cap", "gated_mlp", "final_rms",
+    "use_normalization_before_and_after", "original_architecture", "default_prepend_bos",
+]  # fmt: skip
+
+
+def corpus_file(work: Path, n_chars: int) -> Path:
+    """English prose that ships with Python (stdlib docstrings), repeated to length."""
+    text = "\n\n".join(fixtures._training_text())
+    path = work / "corpus.txt"
+    path.write_text((text * (n_chars // len(text) + 1))[:n_chars])
+    return path
+
+
+def bare_loop(
+    model, sae, windows, hook: str, layer: int, batch: int, with_encode: bool = True
+) -> float:
+    device = next(model.parameters()).device
+    thr = sae.threshold.detach().float().clamp(min=0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            width = int(windows.lengths[i : i + batch].max())
+            tokens = torch.from_numpy(windows.tokens[i : i + batch, :width]).to(device, torch.long)
+            acts = capture(model, tokens, [hook], layer + 1)[hook]
+            if with_encode:
+                acts = encode(sae, acts, thr)
+            del acts
+    sync()
+    return time.perf_counter() - start
+
+
+def run_record(model, sae, corpus: Path, work: Path, ctx: int, tokens: int, batch: int) -> float:
+    store = work / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    spec = CorpusSpec(paths=(str(corpus),), ctx=ctx, max_tokens=tokens)
+    settings = RecordSettings(ctx=ctx, batch_size=batch)
+    start = time.perf_counter()
+    record(model, [sae], spec, store, settings, progress=False)
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def saedashboard(
+    python: str, model, sae_dir: Path, windows, hook: str, work: Path, n_windows: int, batch: int
+) -> dict:
+    dash = work / "saedashboard"
+    dash.mkdir(exist_ok=True)
+    from safetensors.torch import save_file
+
+    cfg = model.cfg.to_dict()
+    spec = {
+        "tl_config": {k: cfg[k] for k in TL_FIELDS},
+        "hook": hook,
+        "threads": torch.get_num_threads(),
+        "features_per_batch": 256,
+        "windows_per_batch": batch,
+        "ignore_tokens": sorted(set(model.tokenizer.all_special_ids)),
+    }
+    (dash / "spec.json").write_text(json.dumps(spec))
+    weights = {
+        k: v.detach().contiguous() for k, v in model.named_parameters()
+    }  # buffers are rebuilt
+    save_file(weights, dash / "model.safetensors")
+    shutil.copyfile(sae_dir / "params.npz", dash / "params.npz")
+    full = np.nonzero(windows.lengths == windows.tokens.shape[1])[0][
+        :n_windows
+    ]  # full windows only
+    np.save(dash / "tokens.npy", windows.tokens[full].astype(np.int64))
+    worker = Path(__file__).resolve().parent / "saedashboard_worker.py"
+    out = subprocess.run([python, str(worker), str(dash)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"SAEDashboard failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            torch.from_numpy(windows.tokens[full[:1]]).long(), names_filter=hook
+        )
+    ours = float(cache[hook].double().sum())
+    assert abs(result["check"] - ours) <= 1e-3 * max(1.0, abs(ours)), (result["check"], ours)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--gemma-2b-shape", action="store_true", help="gemma-2-2b dims, 16k SAE at layer 12"
+    )
+    ap.add_argument("--tokens", type=int, default=None, help="corpus tokens per run")
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="windows per batch")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--saedashboard", metavar="PYTHON", help="python of a venv with sae-dashboard")
+    ap.add_argument("--dashboard-windows", type=int, default=32)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="scope-bench-"))
+    try:
+        if args.gemma_2b_shape:
+            ckpt = fixtures.build_gemma2_2b_shape(work / "model", n_layers=13)
+            layer, width, tokens, batch = 12, 16384, args.tokens or 1_000_000, args.batch or 64
+        else:
+            ckpt = fixtures.build_gemma2(
+                work / "model", n_layers=6, d_model=512, n_heads=8, n_kv_heads=4, d_head=64, d_mlp=2048,
+                sliding_window=64, query_pre_attn_scalar=64, attn_softcap=50.0, final_softcap=30.0, init_std=0.02,
+            )  # fmt: skip
+            layer, width, tokens, batch = 3, 8192, args.tokens or 65_536, args.batch or 32
+        model = load_model(ckpt, device=args.device)
+        device = next(model.parameters()).device
+        hook = f"blocks.{layer}.hook_resid_post"
+        corpus = corpus_file(work, n_chars=tokens * 4)
+        windows = build_windows(
+            CorpusSpec(paths=(str(corpus),), ctx=args.ctx, max_tokens=tokens), model.tokenizer
+        )
+        with torch.no_grad():
+            probe = torch.from_numpy(windows.tokens[:8]).to(device, torch.long)
+            acts = capture(model, probe, [hook], layer + 1)[hook][:, 1:].reshape(
+                -1, model.cfg.d_model
+            )
+        sae_dir = (
+            work
+            / "sae"
+            / "bench-res"
+            / f"layer_{layer}"
+            / f"width_{width // 1024}k"
+            / "average_l0_80"
+        )
+        fixtures.write_params(
+            sae_dir, fixtures.gemma_scope_params(acts.float().cpu(), width, firing_rate=0.006)
+        )
+        sae = load_sae(sae_dir, device=device, dtype=model.cfg.dtype)
+        n = windows.n_tokens
+        bare = [
+            bare_loop(model, sae, windows, hook, layer, batch) for _ in range(args.repeats + 1)
+        ][1:]
+        rec = [
+            run_record(model, sae, corpus, work, args.ctx, tokens, batch)
+            for _ in range(args.repeats)
+        ]
+        bare_tps, rec_tps = n / statistics.median(bare), n / statistics.median(rec)
+        fwd_tps = n / statistics.median(fwd)
+        print(
+            f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+        )
+        print(
+            f"model: Gemma 2 architecture, {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
+            f"SAE {width} wide at {hook}; {n:,} tokens in windows of {args.ctx}, batch {batch}"
+        )
+        print(
+            f"bare loop (forward to layer {layer} + encode): {bare_tps:12,.0f} tok/s  (median of {args.repeats})"
+        )
+        print(
+            f"scope record (everything, store written):  {rec_tps:12,.0f} tok/s  (median of {args.repeats})"
+        )
+        print(
+            f"record / bare loop: {rec_tps / bare_tps:.2f}x;  record / forward only: {rec_tps / fwd_tps:.2f}x"
+        )
+        if args.saedashboard:
+            dash = saedashboard(
+                args.saedashboard,
+                model,
+                sae_dir,
+                windows,
+                hook,
+                work,
+                args.dashboard_windows,
+                batch,
+            )
+            dash_tps = dash["tokens"] / dash["seconds"]
+            print(
+                f"SAEDashboard (all {width} features, {dash['tokens']:,} tokens): {dash_tps:12,.1f} tok/s"
+            )
+            print(f"record / SAEDashboard: {rec_tps / dash_tps:.1f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
