@@ -178,6 +178,10 @@ def main() -> None:
         bare = [
             bare_loop(model, sae, windows, hook, layer, batch) for _ in range(args.repeats + 1)
         ][1:]
+        fwd = [
+            bare_loop(model, sae, windows, hook, layer, batch, with_encode=False)
+            for _ in range(args.repeats)
+        ]
         rec = [
             run_record(model, sae, corpus, work, args.ctx, tokens, batch)
             for _ in range(args.repeats)
