@@ -45,10 +45,16 @@ TL_FIELDS = [
 
 
 def corpus_file(work: Path, n_chars: int) -> Path:
-    """English prose that ships with Python (stdlib docstrings), repeated to length."""
-    text = "\n\n".join(fixtures._training_text())
-    path = work / "corpus.txt"
-    path.write_text((text * (n_chars // len(text) + 1))[:n_chars])
+    """English prose that ships with Python (stdlib docstrings), one document a line of a
+    .jsonl, repeated to length."""
+    docs = [d for d in fixtures._training_text() if len(d) > 80]
+    path = work / "corpus.jsonl"
+    written = 0
+    with path.open("w") as f:
+        while written < n_chars:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+                written += len(d)
     return path
 
 
@@ -195,6 +201,7 @@ def main() -> None:
             f"model: Gemma 2 architecture, {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
             f"SAE {width} wide at {hook}; {n:,} tokens in windows of {args.ctx}, batch {batch}"
         )
+        print(f"forward to layer {layer} only:                {fwd_tps:12,.0f} tok/s")
         print(
             f"bare loop (forward to layer {layer} + encode): {bare_tps:12,.0f} tok/s  (median of {args.repeats})"
         )

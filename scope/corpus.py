@@ -25,6 +25,7 @@ from scope.errors import ScopeError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 TABLE_SUFFIXES = {".jsonl", ".parquet"}
+TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +216,17 @@ def iter_documents(spec: CorpusSpec, report: ReadReport) -> Iterator[tuple[str, 
             yield from _read_text(path, report)
 
 
+def _batches(items: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    batch: list[tuple[str, str]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
     """Tokenize the corpus into BOS-first windows of ``spec.ctx`` tokens."""
     bos = tokenizer.bos_token_id
@@ -230,25 +242,29 @@ def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
     offsets: list[int] = []
     names: list[str] = []
     total = 0
-    for name, text in iter_documents(spec, report):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            report.skip("documents with no tokens")
-            continue
-        report.documents += 1
-        names.append(name)
-        for start in range(0, len(ids), step):
-            chunk = ids[start : start + step]
-            if budget is not None:
-                chunk = chunk[: budget - total]
-            row = np.full(spec.ctx, pad, dtype=np.int32)
-            row[0] = bos
-            row[1 : 1 + len(chunk)] = chunk
-            rows.append(row)
-            lengths.append(1 + len(chunk))
-            docs.append(len(names) - 1)
-            offsets.append(start)
-            total += len(chunk)
+    for batch in _batches(iter_documents(spec, report), TOKENIZE_BATCH):
+        # one call per batch of documents: the fast tokenizer spreads it over all cores
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+        for (name, _), ids in zip(batch, encoded, strict=True):
+            if not ids:
+                report.skip("documents with no tokens")
+                continue
+            report.documents += 1
+            names.append(name)
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                if budget is not None:
+                    chunk = chunk[: budget - total]
+                row = np.full(spec.ctx, pad, dtype=np.int32)
+                row[0] = bos
+                row[1 : 1 + len(chunk)] = chunk
+                rows.append(row)
+                lengths.append(1 + len(chunk))
+                docs.append(len(names) - 1)
+                offsets.append(start)
+                total += len(chunk)
+                if budget is not None and total >= budget:
+                    break
             if budget is not None and total >= budget:
                 break
         if budget is not None and total >= budget:

@@ -177,8 +177,13 @@ def windows_table(w: Windows, first: int, part: int) -> pa.Table:
 def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:
     """Every token id's piece and its text, so readers need no tokenizer."""
     ids = list(range(d_vocab))
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    texts = tokenizer.batch_decode([[i] for i in ids])
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None:  # the Rust tokenizer decodes 256k single tokens in parallel
+        pieces = [fast.id_to_token(i) for i in ids]
+        texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    else:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        texts = tokenizer.batch_decode([[i] for i in ids])
     return pa.table(
         {
             "token": np.arange(d_vocab, dtype=np.int32),

@@ -52,7 +52,7 @@ def topk_table(sae: str, st: FeatureState, lengths: np.ndarray) -> pa.Table:
     w = win[f, r]
     acts = st.top_acts.cpu().numpy()[f, r]  # [n, T]
     n = lengths[w]
-    flat = np.concatenate([acts[i, : n[i]] for i in range(len(w))]) if len(w) else np.zeros(0)
+    flat = acts[np.arange(acts.shape[1]) < n[:, None]]  # each window's own tokens, row by row
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
     return pa.table(
         {
