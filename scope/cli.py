@@ -337,9 +337,15 @@ def sql(
     print(Store(store).sql(query))
 
 
+def _register() -> None:
+    from scope import cli_steer  # noqa: F401  (adds steer and sweep to the app)
+
+
 def main() -> None:
     sys.exit(app())
 
+
+_register()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,130 @@
+"""Steered vs plain generation throughput on the same model, measured in one run.
+
+    python bench/steer_bench.py                    # CPU: 6 layers x d_model 512, 8k SAE at layer 3
+    python bench/steer_bench.py --gemma-2b-shape   # GPU: 26 layers of gemma-2-2b's shape, 16k SAE at layer 12
+
+Plain generation is the workbench's sampler with no hooks (KV cache on); transformer-lens'
+own `generate` is timed too for reference. Steered runs add one feature (add), clamp one
+(an SAE encode each step), and steer three features on two layers at once. Greedy, no early
+stop, so every run makes the same number of tokens. Medians of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import fixtures  # noqa: E402
+
+from scope import load_model, load_sae  # noqa: E402
+from scope.steer import Sampling, Steer, build_hooks, generate, prompt_tokens  # noqa: E402
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def make_sae(model, work: Path, layer: int, width: int, tokens: torch.Tensor):
+    hook = f"blocks.{layer}.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook)
+    folder = work / "sae" / "bench-res" / f"layer_{layer}" / f"width_{width}" / "average_l0_80"
+    acts = cache[hook][0, 1:].float().cpu()
+    fixtures.write_params(folder, fixtures.gemma_scope_params(acts, width, firing_rate=0.01))
+    return load_sae(folder, device=next(model.parameters()).device, dtype=model.cfg.dtype)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--gemma-2b-shape", action="store_true")
+    ap.add_argument(
+        "--layers", type=int, default=None, help="layers of the gemma-2-2b-shaped model (26)"
+    )
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="scope-steer-bench-"))
+    try:
+        if args.gemma_2b_shape:
+            ckpt = fixtures.build_gemma2_2b_shape(work / "model", n_layers=args.layers or 26)
+            layers, width = (6, 12), 16384
+        else:
+            ckpt = fixtures.build_gemma2(
+                work / "model", n_layers=6, d_model=512, n_heads=8, n_kv_heads=4, d_head=64, d_mlp=2048,
+                sliding_window=64, query_pre_attn_scalar=64, attn_softcap=50.0, final_softcap=30.0, init_std=0.02,
+            )  # fmt: skip
+            layers, width = (1, 3), 8192
+        model = load_model(ckpt, device=args.device)
+        device = next(model.parameters()).device
+        text = " ".join(fixtures._training_text()[:3])[:600]
+        probe = model.to_tokens(text)[:, :128]
+        early, late = (make_sae(model, work, layer, width, probe) for layer in layers)
+        sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
+        tokens = prompt_tokens(model, "The history of the city begins with", False, args.new_tokens)
+        n = tokens.shape[1]
+        cases = {
+            "plain (no hooks)": [],
+            "add 1 feature": build_hooks([Steer(late, 5, strength=8.0)], n),
+            "clamp 1 feature": build_hooks([Steer(late, 5, strength=8.0, mode="clamp")], n),
+            "3 features, 2 layers": build_hooks(
+                [
+                    Steer(late, 5, strength=8.0),
+                    Steer(late, 9, mode="ablate"),
+                    Steer(early, 3, strength=4.0),
+                ],
+                n,
+            ),
+        }
+        results = {}
+        for name, hooks in cases.items():
+
+            def run(hooks=hooks) -> None:
+                for h in hooks:  # fresh position counters for each generation
+                    h[1].seen = 0
+                out = list(generate(model, tokens, sampling, hooks))
+                assert len(out) == args.new_tokens
+
+            results[name] = args.new_tokens / timed(run, args.repeats, device)
+        tl = args.new_tokens / timed(
+            lambda: model.generate(tokens, max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False,
+                                   verbose=False, use_past_kv_cache=True),  # fmt: skip
+            args.repeats, device,
+        )  # fmt: skip
+        name = (
+            torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else f"{torch.get_num_threads()} threads"
+        )
+        print(f"device: {device} ({name}); model {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
+              f"SAEs {width} wide at layers {layers}; {args.new_tokens} new tokens, medians of {args.repeats}")  # fmt: skip
+        plain = results["plain (no hooks)"]
+        print(f"{'transformer-lens generate':24} {tl:10.1f} tok/s")
+        for case, tps in results.items():
+            print(f"{case:24} {tps:10.1f} tok/s   {tps / plain:.2f}x plain")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

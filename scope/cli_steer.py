@@ -1,0 +1,197 @@
+"""`scope steer` and `scope sweep`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from scope.cli import (
+    DeviceOpt,
+    DtypeOpt,
+    HookOpt,
+    app,
+    friendly,
+    out,
+    parse_sae_spec,
+    quiet_libraries,
+)
+from scope.errors import ScopeError
+
+FeatureOpt = Annotated[
+    list[int], typer.Option("--feature", "-f", help="Feature index; repeat for several.")
+]
+SaeListOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--sae", "-s", help="RELEASE/ID or folder: one for all features, or one per --feature."
+    ),
+]
+ModeOpt = Annotated[str, typer.Option(help="add, clamp or ablate.")]
+UnitOpt = Annotated[
+    str, typer.Option(help="add: absolute, max (recorded max; needs --store) or norm.")
+]
+PositionsOpt = Annotated[str, typer.Option(help="prompt, generated or all (BOS never).")]
+PromptOpt = Annotated[str, typer.Option(help="Text to continue.")]
+StoreOpt = Annotated[
+    str | None, typer.Option(help="Recorded store: for --unit max, and where sweeps are saved.")
+]
+RawOpt = Annotated[bool, typer.Option(help="No chat template, even for -it models.")]
+
+
+def _setup(model: str, sae: list[str], feature: list[int], device: str | None, dtype: str | None,
+           hook: str | None, store: str | None) -> tuple[Any, list[Any], Any]:  # fmt: skip
+    from scope.model import load_model
+    from scope.sae import load_sae
+    from scope.store import Store
+
+    quiet_libraries()
+    if not feature:
+        raise ScopeError("give --feature at least once")
+    if len(sae) not in (1, len(feature)):
+        raise ScopeError(
+            f"give one --sae for all features or one per --feature ({len(sae)} SAEs, {len(feature)} features)"
+        )
+    with out.status(f"loading {model}"):
+        loaded = load_model(model, device=device, dtype=dtype)
+        cache: dict[str, Any] = {}
+        saes = []
+        for spec in sae if len(sae) == len(feature) else sae * len(feature):
+            if spec not in cache:
+                cache[spec] = load_sae(*parse_sae_spec(spec), device=device, dtype=dtype, hook=hook)
+            saes.append(cache[spec])
+    return loaded, saes, Store(store) if store else None
+
+
+def _sampling(
+    max_new_tokens: int, temperature: float, top_p: float, freq_penalty: float, seed: int, raw: bool
+) -> Any:
+    from scope.steer import Sampling
+
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    freq_penalty=freq_penalty, seed=seed, chat=False if raw else None)  # fmt: skip
+
+
+@app.command()
+@friendly
+def steer(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Hub name or local checkpoint folder.")
+    ],
+    sae: SaeListOpt,
+    feature: FeatureOpt,
+    prompt: PromptOpt,
+    strength: Annotated[
+        list[float] | None, typer.Option(help="One for all features, or one per --feature.")
+    ] = None,
+    mode: ModeOpt = "add",
+    unit: UnitOpt = "absolute",
+    positions: PositionsOpt = "all",
+    store: StoreOpt = None,
+    max_new_tokens: int = 40,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    freq_penalty: float = 0.0,
+    seed: int = 0,
+    raw: RawOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    hook: HookOpt = None,
+) -> None:
+    """Generate from a prompt without and with steering (same seed), streaming the tokens."""
+    from scope.steer import Steer, compare
+
+    loaded, saes, opened = _setup(model, sae, feature, device, dtype, hook, store)
+    strengths = strength or [0.0]
+    if len(strengths) not in (1, len(feature)):
+        raise ScopeError("give one --strength for all features or one per --feature")
+    strengths = strengths * len(feature) if len(strengths) == 1 else strengths
+    steers = [Steer(s, f, strength=v, mode=mode, unit=unit, positions=positions)
+              for s, f, v in zip(saes, feature, strengths, strict=True)]  # fmt: skip
+    sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)
+    tok = loaded.tokenizer
+    current = {"which": ""}
+
+    def show(which: str, token: int) -> None:
+        if which != current["which"]:
+            label = (
+                "baseline"
+                if which == "baseline"
+                else "steered: "
+                + ", ".join(f"{s.key}/{s.feature} {s.mode} {s.strength:g}" for s in steers)
+            )
+            out.print(f"\n[bold]{label}[/]")
+            current["which"] = which
+        out.print(
+            tok.decode([token], skip_special_tokens=True), end="", highlight=False, markup=False
+        )
+
+    compare(loaded, prompt, steers, sampling=sampling, store=opened, on_token=show)
+    out.print()
+
+
+@app.command()
+@friendly
+def sweep(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Hub name or local checkpoint folder.")
+    ],
+    sae: SaeListOpt,
+    feature: Annotated[int, typer.Option("--feature", "-f", help="The feature to sweep.")],
+    prompt: PromptOpt,
+    strengths: Annotated[
+        str, typer.Option(help="START:STOP:STEP (end included) or a list 0,4,8.")
+    ] = "0:40:10",
+    modes: Annotated[str | None, typer.Option(help="Also sweep modes, e.g. add,clamp.")] = None,
+    mode: ModeOpt = "add",
+    unit: UnitOpt = "absolute",
+    positions: PositionsOpt = "all",
+    store: StoreOpt = None,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", help="Folder for the sweep (default: the store).")
+    ] = None,
+    plot: Annotated[
+        str | None, typer.Option(help="Write the plotly figure to this .html file.")
+    ] = None,
+    max_new_tokens: int = 30,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    freq_penalty: float = 0.0,
+    seed: int = 0,
+    raw: RawOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    hook: HookOpt = None,
+) -> None:
+    """Steer one feature at many strengths (several --sae: several layers); measure and save."""
+    from rich.table import Table
+
+    from scope.steer import Steer
+    from scope.sweep import parse_strengths
+    from scope.sweep import sweep as run_sweep
+
+    values = parse_strengths(strengths)
+    loaded, saes, opened = _setup(model, sae, [feature] * len(sae), device, dtype, hook, store)
+    base = Steer(saes[0], feature, mode=mode, unit=unit, positions=positions)
+    sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)
+    mode_list = [m.strip() for m in modes.split(",")] if modes else None
+    with out.status(f"sweeping {len(values) * len(saes) * len(mode_list or [mode])} points"):
+        result = run_sweep(loaded, prompt, base, values, modes=mode_list, saes=saes, sampling=sampling,
+                           store=opened, save_to=out_dir)  # fmt: skip
+    table = Table(title=f"sweep {result.id}: feature {feature}")
+    for col in ("SAE", "mode", "strength", "target act", "text act", "KL", "loss", "text"):
+        table.add_column(col)
+    for p in result.points:
+        table.add_row(p.sae, p.mode, f"{p.strength:g}", f"{p.target_act:.2f}", f"{p.text_act:.2f}",
+                      f"{p.kl:.3f}", f"{p.loss:.2f}", p.text.replace("\n", " ")[:60])  # fmt: skip
+    out.print(f"baseline: {result.baseline!r}", highlight=False)
+    out.print(table)
+    if plot:
+        result.figure().write_html(plot)
+        out.print(f"figure: {plot}")
+    where = out_dir or (str(opened.root) if opened else None)
+    out.print(
+        f"saved to {where}/experiments/{result.id}.parquet"
+        if where
+        else "not saved: give --store or --out"
+    )

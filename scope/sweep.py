@@ -1,0 +1,185 @@
+"""Strength sweeps: one steered generation per point, with metrics, saved as an experiment.
+
+For each point (strength, and optionally mode or SAE/layer):
+- ``target_act``: the target feature's activation at its hook, after the intervention, averaged
+  over the generated tokens (does the intervention land?);
+- ``text_act``: the same feature read by the unsteered model on the steered text (does the
+  text itself now carry the feature?);
+- ``kl``: mean KL(steered || baseline) of the next-token distributions along the continuation;
+- ``loss``: mean cross-entropy of the steered continuation under the unsteered model (fluency).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from scope.errors import ScopeError
+from scope.steer import Sampling, Steer, build_hooks, generate, prompt_tokens
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    strength: float
+    mode: str
+    sae: str
+    hook: str
+    text: str
+    tokens: list[int]
+    target_act: float
+    text_act: float
+    kl: float
+    loss: float
+
+
+@dataclass
+class Sweep:
+    """All points of a sweep, and how they were made."""
+
+    prompt: str
+    feature: int
+    sampling: Sampling
+    baseline: str
+    points: list[SweepPoint] = field(default_factory=list)
+    id: str = ""
+
+    def table(self) -> pa.Table:
+        rows = [vars(p) for p in self.points]
+        return pa.Table.from_pylist(
+            [
+                {**r, "experiment": self.id, "feature": self.feature, "prompt": self.prompt}
+                for r in rows
+            ]
+        )
+
+    def figure(self) -> Any:
+        """A plotly figure: target activation, KL and loss against strength, a line per series."""
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                            subplot_titles=("target feature activation", "KL to baseline", "loss under unsteered model"))  # fmt: skip
+        series: dict[str, list[SweepPoint]] = {}
+        for p in self.points:
+            series.setdefault(f"{p.sae} {p.mode}", []).append(p)
+        for i, (name, pts) in enumerate(series.items()):
+            pts = sorted(pts, key=lambda p: p.strength)
+            xs = [p.strength for p in pts]
+            texts = [p.text[:120] for p in pts]
+            for row, metric in enumerate(("target_act", "kl", "loss"), start=1):
+                fig.add_scatter(x=xs, y=[getattr(p, metric) for p in pts], name=name, legendgroup=name,
+                                showlegend=row == 1, mode="lines+markers", hovertext=texts, row=row, col=1,
+                                line={"color": f"hsl({(i * 67) % 360},60%,45%)"})  # fmt: skip
+        fig.update_xaxes(title_text="strength", row=3, col=1)
+        fig.update_layout(title=f"feature {self.feature}: {self.prompt[:60]!r}", height=720)
+        return fig
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the sweep under ``folder/experiments/`` (a store folder, or any folder)."""
+        from scope.store.files import write_json_atomic, write_parquet_atomic
+
+        out = Path(folder) / "experiments"
+        out.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(out / f"{self.id}.parquet", self.table())
+        meta = {"id": self.id, "prompt": self.prompt, "feature": self.feature,
+                "sampling": vars(self.sampling), "baseline": self.baseline}  # fmt: skip
+        write_json_atomic(out / f"{self.id}.json", meta)
+        return out / f"{self.id}.parquet"
+
+
+@torch.no_grad()
+def measure(
+    model: Any, tokens: torch.Tensor, cont: list[int], steer: Steer, store: Any
+) -> dict[str, float]:
+    """Metrics of one steered continuation ``cont`` of ``tokens`` (see the module docstring)."""
+    n_prompt = tokens.shape[1]
+    seq = torch.cat([tokens, torch.tensor([cont], device=tokens.device)], dim=1)
+    hook = steer.hook_name
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        got[hook.name] = act.detach().clone()
+
+    steered_hooks = build_hooks([steer], n_prompt, store)
+    with model.hooks(fwd_hooks=[*steered_hooks, (hook, grab)]):
+        steered_logits = model(seq)[0].float()
+    after = got.pop(hook)
+    with model.hooks(fwd_hooks=[(hook, grab)]):
+        base_logits = model(seq)[0].float()
+    before = got.pop(hook)
+    span = slice(n_prompt, seq.shape[1])  # the continuation
+    f = steer.feature
+    target = steer.sae.encode(after[0, span])[..., f].float().mean().item()
+    text = steer.sae.encode(before[0, span])[..., f].float().mean().item()
+    pred = slice(n_prompt - 1, seq.shape[1] - 1)  # positions that predict the continuation
+    logp_s = torch.log_softmax(steered_logits[pred], dim=-1)
+    logp_b = torch.log_softmax(base_logits[pred], dim=-1)
+    kl = (logp_s.exp() * (logp_s - logp_b)).sum(-1).mean().item()
+    loss = -logp_b.gather(-1, seq[0, span, None]).mean().item()
+    return {"target_act": target, "text_act": text, "kl": kl, "loss": loss}
+
+
+def parse_strengths(text: str) -> list[float]:
+    """``-20:80:10`` -> -20, -10, ..., 80 (end included); ``0,4,8`` -> 0, 4, 8."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(round((stop - start) / step))
+            return [round(start + i * step, 10) for i in range(n + 1)]
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ScopeError(
+            f"--strengths {text!r}: use START:STOP:STEP (step > 0) or a list like 0,4,8"
+        ) from None
+
+
+def sweep(
+    model: Any,
+    prompt: str,
+    steer: Steer,
+    strengths: list[float],
+    *,
+    modes: list[str] | None = None,
+    saes: list[Any] | None = None,
+    sampling: Sampling | None = None,
+    store: Any = None,
+    save_to: str | Path | None = None,
+) -> Sweep:
+    """Steer ``steer``'s feature at every strength (and mode, and SAE: other layers), measure
+    each point, and save the sweep to ``save_to`` (default: the store's folder) if given."""
+    sampling = sampling or Sampling()
+    if not strengths:
+        raise ScopeError("no strengths to sweep: give e.g. --strengths -20:80:10")
+    tokens = prompt_tokens(model, prompt, sampling.chat, sampling.max_new_tokens)
+    baseline = list(generate(model, tokens, sampling))
+    result = Sweep(prompt=prompt, feature=steer.feature, sampling=sampling,
+                   baseline=model.tokenizer.decode(baseline, skip_special_tokens=True),
+                   id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])  # fmt: skip
+    for sae in saes or [steer.sae]:
+        for mode in modes or [steer.mode]:
+            for strength in strengths:
+                point = replace(steer, sae=sae, mode=mode, strength=strength)
+                hooks = build_hooks([point], tokens.shape[1], store)
+                cont = list(generate(model, tokens, sampling, hooks))
+                metrics = measure(model, tokens, cont, point, store)
+                result.points.append(SweepPoint(
+                    strength=strength, mode=mode, sae=point.key, hook=point.hook_name,
+                    text=model.tokenizer.decode(cont, skip_special_tokens=True), tokens=cont, **metrics))  # fmt: skip
+    target = save_to if save_to is not None else (store.root if store is not None else None)
+    if target is not None:
+        result.save(target)
+    return result
+
+
+def load_experiments(folder: str | Path) -> list[dict[str, Any]]:
+    """Metadata of the sweeps saved under ``folder/experiments``, newest first."""
+    found = sorted((Path(folder) / "experiments").glob("*.json"), reverse=True)
+    return [json.loads(p.read_text()) for p in found]

@@ -1,0 +1,74 @@
+"""Golden Gate-style steering: find the feature for a concept by contrast, then steer with it.
+
+    python scripts/golden_gate.py                              # gemma-2-2b + a Gemma Scope SAE at layer 20
+    python scripts/golden_gate.py --model DIR --sae DIR        # any Gemma model and SAE
+
+The feature is the one whose mean activation on sentences about the concept most exceeds its
+mean on neutral sentences. It is then added at every position at a multiple of the highest
+activation it reached on the concept sentences, and the steered continuation is printed next
+to the baseline (same seed, same sampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from scope import load_model, load_sae
+from scope.cli import parse_sae_spec
+from scope.steer import Sampling, Steer, compare
+
+CONCEPT = [
+    "The Golden Gate Bridge spans the strait at the entrance to San Francisco Bay.",
+    "Fog rolled over the Golden Gate Bridge as cars crossed toward Marin County.",
+    "Painted International Orange, the Golden Gate Bridge opened in 1937.",
+]
+NEUTRAL = [
+    "She made a cup of tea and read the newspaper in the kitchen.",
+    "The committee will meet on Thursday to discuss the budget.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar.",
+]
+
+
+def mean_acts(model, sae, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max activation of every feature over the texts' tokens (BOS excluded)."""
+    hook = sae.cfg.metadata.hook_name
+    rows = []
+    for text in texts:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(text, names_filter=hook)
+            rows.append(sae.encode(cache[hook][0, 1:]).float())
+    acts = torch.cat(rows)
+    return acts.mean(0), acts.max(0).values
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="google/gemma-2-2b")
+    ap.add_argument("--sae", default="gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical")
+    ap.add_argument("--prompt", default="On my weekend trip I went to see")
+    ap.add_argument(
+        "--times-max", type=float, default=4.0, help="strength as a multiple of the feature's max"
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    model = load_model(args.model)
+    sae = load_sae(*parse_sae_spec(args.sae), device=model.cfg.device, dtype=model.cfg.dtype)
+    concept_mean, concept_max = mean_acts(model, sae, CONCEPT)
+    neutral_mean, _ = mean_acts(model, sae, NEUTRAL)
+    feature = int((concept_mean - neutral_mean).argmax())
+    strength = args.times_max * float(concept_max[feature])
+    print(f"feature {feature}: mean {concept_mean[feature]:.2f} on the concept, {neutral_mean[feature]:.2f} "
+          f"on neutral text; steering at {strength:.1f}")  # fmt: skip
+    result = compare(model, args.prompt, [Steer(sae, feature, strength=strength)],
+                     sampling=Sampling(max_new_tokens=args.max_new_tokens, seed=args.seed))  # fmt: skip
+    print(f"prompt:   {args.prompt}\nbaseline: {result.baseline}\nsteered:  {result.steered}")
+
+
+if __name__ == "__main__":
+    main()
