@@ -227,7 +227,7 @@ def prompt_tokens(model: Any, prompt: str, chat: bool | None, max_new_tokens: in
     return tokens.to(model.cfg.device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: Any,
     tokens: torch.Tensor,

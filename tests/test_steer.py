@@ -286,3 +286,88 @@ def test_parse_strengths():
     assert parse_strengths("0,4,8") == [0.0, 4.0, 8.0]
     with pytest.raises(ScopeError, match="START:STOP:STEP"):
         parse_strengths("1:2:0")
+
+
+def test_max_unit_uses_the_recorded_max(tiny_model, sae, tmp_path):
+    import fixtures
+
+    from scope.corpus import CorpusSpec
+    from scope.record import RecordSettings, record
+    from scope.store import Store
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(fixtures._training_text()[:20]))
+    record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), ctx=32, max_tokens=600), tmp_path / "s",
+           RecordSettings(ctx=32, batch_size=8), progress=False)  # fmt: skip
+    store = Store(tmp_path / "s")
+    f = store.sql(
+        "select feature from features where sae = 'L2.res.256' order by max desc limit 1"
+    ).fetchall()[0][0]
+    top = store.feature(f"L2.res.256/{f}").max
+    tokens = tiny_model.to_tokens(PROMPT)
+    x, y, _ = run_steered(
+        tiny_model, tokens, [Steer(sae, f, strength=2.0, unit="max")], store=store
+    )
+    unit = sae.W_dec[f] / sae.W_dec[f].norm()
+    torch.testing.assert_close(
+        (y - x)[1:], (2.0 * top * unit).expand_as(x[1:]), rtol=1e-5, atol=1e-4
+    )
+    dead = store.sql(
+        "select feature from features where sae = 'L2.res.256' and count = 0"
+    ).fetchall()
+    if dead:
+        with pytest.raises(ScopeError, match="never fired"):
+            build_hooks([Steer(sae, dead[0][0], strength=1.0, unit="max")], 3, store)
+
+
+def test_cli_steer_and_sweep(tiny_dir, tiny_sae_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    scope = os.path.join(os.path.dirname(sys.executable), "scope")
+    env = {**os.environ, "COLUMNS": "200"}
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--sae",
+        str(tiny_sae_dir),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "8",
+    ]
+    out = subprocess.run([scope, "steer", *common, "--feature", "7", "--strength", "30"],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "baseline" in out.stdout and "steered: L2.res.256/7 add 30" in out.stdout
+    out = subprocess.run([scope, "sweep", *common, "--feature", "7", "--strengths", "0,20", "--out",
+                          str(tmp_path), "--plot", str(tmp_path / "s.html")],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "s.html").stat().st_size > 1000 and list(
+        (tmp_path / "experiments").glob("*.parquet")
+    )
+    bad = subprocess.run([scope, "steer", *common, "--feature", "999", "--strength", "1"],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "feature 999 is out of range" in bad.stderr
+    nan = subprocess.run([scope, "steer", *common, "--feature", "3", "--strength", "nan"],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert nan.returncode == 2 and "not a finite number" in nan.stderr
+
+
+def test_example_scripts_run(tiny_dir, tiny_sae_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "scripts"
+    gg = subprocess.run([sys.executable, str(root / "golden_gate.py"), "--model", str(tiny_dir), "--sae",
+                         str(tiny_sae_dir), "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert gg.returncode == 0, gg.stderr[-2000:]
+    assert "baseline:" in gg.stdout and "steered:" in gg.stdout and "feature " in gg.stdout
+    sw = subprocess.run([sys.executable, str(root / "strength_sweep.py"), "--model", str(tiny_dir), "--sae",
+                         str(tiny_sae_dir), "--feature", "7", "--strengths", "0:20:10", "--max-new-tokens", "6",
+                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert sw.returncode == 0, sw.stderr[-2000:]
+    assert (tmp_path / "sweep.html").is_file() and len(sw.stdout.splitlines()) >= 4

@@ -167,8 +167,7 @@ class Store:
         stats = self.con.execute(
             "select count, density, max, mean, std from features where sae = ? and feature = ?",
             [key, f],
-        ).fetchone()
-        assert stats is not None
+        ).fetchall()[0]
         decoded = "w.tokens"
         top = self.con.execute(
             f"""select k.window_id, k.act, k.pos, k.acts, w.doc, w.offset, {decoded}
@@ -189,10 +188,9 @@ class Store:
             "select lo, hi, count from hist where sae = ? and feature = ? order by bin", [key, f]
         ).fetchall()
         found = self.con.execute("select * from lens where sae = ? and feature = ?", [key, f])
-        lens_row = found.fetchone()
-        lens: dict[str, Any] = dict(
-            zip([d[0] for d in found.description or []], lens_row or [], strict=False)
-        )
+        columns = [d[0] for d in found.description or []]
+        rows = found.fetchall()  # fetch to the end: DuckDB refuses new work on an open result
+        lens: dict[str, Any] = dict(zip(columns, rows[0], strict=True)) if rows else {}
         np_id = self.manifest["saes"][key].get("neuronpedia_id")
 
         def pairs(a: str, b: str, text: bool = False) -> list[Any]:
