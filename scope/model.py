@@ -180,6 +180,11 @@ def tl_config_dict(hf_config: Any, template: str, n_ctx: int | None = None) -> d
         cfg["rotary_base_local"] = _rope_theta(text, "sliding_attention", cfg["rotary_base_local"])
     else:
         cfg["rotary_base"] = _rope_theta(text, "full_attention", cfg["rotary_base"])
+    full = (getattr(text, "rope_parameters", None) or {}).get("full_attention") or {}
+    linear = isinstance(full, dict) and full.get("rope_type") == "linear"
+    if linear or "rotary_scaling_factor" in cfg:
+        # Gemma 3 4B and up stretch the global layers' rope linearly (x8): read, not assumed
+        cfg["rotary_scaling_factor"] = float(full["factor"]) if linear else 1.0
     for ours, theirs in (
         ("attn_scores_soft_cap", "attn_logit_softcapping"),
         ("output_logits_soft_cap", "final_logit_softcapping"),

@@ -10,6 +10,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,10 +132,25 @@ def build_gemma2(
     return out
 
 
-def build_gemma3(out: Path, *, n_layers: int = 6, seed: int = 0) -> Path:
-    """A Gemma 3 text checkpoint with random weights: qk-norm, five local layers to one
-    global, separate local and global rope bases, one KV head, as gemma-3-270m has."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+def build_gemma3(
+    out: Path,
+    *,
+    n_layers: int = 6,
+    seed: int = 0,
+    multimodal: bool = False,
+    rope_factor: float | None = None,
+) -> Path:
+    """A Gemma 3 checkpoint with random weights: qk-norm, five local layers to one global,
+    separate local and global rope bases, one KV head, as gemma-3-270m has. ``multimodal``
+    saves a Gemma3ForConditionalGeneration (as 4B and up are) with a tiny vision tower;
+    ``rope_factor`` stretches the global layers' rope linearly, as 4B and up do (8)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
@@ -160,9 +176,27 @@ def build_gemma3(out: Path, *, n_layers: int = 6, seed: int = 0) -> Path:
         bos_token_id=2,
         attn_implementation="eager",
     )
-    config.architectures = ["Gemma3ForCausalLM"]
+    if rope_factor is not None:
+        config.rope_parameters["full_attention"] = {
+            "rope_type": "linear",
+            "factor": rope_factor,
+            "rope_theta": 1000.0,
+        }
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config)
+    if multimodal:
+        vision = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=28, patch_size=14,
+        )  # fmt: skip
+        mm = Gemma3Config(
+            text_config=config, vision_config=vision, mm_tokens_per_image=4,
+            image_token_index=5, boi_token_index=5, eoi_token_index=6,
+        )  # fmt: skip
+        mm.architectures = ["Gemma3ForConditionalGeneration"]
+        model: Any = Gemma3ForConditionalGeneration(mm)
+    else:
+        config.architectures = ["Gemma3ForCausalLM"]
+        model = Gemma3ForCausalLM(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:

@@ -261,3 +261,22 @@ def test_gemma3_folder_parity(tmp_path):
     assert (logits - hf_logits).abs().max().item() < 1e-4
     for layer, hf_layer in enumerate(hf_resid):
         assert (cache[f"blocks.{layer}.hook_resid_post"] - hf_layer).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("factor", [8.0, None])
+def test_gemma3_multimodal_folder_parity(tmp_path, factor):
+    """Gemma 3 4B and up are Gemma3ForConditionalGeneration with linearly scaled global rope:
+    the text tower loads, its scaling read from the checkpoint, and its logits match HF."""
+    from transformers import AutoModelForCausalLM
+
+    src = fixtures.build_gemma3(tmp_path / "mm", multimodal=True, rope_factor=factor)
+    model = load_model(src, device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    assert model.cfg.rotary_scaling_factor == (factor or 1.0)
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        diff = (model(tokens) - hf(input_ids=tokens).logits).abs().max().item()
+    assert diff < 1e-4
