@@ -7,7 +7,6 @@ Run it to get them on disk for trying the CLI:  python tests/fixtures.py OUT_DIR
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,9 @@ def _training_text() -> list[str]:
     return text
 
 
-def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
+def build_tokenizer(out: Path, vocab_size: int = 512) -> int:
     """A byte-level BPE tokenizer with Gemma's special tokens and chat template, saved so that
-    ``AutoTokenizer.from_pretrained(out)`` works offline and prepends <bos>."""
+    ``AutoTokenizer.from_pretrained(out)`` works offline and prepends <bos>. Returns its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,7 +70,9 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
         add_bos_token=True,
         chat_template=CHAT_TEMPLATE,
     )
+    out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
+    return tok.get_vocab_size()
 
 
 def build_gemma2(
@@ -99,9 +100,7 @@ def build_gemma2(
     """
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
-    n_tokens = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    n_tokens = build_tokenizer(out)
     config = Gemma2Config(
         vocab_size=vocab_size or n_tokens,
         hidden_size=d_model,
@@ -123,13 +122,7 @@ def build_gemma2(
     )
     config.architectures = ["Gemma2ForCausalLM"]
     torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:  # HF inits these to 0 (scale 1): randomize so +1 offsets count
-                param.normal_(0.0, 0.3)
-    model.save_pretrained(out)
-    return out
+    return save_random(Gemma2ForCausalLM(config), out)
 
 
 def build_gemma3(
@@ -152,9 +145,7 @@ def build_gemma3(
         SiglipVisionConfig,
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
-    n_tokens = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    n_tokens = build_tokenizer(out)
     config = Gemma3TextConfig(
         vocab_size=n_tokens,
         hidden_size=64,
@@ -197,6 +188,12 @@ def build_gemma3(
     else:
         config.architectures = ["Gemma3ForCausalLM"]
         model = Gemma3ForCausalLM(config)
+    return save_random(model, out)
+
+
+def save_random(model: Any, out: Path) -> Path:
+    """Randomize the norm weights too (HF inits them to 0, i.e. scale 1, which would hide a
+    missing +1 offset in a conversion), then save the checkpoint next to its tokenizer."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
