@@ -15,6 +15,8 @@ Tables (each has an ``sae`` column holding the SAE's short key, e.g. ``L12.res.1
   W_dec @ W_U), neighbours, neighbour_cos (nearest features by decoder cosine)
 - ``windows``: window_id, part, doc, offset, n_tokens, tokens
 - ``vocab``: token, piece, text
+- ``experiments``: steering sweeps saved into the store (experiment, strength, mode, sae,
+  target_act, text_act, kl, loss, text, ...), once there is one
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class Store:
         self._view("lens", f"read_parquet('{self.version}/lens/*.parquet', union_by_name=true)")
         self._view("windows", f"read_parquet('{self.root}/windows/part-*.parquet')")
         self._view("vocab", f"read_parquet('{self.root}/vocab.parquet')")
+        if any((self.root / "experiments").glob("*.parquet")):  # steering sweeps saved here
+            self._view(
+                "experiments",
+                f"read_parquet('{self.root}/experiments/*.parquet', union_by_name=true)",
+            )
         self.con.execute(f"""
             create view intervals as
             select sae, feature, interval, window_id, pos, act from (
