@@ -384,3 +384,14 @@ def test_fast_encode_is_bitwise_sae_encode(saes, tiny_model, tmp_path):
     sae = load_sae(folder, device="cpu")
     x = acts["blocks.2.hook_resid_post"]
     assert torch.equal(encode(sae, x, sae.threshold.clamp(min=0)), sae.encode(x))
+
+
+def test_one_forward_stops_after_the_deepest_sae(tmp_path, tiny_model, saes, spec):
+    """The forward pass ends at the deepest SAE's layer: later layers never run."""
+    ran: list[str] = []
+    tiny_model.add_hook("blocks.3.hook_resid_pre", lambda act, hook: ran.append(hook.name))
+    try:
+        record(tiny_model, saes, spec, tmp_path / "s", settings(), progress=False)
+    finally:
+        tiny_model.reset_hooks()
+    assert ran == []

@@ -28,7 +28,7 @@ from scope.store.files import write_parquet_atomic as write_parquet
 
 @dataclass(frozen=True, kw_only=True)
 class RecordSettings:
-    """How to record. The first four must match when adding to or resuming a store."""
+    """How to record. ctx, k and samples must match when adding to or resuming a store."""
 
     ctx: int = 128
     """Window length in tokens, BOS included."""
