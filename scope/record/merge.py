@@ -11,7 +11,7 @@ import torch
 
 from scope.errors import ScopeError
 from scope.record.finalize import finalize
-from scope.record.runner import load_states, writer_lock
+from scope.record.runner import load_states, save_states, writer_lock
 from scope.record.state import FeatureState
 from scope.store.files import VersionBuilder, next_version, read_manifest
 
@@ -67,13 +67,7 @@ def merge_stores(out: str | Path, shards: Sequence[str | Path]) -> dict:
         manifest["merged_from"] = [str(p) for p in paths]
         manifest.pop("tables_version", None)
         builder = VersionBuilder(root, next_version(root))
-        from safetensors.torch import save_file
-
-        for key, st in merged.items():
-            save_file(
-                {k: t.contiguous() for k, t in st.tensors().items()},
-                builder.path(f"state/{key}.safetensors"),
-            )
+        save_states(builder, merged)
         finalize(
             builder, manifest, merged, {}, None, root, lens_from=paths[0] / base["tables_version"]
         )

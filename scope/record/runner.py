@@ -209,6 +209,102 @@ def load_states(
     return out
 
 
+def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> None:
+    for key, st in states.items():
+        tensors = {n: t.contiguous() for n, t in st.tensors().items()}
+        save_file(tensors, builder.path(f"state/{key}.safetensors"))
+
+
+def open_manifest(
+    root: Path, model: Any, sae_ids: dict[str, Any], settings: RecordSettings
+) -> dict[str, Any]:
+    """The store's manifest, checked against this model, these SAEs and settings; or a new
+    one (and the vocabulary) for a new store."""
+    model_id = model_identity(model)
+    manifest = read_manifest(root)
+    if manifest is not None:
+        _check_same(manifest, model_id, sae_ids, settings, root)
+        return manifest
+    extra = [p.name for p in root.iterdir() if p.name not in {".lock", "windows", "vocab.parquet"}]
+    if extra:
+        raise ScopeError(
+            f"{root} exists and is not a store (it holds {', '.join(sorted(extra)[:5])}): "
+            "pick an empty or new --store folder"
+        )
+    write_parquet(root / "vocab.parquet", vocab_table(model.tokenizer, model.cfg.d_vocab))
+    return {
+        "format": FORMAT,
+        "model": model_id,
+        "saes": sae_ids,
+        "settings": {
+            "ctx": settings.ctx,
+            "k": settings.k,
+            "samples": settings.samples,
+            "dense_threshold": settings.dense_threshold,
+        },  # fmt: skip
+        "shard": list(settings.shard),
+        "parts": [],
+        "state": "recording",
+        "hist_edges": HIST_EDGES.tolist(),
+        "sample_edges": SAMPLE_EDGES.tolist(),
+        "versions": versions(),
+        "tokens_recorded": 0,
+        "seconds": 0.0,
+    }
+
+
+def open_part(
+    root: Path,
+    manifest: dict[str, Any],
+    windows: Windows,
+    corpus: CorpusSpec,
+    resume: bool,
+    settings: RecordSettings,
+    model: Any,
+    saes: list[Any],
+) -> dict[str, Any]:
+    """The corpus part to record: the interrupted one (with --resume), or a new one appended."""
+    parts = manifest["parts"]
+    fingerprint = windows.fingerprint()
+    resuming = manifest["state"] == "recording" and bool(parts)
+    if resuming:
+        if not resume:
+            raise ScopeError(
+                f"{root} holds an interrupted run: add --resume to continue it (nothing recorded is lost)"
+            )
+        if parts[-1]["fingerprint"] != fingerprint:
+            raise ScopeError(
+                f"--resume needs the same corpus and --tokens as the interrupted run of {root} "
+                f"(its corpus was {', '.join(parts[-1]['corpus'])})"
+            )
+    else:
+        if any(p["fingerprint"] == fingerprint for p in parts):
+            raise ScopeError(
+                f"{root} already holds this corpus (same windows): adding it again would count it twice"
+            )
+        parts.append(
+            {
+                "corpus": list(corpus.paths),
+                "field": corpus.field,
+                "max_tokens": corpus.max_tokens,
+                "fingerprint": fingerprint,
+                "first_window": sum(p["windows"] for p in parts),
+                "windows": len(windows),
+                "tokens": windows.n_tokens,
+                "documents": windows.report.documents,
+                "skipped": windows.report.skipped,
+                "next": 0,
+                "batch_size": settings.batch_size or fit_batch_size(model, saes, settings.ctx),
+            }
+        )
+        manifest["state"] = "recording"
+    part_file = root / "windows" / f"part-{len(parts) - 1:03d}.parquet"
+    if not resuming or not part_file.is_file():  # a killed run may have left another corpus's
+        write_parquet(part_file, windows_table(windows, parts[-1]["first_window"], len(parts) - 1))
+    write_json_atomic(root / "manifest.json", manifest)
+    return parts[-1]
+
+
 def record(
     model: Any,
     saes: list[Any],
@@ -239,86 +335,10 @@ def record(
     device = next(model.parameters()).device
     with writer_lock(root):
         windows = build_windows(corpus, model.tokenizer)
-        fingerprint = windows.fingerprint()
-        model_id = model_identity(model)
         sae_ids = {k: sae_identity(s) for k, s in zip(keys, saes, strict=True)}
-        manifest = read_manifest(root)
-        if manifest is None:
-            extra = [
-                p.name
-                for p in root.iterdir()
-                if p.name not in {".lock", "windows", "vocab.parquet"}
-            ]
-            if extra:
-                raise ScopeError(
-                    f"{root} exists and is not a store (it holds {', '.join(sorted(extra)[:5])}): pick an empty or new --store folder"
-                )
-            write_parquet(root / "vocab.parquet", vocab_table(model.tokenizer, model.cfg.d_vocab))
-            manifest = {
-                "format": FORMAT,
-                "model": model_id,
-                "saes": sae_ids,
-                "settings": {
-                    "ctx": settings.ctx,
-                    "k": settings.k,
-                    "samples": settings.samples,
-                    "dense_threshold": settings.dense_threshold,
-                },
-                "shard": list(settings.shard),
-                "parts": [],
-                "state": "recording",
-                "hist_edges": HIST_EDGES.tolist(),
-                "sample_edges": SAMPLE_EDGES.tolist(),
-                "versions": versions(),
-                "tokens_recorded": 0,
-                "seconds": 0.0,
-            }
-        else:
-            _check_same(manifest, model_id, sae_ids, settings, root)
+        manifest = open_manifest(root, model, sae_ids, settings)
+        part = open_part(root, manifest, windows, corpus, resume, settings, model, saes)
         states = load_states(root, manifest, device)
-        parts = manifest["parts"]
-        if manifest["state"] == "recording" and parts:
-            if not resume:
-                raise ScopeError(
-                    f"{root} holds an interrupted run: add --resume to continue it (nothing recorded is lost)"
-                )
-            if parts[-1]["fingerprint"] != fingerprint:
-                raise ScopeError(
-                    f"--resume needs the same corpus and --tokens as the interrupted run of {root} "
-                    f"(its corpus was {', '.join(parts[-1]['corpus'])})"
-                )
-            part_file = root / "windows" / f"part-{len(parts) - 1:03d}.parquet"
-            if not part_file.is_file():  # killed before its windows were written
-                write_parquet(
-                    part_file, windows_table(windows, parts[-1]["first_window"], len(parts) - 1)
-                )
-        else:
-            if any(p["fingerprint"] == fingerprint for p in parts):
-                raise ScopeError(
-                    f"{root} already holds this corpus (same windows): adding it again would count it twice"
-                )
-            first = sum(p["windows"] for p in parts)
-            parts.append(
-                {
-                    "corpus": list(corpus.paths),
-                    "field": corpus.field,
-                    "max_tokens": corpus.max_tokens,
-                    "fingerprint": fingerprint,
-                    "first_window": first,
-                    "windows": len(windows),
-                    "tokens": windows.n_tokens,
-                    "documents": windows.report.documents,
-                    "skipped": windows.report.skipped,
-                    "next": 0,
-                    "batch_size": settings.batch_size or fit_batch_size(model, saes, settings.ctx),
-                }
-            )
-            manifest["state"] = "recording"
-            write_parquet(
-                root / "windows" / f"part-{len(parts) - 1:03d}.parquet",
-                windows_table(windows, first, len(parts) - 1),
-            )
-            write_json_atomic(root / "manifest.json", manifest)
         for key, s in zip(keys, saes, strict=True):
             if key not in states:
                 states[key] = FeatureState.empty(
@@ -327,11 +347,7 @@ def record(
 
         def checkpoint(final: bool) -> None:
             builder = VersionBuilder(root, next_version(root))
-            for key, st in states.items():
-                save_file(
-                    {n: t.contiguous() for n, t in st.tensors().items()},
-                    builder.path(f"state/{key}.safetensors"),
-                )
+            save_states(builder, states)
             manifest["state_version"] = builder.name
             if final:
                 finalize(builder, manifest, states, dict(zip(keys, saes, strict=True)), model, root)
@@ -341,7 +357,7 @@ def record(
 
         started = time.perf_counter()
         done_tokens = run_batches(
-            model, saes, keys, states, windows, parts[-1], settings, checkpoint, progress
+            model, saes, keys, states, windows, part, settings, checkpoint, progress
         )
         elapsed = time.perf_counter() - started
         manifest["tokens_recorded"] += done_tokens
