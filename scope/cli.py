@@ -104,8 +104,9 @@ def info(
     hook: HookOpt = None,
 ) -> None:
     """Print a model and SAEs, and whether each SAE fits the model."""
+    from scope.fit import check_fit
     from scope.model import load_model, model_info
-    from scope.sae import check_fit, load_sae, sae_info
+    from scope.sae import load_sae, sae_info
 
     quiet_libraries()
     if not model and not sae:
@@ -161,8 +162,8 @@ def saes(
     local_only: Annotated[bool, typer.Option(help="Only SAEs already under saes/.")] = False,
 ) -> None:
     """List the SAEs that fit a model: sae-lens' registry and the local saes/ library."""
+    from scope.fit import list_saes
     from scope.model import resolve_source
-    from scope.sae import list_saes
 
     quiet_libraries()
     source = resolve_source(model)

@@ -100,7 +100,7 @@ def sae_info(sae: Any) -> SAEInfo:
 # ---------------------------------------------------------------- loading
 
 
-def _registry() -> dict[str, Any]:
+def sae_registry() -> dict[str, Any]:
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     return get_pretrained_saes_directory()
@@ -108,7 +108,7 @@ def _registry() -> dict[str, Any]:
 
 def _unknown_release(release: str) -> ScopeError:
     local = [p.name for p in saes_dir().iterdir() if p.is_dir()] if saes_dir().is_dir() else []
-    names = list(_registry()) + local
+    names = list(sae_registry()) + local
     near = closest(release, names)
     hint = f" Close names: {', '.join(near)}." if near else ""
     return ScopeError(
@@ -184,7 +184,7 @@ def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
 def _from_release(release: str, sae_id: str, device: str) -> Any:
     from sae_lens import SAE
 
-    registry = _registry()
+    registry = sae_registry()
     lookup = registry[release]
     if sae_id not in lookup.saes_map:
         raise _unknown_id(release, sae_id, list(lookup.saes_map))
@@ -200,7 +200,7 @@ def _from_release(release: str, sae_id: str, device: str) -> Any:
     return sae
 
 
-def _infer_hook(path: Path) -> str | None:
+def infer_hook(path: Path) -> str | None:
     text = path.as_posix()
     layer = re.search(r"layer_(\d+)", text)
     site = re.search(r"-(res|mlp|att)(?:-|/|$)", text)
@@ -213,7 +213,7 @@ def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> 
     from sae_lens import SAE
 
     if (path / "params.npz").is_file():
-        hook = hook_name or _infer_hook(path)
+        hook = hook_name or infer_hook(path)
         if hook is None:
             raise ScopeError(
                 f"cannot tell which hook the SAE in {path} reads: pass hook= (--hook), e.g. "
@@ -286,9 +286,9 @@ def load_sae(
         if not full.is_dir():
             raise ScopeError(f"SAE folder {full} does not exist: check the id")
         sae = _from_folder(full, str(dev), hook, label=str(full))
-    elif target in _registry():
+    elif target in sae_registry():
         if sae_id is None:
-            ids = list(_registry()[target].saes_map)
+            ids = list(sae_registry()[target].saes_map)
             raise ScopeError(f"release {target!r} needs an SAE id, e.g. {ids[0]!r}")
         sae = _from_release(target, sae_id, str(dev))
     elif (saes_dir() / target).is_dir():
@@ -331,114 +331,10 @@ def _set_dtype(sae: Any, dtype: torch.dtype) -> None:
     sae.cfg.dtype = str(dtype).removeprefix("torch.")
 
 
-# ---------------------------------------------------------------- fitting and listing
-
-
-def hook_size(model: Any, hook_name: str) -> int:
-    """Width an SAE must have (d_in) to read ``hook_name`` of ``model``."""
-    cfg = model.cfg
-    if hook_name not in model.hook_dict:
-        layer, _ = hook_site(hook_name)
-        if layer is not None and not 0 <= layer < cfg.n_layers:
-            raise ScopeError(
-                f"hook {hook_name}: layer {layer} is not in {cfg.model_name} "
-                f"(layers 0-{cfg.n_layers - 1}): pick an SAE for one of its layers"
-            )
-        near = closest(hook_name, list(model.hook_dict), n=3)
-        raise ScopeError(f"hook {hook_name} is not in {cfg.model_name}; close: {', '.join(near)}")
-    if hook_name.endswith("hook_z"):
-        return cfg.n_heads * cfg.d_head
-    if "mlp.hook_pre" in hook_name or "mlp.hook_post" in hook_name:
-        return cfg.d_mlp
-    return cfg.d_model
-
-
-def check_fit(model: Any, sae: Any) -> None:
-    """Raise a ScopeError unless ``sae`` reads a hook of ``model`` with the right width."""
-    info = sae_info(sae)
-    size = hook_size(model, info.hook_name)
-    if size != info.d_in:
-        what = "n_heads x d_head" if info.site == "att" else "d_model"
-        raise ScopeError(
-            f"SAE {info.release or info.source} {info.sae_id or ''} expects d_in {info.d_in} at "
-            f"{info.hook_name} but {model.cfg.model_name} has {what} {size} there: pick an SAE "
-            "trained on this model"
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class SAEListing:
-    """One SAE that fits a model: where to get it and what it reads."""
-
-    release: str
-    sae_id: str
-    hook_name: str | None
-    neuronpedia_id: str | None
-    local: bool
-    """True when its weights are already under saes/."""
-
-
-def list_saes(model: Any | str) -> list[SAEListing]:
-    """SAEs that fit ``model`` (a loaded model, or a hub name): sae-lens' registry entries
-    for its name, and, for a loaded model, saes/ entries whose width fits one of its hooks."""
-    from scope.params import npz_shapes
-
-    name = model.split("/")[-1] if isinstance(model, str) else model.cfg.model_name
-    names = {name, f"google/{name}"}
-    rows: list[SAEListing] = []
-    root = saes_dir()
-    for release, lookup in _registry().items():
-        if lookup.model not in names:
-            continue
-        site = re.search(r"-(res|mlp|att)\b", release)
-        for sae_id, folder in lookup.saes_map.items():
-            layer = re.search(r"layer_(\d+)", sae_id)
-            hook = (
-                SITE_HOOKS[site.group(1)].format(layer=layer.group(1)) if site and layer else None
-            )
-            rows.append(
-                SAEListing(
-                    release=release,
-                    sae_id=sae_id,
-                    hook_name=hook,
-                    neuronpedia_id=lookup.neuronpedia_id.get(sae_id),
-                    local=(root / lookup.repo_id.split("/")[-1] / folder / "params.npz").is_file(),
-                )
-            )
-    registry_repos = {lookup.repo_id.split("/")[-1] for lookup in _registry().values()}
-    if root.is_dir() and not isinstance(model, str):
-        for params in sorted(root.rglob("params.npz")):
-            release = params.relative_to(root).parts[0]
-            if release in registry_repos:
-                continue  # listed above under its registry release
-            hook = _infer_hook(params.parent)
-            shapes = npz_shapes(params)
-            d_in = shapes.get("W_enc", (0,))[0]
-            try:
-                fits = hook is not None and hook_size(model, hook) == d_in
-            except ScopeError:
-                fits = False
-            if fits:
-                rows.append(
-                    SAEListing(
-                        release=release,
-                        sae_id=str(params.parent.relative_to(root / release)),
-                        hook_name=hook,
-                        neuronpedia_id=None,
-                        local=True,
-                    )
-                )
-    return rows
-
-
 __all__ = [
     "GEMMA_SCOPE_KEYS",
     "SAEInfo",
-    "SAEListing",
-    "check_fit",
     "hook_site",
-    "hook_size",
-    "list_saes",
     "load_sae",
     "sae_info",
     "saes_dir",

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from scope.errors import ScopeError
-from scope.sae import check_fit, sae_info
+from scope.fit import check_fit
+from scope.sae import sae_info
 
 MODES = ("add", "clamp", "ablate")
 UNITS = ("absolute", "max", "norm")

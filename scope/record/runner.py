@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from scope.corpus import CorpusSpec, Windows, build_windows
 from scope.errors import ScopeError
+from scope.fit import check_fit
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
-from scope.sae import check_fit, sae_info
+from scope.sae import sae_info
 from scope.store.files import FORMAT, VersionBuilder, next_version, read_manifest, write_json_atomic
 from scope.store.files import write_parquet_atomic as write_parquet
 
