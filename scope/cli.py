@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from scope.errors import ScopeError
@@ -312,13 +313,12 @@ def feature(
     if view.neuronpedia_url:
         out.print(view.neuronpedia_url)
     if view.top_tokens:
-        out.print("promotes: " + "  ".join(t for t, _ in view.top_tokens))
-        out.print("suppresses: " + "  ".join(t for t, _ in view.bottom_tokens))
+        out.print("promotes: " + "  ".join(t for t, _ in view.top_tokens), markup=False)
+        out.print("suppresses: " + "  ".join(t for t, _ in view.bottom_tokens), markup=False)
     for ex in view.top[:examples]:
-        text = "".join(
-            f"[reverse]{t}[/]" if i == ex.pos else t for i, t in enumerate(ex.tokens[1:], 1)
-        )
-        out.print(f"{ex.act:8.2f}  {text!s}", highlight=False, markup=True)
+        shown = [escape(t.replace("\n", "↵")) for t in ex.tokens]  # one line, markup-safe
+        text = "".join(f"[reverse]{t}[/]" if i == ex.pos else t for i, t in enumerate(shown) if i)
+        out.print(f"{ex.act:8.2f}  {text}", highlight=False, markup=True)
 
 
 @app.command()
