@@ -61,7 +61,7 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ScopeError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -128,7 +128,7 @@ def info(
             ("dtype", m.dtype),
             ("device", m.device),
         ):
-            table.add_row(label, str(value))
+            table.add_row(label, escape(str(value)))
         out.print(table)
     for spec in sae or []:
         release, sae_id = parse_sae_spec(spec)
@@ -146,13 +146,13 @@ def info(
             ("dtype", f"{i.dtype} (threshold float32)"),
             ("neuronpedia", i.neuronpedia_id),
         ):
-            table.add_row(row, str(entry) if entry is not None else "-")
+            table.add_row(row, escape(str(entry)) if entry is not None else "-")
         if loaded is not None:
             try:
                 check_fit(loaded, s)
                 table.add_row("fits", f"[green]yes[/]: {i.hook_name} of {loaded.cfg.model_name}")
             except ScopeError as e:
-                table.add_row("fits", f"[red]no[/]: {e}")
+                table.add_row("fits", f"[red]no[/]: {escape(str(e))}")
         out.print(table)
 
 

@@ -68,6 +68,8 @@ def test_bad_input_exits_2_with_message(saes_root):
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 2 and "give --model, --sae, or both" in result.output
+    odd = runner.invoke(app, ["info", "--sae", "my[bold]release/layer_1"], env={"COLUMNS": "240"})
+    assert odd.exit_code == 2 and "'my[bold]release'" in odd.output  # shown as typed, not as markup
 
 
 def test_saes_lists_registry_by_name(saes_root):
