@@ -395,3 +395,52 @@ def test_one_forward_stops_after_the_deepest_sae(tmp_path, tiny_model, saes, spe
     finally:
         tiny_model.reset_hooks()
     assert ran == []
+
+
+SLOW_RUN = """
+import sys, time
+from scope import load_model, load_sae
+from scope.corpus import CorpusSpec
+from scope.record import RecordSettings, record
+from scope.errors import ScopeError
+model = load_model(sys.argv[1], device="cpu")
+model.add_hook("blocks.0.hook_resid_pre", lambda act, hook: time.sleep(0.2))  # time to interrupt
+saes = [load_sae(p, device="cpu") for p in sys.argv[4].split(",")]
+try:
+    record(model, saes, CorpusSpec(paths=(sys.argv[2],), ctx={ctx}, max_tokens=1500), sys.argv[3],
+           RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=4, checkpoint_seconds=1e9),
+           resume="--resume" in sys.argv, progress=False)
+except ScopeError as err:
+    print(err)
+    sys.exit(2)
+"""
+
+
+def test_ctrl_c_saves_and_resumes_identically(
+    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
+):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(SLOW_RUN.format(ctx=CTX, k=K, m=M)))
+    store = tmp_path / "interrupted"
+    args = [
+        sys.executable,
+        str(script),
+        str(tiny_dir),
+        str(corpus_dir),
+        str(store),
+        f"{tiny_sae_dir},{att_sae_dir}",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (store / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # some batches in, with no periodic checkpoint yet
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "stopped by SIGINT" in stdout and "--resume" in stdout
+    part = json.loads((store / "manifest.json").read_text())["parts"][-1]
+    assert 0 < part["next"] < part["windows"]
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_tables(one_pass, store)

@@ -3,8 +3,11 @@ Everything per batch is tensor work on the model's device."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scope.corpus import Windows
+from scope.errors import ScopeError
 from scope.record.state import FeatureState
 from scope.sae import hook_site
 
@@ -82,7 +86,7 @@ def run_batches(
         disable=not progress,
         transient=False,
     )
-    with bar:
+    with bar, deferred_stop() as stop_requested:
         task = bar.add_task("record", total=total, completed=done_before, rate="-")
         started = time.perf_counter()
         for pos in range(int(part["next"]), len(mine), batch):
@@ -106,9 +110,35 @@ def run_batches(
             counted_tokens += n
             rate = counted_tokens / max(time.perf_counter() - started, 1e-9)
             bar.update(task, advance=n, rate=f"{rate:,.0f}")
+            if stop_requested and part["next"] < len(mine):
+                checkpoint(False)  # the batch is complete, so the state is consistent
+                raise ScopeError(
+                    f"stopped by {stop_requested[0]} after {part['next']}/{len(mine)} windows; "
+                    "everything so far is saved: run the same command with --resume to continue"
+                )
             if time.perf_counter() - last >= settings.checkpoint_seconds and part["next"] < len(
                 mine
             ):
                 checkpoint(False)
                 last = time.perf_counter()
     return counted_tokens
+
+
+@contextmanager
+def deferred_stop() -> Iterator[list[str]]:
+    """Turn Ctrl-C and SIGTERM into a request honoured between batches: a batch is never
+    half-applied, and the caller saves a checkpoint before stopping."""
+    requested: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def ask(signum: int, _frame: Any) -> None:
+        requested.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
