@@ -142,7 +142,7 @@ class Store:
 
     def _examples(self, rows: list[tuple], with_acts: bool) -> list[Example]:
         out = []
-        for window_id, act, pos, acts, doc, offset, pieces in rows:
+        for window_id, act, pos, acts, doc, offset, token_ids in rows:
             out.append(
                 Example(
                     window=window_id,
@@ -150,7 +150,7 @@ class Store:
                     offset=offset,
                     act=act,
                     pos=pos,
-                    tokens=self.tokens_text(list(pieces)),
+                    tokens=self.tokens_text(list(token_ids)),
                     acts=list(acts) if with_acts else None,
                 )
             )
@@ -159,13 +159,8 @@ class Store:
     def tokens_text(self, ids: list[int]) -> list[str]:
         """Token ids as text, from the store's own vocabulary (no tokenizer needed)."""
         if self._vocab is None:
-            self._vocab = [
-                t or ""
-                for t in (
-                    r[0]
-                    for r in self.con.execute("select text from vocab order by token").fetchall()
-                )
-            ]
+            rows = self.con.execute("select text from vocab order by token").fetchall()
+            self._vocab = [text or "" for (text,) in rows]
         return [self._vocab[i] if 0 <= i < len(self._vocab) else "" for i in ids]
 
     def feature(self, address: str) -> FeatureView:
@@ -175,15 +170,14 @@ class Store:
             "select count, density, max, mean, std from features where sae = ? and feature = ?",
             [key, f],
         ).fetchall()[0]
-        decoded = "w.tokens"
         top = self.con.execute(
-            f"""select k.window_id, k.act, k.pos, k.acts, w.doc, w.offset, {decoded}
+            """select k.window_id, k.act, k.pos, k.acts, w.doc, w.offset, w.tokens
                 from topk k join windows w using (window_id) where k.sae = ? and k.feature = ?
                 order by k.rank""",
             [key, f],
         ).fetchall()
         inter = self.con.execute(
-            f"""select i.interval, i.window_id, i.act, i.pos, null, w.doc, w.offset, {decoded}
+            """select i.interval, i.window_id, i.act, i.pos, null, w.doc, w.offset, w.tokens
                 from intervals i join windows w using (window_id) where i.sae = ? and i.feature = ?
                 order by i.interval desc, i.act desc""",
             [key, f],
