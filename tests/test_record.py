@@ -444,3 +444,17 @@ def test_ctrl_c_saves_and_resumes_identically(
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_tables(one_pass, store)
+
+
+def test_weights_hash_is_cached_until_weights_change(tiny_sae_dir):
+    from scope.record.runner import weights_sha256
+
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    first = weights_sha256(sae)
+    assert weights_sha256(sae) == first
+    with torch.no_grad():
+        sae.W_dec[0, 0] += 1.0  # in place: the cached hash must not be reused
+    changed = weights_sha256(sae)
+    assert changed != first
+    sae.W_dec.data = sae.W_dec.data.clone()  # replaced, same values: same hash
+    assert weights_sha256(sae) == changed

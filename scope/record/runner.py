@@ -84,13 +84,25 @@ def model_identity(model: Any) -> dict[str, Any]:
 
 
 def sae_identity(sae: Any) -> dict[str, Any]:
+    """Who the SAE is (``sae_info``) and the sha256 of its weights (as fp32)."""
+    info = asdict(sae_info(sae))
+    info["sha256"] = weights_sha256(sae)
+    return info
+
+
+def weights_sha256(sae: Any) -> str:
+    """Cached per SAE until any of its tensors is changed in place or replaced."""
+    params = sorted(sae.state_dict().items())
+    stamp = tuple((n, t.data_ptr(), t._version, t.dtype) for n, t in params)
+    cached = getattr(sae, "_scope_sha256", None)
+    if cached is not None and cached[0] == stamp:
+        return str(cached[1])
     h = hashlib.sha256()
-    for name, t in sorted(sae.state_dict().items()):
+    for name, t in params:
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
-    info = asdict(sae_info(sae))
-    info["sha256"] = h.hexdigest()
-    return info
+    sae._scope_sha256 = (stamp, h.hexdigest())
+    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:
