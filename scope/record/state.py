@@ -65,7 +65,7 @@ class FeatureState:
     hist: torch.Tensor  # [F, len(HIST_EDGES) + 1] int64
     l0_hist: torch.Tensor  # [F + 1] int64, counted tokens by number of firing features
     tokens: torch.Tensor  # [] int64, counted tokens
-    top_act: torch.Tensor  # [F, k] float32, -inf where empty
+    top_act: torch.Tensor  # [F, k] float32, -inf where empty; slots in no particular order
     top_win: torch.Tensor  # [F, k] int64, -1 where empty
     top_pos: torch.Tensor  # [F, k] int64, position of the max in the window
     top_acts: torch.Tensor  # [F, k, T] float32, the feature at every token of the window
@@ -157,38 +157,37 @@ class FeatureState:
     def _update_topk(
         self, acts: torch.Tensor, wmax: torch.Tensor, wpos: torch.Tensor, windows: torch.Tensor
     ) -> None:
-        # New windows have larger ids than any kept, so a tie with the k-th never enters.
-        cand = (wmax > self.top_act[:, -1]) & (wmax > 0)
+        """Slots are unordered (tables sort them). A window enters only above a feature's worst
+        kept one (a tie keeps the older, lower id) and takes over an evicted slot, so kept rows
+        never move: per batch only the entering windows' rows are written."""
+        cand = (wmax > self.top_act.min(dim=1).values) & (wmax > 0)
         cb, cf = cand.nonzero(as_tuple=True)
         if cb.numel() == 0:
             return
         touched = torch.unique(cf)
         k = self.k
-        of = touched.repeat_interleave(k)
+        of = touched.repeat_interleave(k)  # every slot of each touched feature, empties too
         oj = torch.arange(k, device=of.device).repeat(touched.numel())
-        keep_old = self.top_win[of, oj] >= 0
-        of, oj = of[keep_old], oj[keep_old]
         n_old = of.numel()
         feat = torch.cat([of, cf])
-        val = torch.cat([self.top_act[of, oj], wmax[cb, cf]])
-        win = torch.cat([self.top_win[of, oj], windows[cb]])
-        pos = torch.cat([self.top_pos[of, oj], wpos[cb, cf]])
-        order = lexsort(feat, -val, win)
-        rank = rank_within(feat[order])
-        sel = order[rank < k]
-        rank = rank[rank < k]
-        from_old = sel < n_old
-        rows = torch.zeros(sel.numel(), self.top_acts.shape[2], device=acts.device)
-        rows[from_old] = self.top_acts[of[sel[from_old]], oj[sel[from_old]]]
-        new = sel[~from_old] - n_old
-        rows[~from_old, : acts.shape[1]] = acts[cb[new], :, cf[new]].float()
-        self.top_act[touched] = float("-inf")
-        self.top_win[touched] = -1
-        dest = feat[sel]
-        self.top_act[dest, rank] = val[sel]
-        self.top_win[dest, rank] = win[sel]
-        self.top_pos[dest, rank] = pos[sel]
-        self.top_acts[dest, rank] = rows
+        order = lexsort(
+            feat,
+            -torch.cat([self.top_act[of, oj], wmax[cb, cf]]),  # empty slots hold -inf: last
+            torch.cat([self.top_win[of, oj], windows[cb]]),
+        )
+        kept = torch.zeros(feat.numel(), dtype=torch.bool, device=feat.device)
+        kept[order[rank_within(feat[order]) < k]] = True
+        evicted = (~kept[:n_old]).nonzero().squeeze(1)  # grouped by feature, as `of` is
+        entering = kept[n_old:].nonzero().squeeze(1)
+        entering = entering[torch.argsort(cf[entering], stable=True)]  # grouped the same way
+        ef, ej = of[evicted], oj[evicted]  # per feature, as many evicted as entering
+        nb, nf = cb[entering], cf[entering]
+        self.top_act[ef, ej] = wmax[nb, nf]
+        self.top_win[ef, ej] = windows[nb]
+        self.top_pos[ef, ej] = wpos[nb, nf]
+        rows = torch.zeros(nb.numel(), self.top_acts.shape[2], device=acts.device)
+        rows[:, : acts.shape[1]] = acts[nb, :, nf].float()
+        self.top_acts[ef, ej] = rows
 
     def _update_samples(
         self, wmax: torch.Tensor, wpos: torch.Tensor, windows: torch.Tensor

@@ -46,11 +46,17 @@ def feature_table(sae: str, st: FeatureState, dense_threshold: float) -> pa.Tabl
 
 
 def topk_table(sae: str, st: FeatureState, lengths: np.ndarray) -> pa.Table:
-    """One row per (feature, rank): the window, its max, where, and the per-token acts."""
+    """One row per (feature, rank): the window, its max, where, and the per-token acts. Ranks
+    order each feature's slots by max activation, then by window id (lower first)."""
     win = st.top_win.cpu().numpy()
-    f, r = np.nonzero(win >= 0)
-    w = win[f, r]
-    acts = st.top_acts.cpu().numpy()[f, r]  # [n, T]
+    act_all = st.top_act.cpu().numpy()
+    f, j = np.nonzero(win >= 0)
+    order = np.lexsort((win[f, j], -act_all[f, j], f))
+    f, j = f[order], j[order]
+    starts = np.searchsorted(f, f, side="left")
+    rank = np.arange(len(f)) - starts
+    w = win[f, j]
+    acts = st.top_acts.cpu().numpy()[f, j]  # [n, T]
     n = lengths[w]
     flat = acts[np.arange(acts.shape[1]) < n[:, None]]  # each window's own tokens, row by row
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
@@ -58,10 +64,10 @@ def topk_table(sae: str, st: FeatureState, lengths: np.ndarray) -> pa.Table:
         {
             "sae": pa.array([sae] * len(f), pa.string()),
             "feature": f.astype(np.int32),
-            "rank": r.astype(np.int32),
+            "rank": rank.astype(np.int32),
             "window_id": w,
-            "act": st.top_act.cpu().numpy()[f, r],
-            "pos": st.top_pos.cpu().numpy()[f, r].astype(np.int32),
+            "act": act_all[f, j],
+            "pos": st.top_pos.cpu().numpy()[f, j].astype(np.int32),
             "acts": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())),
         }
     )
