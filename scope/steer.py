@@ -123,16 +123,15 @@ class Sampling:
 
 
 def _max_activation(store: Any, steer: Steer) -> float:
-    from scope.record.runner import sae_identity
+    """The feature's recorded max, from the store's SAE with the same weights."""
+    from scope.record.runner import weights_sha256
 
-    key = steer.key
-    if key not in store.saes:
+    sha = weights_sha256(steer.sae)
+    key = next((k for k, v in store.saes.items() if v["sha256"] == sha), None)
+    if key is None:
         raise ScopeError(
-            f"the store {store.root} has no SAE {key}: record it, or steer with unit 'absolute'"
-        )
-    if store.saes[key]["sha256"] != sae_identity(steer.sae)["sha256"]:
-        raise ScopeError(
-            f"the store {store.root} recorded another SAE under {key}: use the store of this SAE"
+            f"the store {store.root} did not record this SAE ({steer.key}; it has "
+            f"{', '.join(store.saes)}): record it, or steer with unit 'absolute'"
         )
     rows = store.sql(
         "select max from features where sae = ? and feature = ?", [key, steer.feature]

@@ -458,3 +458,37 @@ def test_weights_hash_is_cached_until_weights_change(tiny_sae_dir):
     assert changed != first
     sae.W_dec.data = sae.W_dec.data.clone()  # replaced, same values: same hash
     assert weights_sha256(sae) == changed
+
+
+def test_l0_variants_of_one_slot_record_side_by_side(
+    tmp_path, tiny_model, tiny_sae_dir, tiny_acts, spec
+):
+    """Gemma Scope ships several L0s per layer and width: they get distinct keys, and steering
+    in units of the recorded max finds its own SAE by its weights."""
+    from scope.steer import Steer, build_hooks
+
+    sparse = tmp_path / "tiny-scope-res" / "layer_2" / "width_256" / "average_l0_4"
+    fixtures.write_params(
+        sparse, fixtures.gemma_scope_params(tiny_acts, 256, firing_rate=0.01, seed=9)
+    )
+    dense, sparse_sae = load_sae(tiny_sae_dir, device="cpu"), load_sae(sparse, device="cpu")
+    record(tiny_model, [dense, sparse_sae], spec, tmp_path / "s", settings(), progress=False)
+    store = Store(tmp_path / "s")
+    assert sorted(store.saes) == ["L2.res.256.l0_13", "L2.res.256.l0_4"]
+    l0 = dict(store.sql("select sae, mean_l0 from saes").fetchall())
+    assert l0["L2.res.256.l0_4"] < l0["L2.res.256.l0_13"]
+    f = store.sql(
+        "select feature from features where sae = 'L2.res.256.l0_4' order by max desc limit 1"
+    ).fetchall()[0][0]
+    top = store.feature(f"L2.res.256.l0_4/{f}").max
+    ((_, fn),) = build_hooks([Steer(sparse_sae, f, strength=1.0, unit="max")], 3, store)
+    assert fn.scales[id(fn.steers[0])] == pytest.approx(top)
+    with pytest.raises(ScopeError, match="the same SAE is given twice"):
+        record(
+            tiny_model,
+            [dense, load_sae(tiny_sae_dir, device="cpu")],
+            spec,
+            tmp_path / "t",
+            settings(),
+            progress=False,
+        )

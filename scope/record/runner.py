@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -228,6 +229,25 @@ def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> Non
         save_file(tensors, builder.path(f"state/{key}.safetensors"))
 
 
+def store_keys(saes: list[Any]) -> list[str]:
+    """Each SAE's key in the store: ``L12.res.16k``, or with its L0 variant (``.l0_71``) when
+    several SAEs share a layer, site and width. The same weights twice are refused."""
+    if len({weights_sha256(s) for s in saes}) != len(saes):
+        raise ScopeError("the same SAE is given twice: give each --sae once")
+    infos = [sae_info(s) for s in saes]
+    keys = [i.key for i in infos]
+    out = []
+    for n, info in enumerate(infos):
+        if keys.count(info.key) == 1:
+            out.append(info.key)
+            continue
+        variant = re.search(r"average_l0_(\d+)", f"{info.sae_id} {info.source}")
+        out.append(f"{info.key}.l0_{variant.group(1)}" if variant else f"{info.key}.{n}")
+    if len(set(out)) != len(out):
+        raise ScopeError(f"SAEs {', '.join(out)} cannot be told apart: give them distinct folders")
+    return out
+
+
 def open_manifest(
     root: Path, model: Any, sae_ids: dict[str, Any], settings: RecordSettings
 ) -> dict[str, Any]:
@@ -340,9 +360,7 @@ def record(
     root = Path(store)
     if not saes:
         raise ScopeError("no SAEs given: pass --sae at least once")
-    keys = [sae_info(s).key for s in saes]
-    if len(set(keys)) != len(keys):
-        raise ScopeError(f"the same SAE slot is given twice ({', '.join(keys)}): give each once")
+    keys = store_keys(saes)
     for s in saes:
         check_fit(model, s)
     device = next(model.parameters()).device
