@@ -229,20 +229,27 @@ record(model, saes, CorpusSpec(paths=(sys.argv[2],), ctx={ctx}, max_tokens=1500)
 """
 
 
-def test_killed_run_resumes_identically(
-    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
-):
+def script_args(
+    tmp_path: Path, template: str, tiny_dir: Path, corpus: Path, store: Path, saes: list[Path]
+) -> list[str]:
+    """The command line of a recording script (one of the templates above) run as a subprocess."""
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(RUN.format(ctx=CTX, k=K, m=M)))
-    store = tmp_path / "killed"
-    args = [
+    script.write_text(textwrap.dedent(template.format(ctx=CTX, k=K, m=M)))
+    return [
         sys.executable,
         str(script),
         str(tiny_dir),
-        str(corpus_dir),
+        str(corpus),
         str(store),
-        f"{tiny_sae_dir},{att_sae_dir}",
+        ",".join(map(str, saes)),
     ]
+
+
+def test_killed_run_resumes_identically(
+    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
+):
+    store = tmp_path / "killed"
+    args = script_args(tmp_path, RUN, tiny_dir, corpus_dir, store, [tiny_sae_dir, att_sae_dir])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 once a few checkpoints are on disk
@@ -275,16 +282,9 @@ def test_reader_sees_consistent_snapshots_while_writing(
     store = tmp_path / "live"
     first = CorpusSpec(paths=(str(corpus_dir / "a.txt"),), ctx=CTX)
     record(tiny_model, saes, first, store, settings(), progress=False)
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(RUN.format(ctx=CTX, k=K, m=M)))
-    args = [
-        sys.executable,
-        str(script),
-        str(tiny_dir),
-        str(corpus_dir / "b.jsonl"),
-        str(store),
-        f"{tiny_sae_dir},{att_sae_dir}",
-    ]
+    args = script_args(
+        tmp_path, RUN, tiny_dir, corpus_dir / "b.jsonl", store, [tiny_sae_dir, att_sae_dir]
+    )
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = set()
     while True:
@@ -419,17 +419,8 @@ except ScopeError as err:
 def test_ctrl_c_saves_and_resumes_identically(
     tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
 ):
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(SLOW_RUN.format(ctx=CTX, k=K, m=M)))
     store = tmp_path / "interrupted"
-    args = [
-        sys.executable,
-        str(script),
-        str(tiny_dir),
-        str(corpus_dir),
-        str(store),
-        f"{tiny_sae_dir},{att_sae_dir}",
-    ]
+    args = script_args(tmp_path, SLOW_RUN, tiny_dir, corpus_dir, store, [tiny_sae_dir, att_sae_dir])
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (store / "manifest.json").exists() and time.time() < deadline:
