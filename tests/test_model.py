@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -243,6 +244,7 @@ def test_gemma_2_2b_hub_path_parity(tmp_path_factory):
     print("gemma-2-2b-shape parity:", report)
     assert report["shape"] == [2304, 8, 4, 256, 9216, 256000, 4096, 50.0, 30.0]
     assert report["logits"] < 1e-4 and report["resid"] < 1e-4
+    shutil.rmtree(src)  # 2.8 GB: pytest keeps its temp folders of the last runs
 
 
 def test_gemma3_folder_parity(tmp_path):
