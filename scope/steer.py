@@ -213,7 +213,7 @@ def prompt_tokens(model: Any, prompt: str, chat: bool | None, max_new_tokens: in
         ids = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
+        if hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
             ids = ids["input_ids"]
         tokens = torch.tensor([list(ids)], dtype=torch.long)
     else:

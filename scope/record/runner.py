@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -353,10 +353,7 @@ def record(
     from scope.record.loop import run_batches
 
     settings = settings or RecordSettings()
-    if corpus.ctx != settings.ctx:
-        corpus = CorpusSpec(
-            paths=corpus.paths, field=corpus.field, ctx=settings.ctx, max_tokens=corpus.max_tokens
-        )
+    corpus = replace(corpus, ctx=settings.ctx)  # the settings' window length wins
     root = Path(store)
     if not saes:
         raise ScopeError("no SAEs given: pass --sae at least once")

@@ -74,8 +74,8 @@ def topk_table(sae: str, st: FeatureState, lengths: np.ndarray) -> pa.Table:
 
 
 def samples_table(sae: str, st: FeatureState) -> pa.Table:
-    key = st.smp_key.cpu().numpy()
-    f, b, j = np.nonzero(st.smp_win.cpu().numpy() >= 0)
+    key, win = st.smp_key.cpu().numpy(), st.smp_win.cpu().numpy()
+    f, b, j = np.nonzero(win >= 0)
     lo, hi = bin_bounds(SAMPLE_EDGES, b)
     return pa.table(
         {
@@ -85,7 +85,7 @@ def samples_table(sae: str, st: FeatureState) -> pa.Table:
             "bin_lo": lo,
             "bin_hi": hi,
             "key": key[f, b, j],
-            "window_id": st.smp_win.cpu().numpy()[f, b, j],
+            "window_id": win[f, b, j],
             "pos": st.smp_pos.cpu().numpy()[f, b, j].astype(np.int32),
             "act": st.smp_act.cpu().numpy()[f, b, j],
         }

@@ -102,10 +102,10 @@ class Store:
         self.con.execute(f"""
             create view intervals as
             select sae, feature, interval, window_id, pos, act from (
-              select s.*, least(floor(s.act / f.max * {INTERVALS}), {INTERVALS - 1})::int as interval,
-                     row_number() over (partition by s.sae, s.feature,
-                       least(floor(s.act / f.max * {INTERVALS}), {INTERVALS - 1}) order by s.key) as n
-              from samples s join features f using (sae, feature) where f.max > 0)
+              select *, row_number() over (partition by sae, feature, interval order by key) as n
+              from (select s.*, least(floor(s.act / f.max * {INTERVALS}), {INTERVALS - 1})::int
+                           as interval
+                    from samples s join features f using (sae, feature) where f.max > 0))
             where n <= {PER_INTERVAL}""")
 
     def _view(self, name: str, source: str) -> None:
