@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import fixtures  # noqa: E402
+from scope import testing as fixtures
 
 from scope import load_model, load_sae  # noqa: E402
 from scope.corpus import CorpusSpec, build_windows  # noqa: E402
@@ -47,7 +46,7 @@ TL_FIELDS = [
 def corpus_file(work: Path, n_chars: int) -> Path:
     """English prose that ships with Python (stdlib docstrings), one document a line of a
     .jsonl, repeated to length."""
-    docs = [d for d in fixtures._training_text() if len(d) > 80]
+    docs = [d for d in fixtures.training_text() if len(d) > 80]
     path = work / "corpus.jsonl"
     written = 0
     with path.open("w") as f:

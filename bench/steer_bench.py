@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import fixtures  # noqa: E402
+from scope import testing as fixtures
 
 from scope import load_model, load_sae  # noqa: E402
 from scope.steer import Sampling, Steer, build_hooks, generate, prompt_tokens  # noqa: E402
@@ -77,7 +76,7 @@ def main() -> None:
             layers, width = (1, 3), 8192
         model = load_model(ckpt, device=args.device)
         device = next(model.parameters()).device
-        text = " ".join(fixtures._training_text()[:3])[:600]
+        text = " ".join(fixtures.training_text()[:3])[:600]
         probe = model.to_tokens(text)[:, :128]
         early, late = (make_sae(model, work, layer, width, probe) for layer in layers)
         sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)

@@ -10,8 +10,11 @@ corrupt, truncated, pickled or non-finite file gets a clear error.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +62,11 @@ def width_label(d_sae: int) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class SAEInfo:
-    """Who an SAE is and where it attaches."""
+    """Who an SAE is and where it attaches: everything a store records about it."""
 
     key: str
-    """Short name used in stores and feature addresses, e.g. ``L12.res.16k``."""
+    """Short name for feature addresses, e.g. ``L12.res.16k`` (a store may add ``.l0_71``
+    when it holds several SAEs of one layer, site and width; see ``sae_keys``)."""
     release: str | None
     sae_id: str | None
     source: str
@@ -73,8 +77,32 @@ class SAEInfo:
     d_in: int
     d_sae: int
     dtype: str
+    """The dtype the weights run in now (the identity does not depend on it)."""
     neuronpedia_id: str | None
     model_name: str | None
+    sha256: str
+    """sha256 of the weights as stored (fp32 arrays of the file), taken once at load: the same
+    SAE in bf16 on a GPU and in fp32 on a laptop has the same hash."""
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of an SAE's tensors by name, each as fp32 bytes (a stable format since v1)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sae_sha256(sae: Any) -> str:
+    """The SAE's identity hash. ``load_sae`` takes it from the weights as loaded, before any
+    dtype cast; an SAE built elsewhere is hashed from its weights the first time it is asked."""
+    meta = sae.cfg.metadata
+    sha = meta.get("scope_sha256")
+    if not sha:
+        sha = weights_sha256(sae.state_dict())
+        meta["scope_sha256"] = sha
+    return str(sha)
 
 
 def sae_info(sae: Any) -> SAEInfo:
@@ -94,7 +122,45 @@ def sae_info(sae: Any) -> SAEInfo:
         dtype=str(sae.W_enc.dtype).removeprefix("torch."),
         neuronpedia_id=meta.get("neuronpedia_id"),
         model_name=meta.get("model_name"),
+        sha256=sae_sha256(sae),
     )
+
+
+def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
+    """The key of each SAE among SAEs recorded together: ``L12.res.16k``, or, when several share
+    a layer, site and width, ``L12.res.16k.l0_71`` (the L0 variant named by its id or path),
+    else ``L12.res.16k.<hash prefix>``. Keys depend only on the SAEs, never on their order;
+    the same weights twice are refused."""
+    if len({i.sha256 for i in infos}) != len(infos):
+        raise ScopeError("the same SAE is given twice: give each --sae once")
+    base = [i.key for i in infos]
+    out = []
+    for info in infos:
+        if base.count(info.key) == 1:
+            out.append(info.key)
+            continue
+        variant = re.search(r"average_l0_(\d+)", f"{info.sae_id} {info.source}")
+        out.append(f"{info.key}.l0_{variant.group(1)}" if variant else f"{info.key}.{info.sha256[:8]}")
+    if len(set(out)) != len(out):  # two L0 variants with the same number: tell them by hash
+        out = [
+            f"{i.key}.{i.sha256[:8]}" if out.count(k) > 1 else k
+            for i, k in zip(infos, out, strict=True)
+        ]
+    return out
+
+
+def recorded_key(sae: Any, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The key a store gave this SAE (found by its weights hash), or None if it was not recorded.
+    ``recorded`` is the store's key -> identity map."""
+    sha = sae_sha256(sae)
+    return next((key for key, ident in recorded.items() if ident.get("sha256") == sha), None)
+
+
+def sae_key(sae: Any, recorded: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """The key to file results about ``sae`` under: the store's own key when the store recorded
+    it (so sweeps join with ``features``), else its short key."""
+    found = recorded_key(sae, recorded) if recorded else None
+    return found or sae_info(sae).key
 
 
 # ---------------------------------------------------------------- loading
@@ -209,16 +275,33 @@ def infer_hook(path: Path) -> str | None:
     return None
 
 
+def cfg_hook(folder: Path) -> str | None:
+    """The hook named by a cfg.json beside the weights (sae-lens writes it top-level in older
+    versions, under ``metadata`` in newer ones), or None."""
+    path = folder / "cfg.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScopeError(f"{path} is not valid JSON ({err}): fix or remove it") from err
+    if not isinstance(cfg, dict):
+        return None
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = cfg.get("hook_name") or meta.get("hook_name")
+    return str(hook) if hook else None
+
+
 def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> Any:
     from sae_lens import SAE
 
     if (path / "params.npz").is_file():
-        hook = hook_name or infer_hook(path)
+        hook = hook_name or cfg_hook(path) or infer_hook(path)
         if hook is None:
             raise ScopeError(
                 f"cannot tell which hook the SAE in {path} reads: pass hook= (--hook), e.g. "
-                "blocks.12.hook_resid_post, or keep it under <release>-res/layer_12/... as "
-                "Gemma Scope does"
+                "blocks.12.hook_resid_post, put a cfg.json with hook_name beside params.npz, or "
+                "keep it under <release>-res/layer_12/... as Gemma Scope does"
             )
 
         def converter(
@@ -271,6 +354,8 @@ def load_sae(
     - ``load_sae("path/to/folder")``: a folder with params.npz (Gemma Scope layout; the hook is
       read from the path, or pass ``hook=``) or a sae-lens save (cfg.json + safetensors).
     - ``load_sae("my-release", "layer_6/width_4k/average_l0_50")``: ``saes/my-release/<id>``.
+    - ``load_sae("gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical")``: release and
+      id in one string, as ``--sae`` takes them.
 
     Weights take ``dtype`` (default: fp32 on the CPU, bf16 on a GPU); thresholds stay fp32 so
     which features fire does not change with the dtype.
@@ -281,6 +366,10 @@ def load_sae(
     torch_dtype = resolve_dtype(dtype, dev)
     target = str(release_or_path)
     path = Path(target).expanduser()
+    if sae_id is None and not path.is_dir() and "/" in target:
+        release, _, rest = target.partition("/")
+        if release in sae_registry() or (saes_dir() / release).is_dir():
+            target, sae_id = release, rest  # "RELEASE/ID" in one string, as the CLI takes it
     if path.is_dir():
         full = path / sae_id if sae_id else path
         if not full.is_dir():
@@ -306,6 +395,7 @@ def load_sae(
     else:
         raise _unknown_release(target)
     _check_finite(sae, target)
+    sae.cfg.metadata["scope_sha256"] = weights_sha256(sae.state_dict())  # before any cast
     _set_dtype(sae, torch_dtype)
     sae.eval()
     return sae
@@ -336,7 +426,12 @@ __all__ = [
     "SAEInfo",
     "hook_site",
     "load_sae",
+    "recorded_key",
     "sae_info",
+    "sae_key",
+    "sae_keys",
+    "sae_sha256",
     "saes_dir",
+    "weights_sha256",
     "width_label",
 ]

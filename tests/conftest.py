@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import fixtures  # noqa: E402
+from scope import testing as fixtures
 
 PROMPT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-import fixtures
+from scope import testing as fixtures
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -102,7 +102,7 @@ def test_parse_sae_spec(spec, expected):
 def test_record_feature_sql_merge_from_command_line(tiny_dir, tiny_sae_dir, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     with corpus.open("w") as f:
-        for text in fixtures._training_text()[:40]:
+        for text in fixtures.training_text()[:40]:
             f.write(json.dumps({"body": text}) + "\n")
     scope = os.path.join(os.path.dirname(sys.executable), "scope")
     env = {**os.environ, "COLUMNS": "200"}

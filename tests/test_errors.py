@@ -6,7 +6,7 @@ import pickle
 import shutil
 from pathlib import Path
 
-import fixtures
+from scope import testing as fixtures
 import numpy as np
 import pytest
 

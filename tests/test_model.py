@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import fixtures
+from scope import testing as fixtures
 import pytest
 import torch
 from conftest import PROMPT

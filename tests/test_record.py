@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import fixtures
+from scope import testing as fixtures
 import numpy as np
 import pytest
 import torch
@@ -35,7 +35,7 @@ def settings(**kw) -> RecordSettings:
 def corpus_dir(tmp_path_factory) -> Path:
     """Real prose (stdlib docstrings) as a .txt file and a .jsonl file."""
     root = tmp_path_factory.mktemp("corpus")
-    docs = [d for d in fixtures._training_text() if len(d) > 200][:30]
+    docs = [d for d in fixtures.training_text() if len(d) > 200][:30]
     (root / "a.txt").write_text(docs[0])
     with (root / "b.jsonl").open("w") as f:
         for d in docs[1:]:
@@ -46,7 +46,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def att_sae_dir(tmp_path_factory, tiny_model) -> Path:
     _, cache = tiny_model.run_with_cache(
-        fixtures._training_text()[3][:400], names_filter="blocks.1.attn.hook_z"
+        fixtures.training_text()[3][:400], names_filter="blocks.1.attn.hook_z"
     )
     flat = cache["blocks.1.attn.hook_z"][0, 1:].flatten(-2)
     folder = (
@@ -69,7 +69,7 @@ def spec(corpus_dir) -> CorpusSpec:
 @pytest.fixture(scope="session")
 def one_pass(tmp_path_factory, tiny_model, saes, spec) -> Path:
     root = tmp_path_factory.mktemp("stores") / "one"
-    record(tiny_model, saes, spec, root, settings(), progress=False)
+    record(tiny_model, saes, spec, root, settings())
     return root
 
 
@@ -189,7 +189,7 @@ def test_logit_lens_and_neighbours_brute_force(one_pass, tiny_model, saes):
 
 def test_shards_merge_to_one_pass(tmp_path, one_pass, tiny_model, saes, spec):
     for i in range(3):
-        record(tiny_model, saes, spec, tmp_path / f"s{i}", settings(shard=(i, 3)), progress=False)
+        record(tiny_model, saes, spec, tmp_path / f"s{i}", settings(shard=(i, 3)))
     merge_stores(tmp_path / "merged", [tmp_path / f"s{i}" for i in (2, 0, 1)])
     assert_same_tables(one_pass, tmp_path / "merged")
     with pytest.raises(ScopeError, match=r"shards given are \[0, 1\] of 3"):
@@ -199,20 +199,20 @@ def test_shards_merge_to_one_pass(tmp_path, one_pass, tiny_model, saes, spec):
 def test_add_corpus_equals_single_pass(tmp_path, tiny_model, saes, corpus_dir):
     a = CorpusSpec(paths=(str(corpus_dir / "a.txt"),), ctx=CTX)
     b = CorpusSpec(paths=(str(corpus_dir / "b.jsonl"),), ctx=CTX)
-    record(tiny_model, saes, a, tmp_path / "parts", settings(), progress=False)
-    record(tiny_model, saes, b, tmp_path / "parts", settings(), progress=False)
+    record(tiny_model, saes, a, tmp_path / "parts", settings())
+    record(tiny_model, saes, b, tmp_path / "parts", settings())
     record(
         tiny_model,
         saes,
         CorpusSpec(paths=a.paths + b.paths, ctx=CTX),
         tmp_path / "single",
         settings(),
-        progress=False,
+        
     )
     assert_same_tables(tmp_path / "parts", tmp_path / "single")
     before = (tmp_path / "parts" / "manifest.json").read_text()
     with pytest.raises(ScopeError, match="already holds this corpus"):
-        record(tiny_model, saes, b, tmp_path / "parts", settings(), progress=False)
+        record(tiny_model, saes, b, tmp_path / "parts", settings())
     assert (tmp_path / "parts" / "manifest.json").read_text() == before
 
 
@@ -225,7 +225,7 @@ model = load_model(sys.argv[1], device="cpu")
 saes = [load_sae(p, device="cpu") for p in sys.argv[4].split(",")]
 record(model, saes, CorpusSpec(paths=(sys.argv[2],), ctx={ctx}, max_tokens=1500), sys.argv[3],
        RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=1, checkpoint_seconds=0.0),
-       resume="--resume" in sys.argv, progress=False)
+       resume="--resume" in sys.argv)
 """
 
 
@@ -281,7 +281,7 @@ def test_reader_sees_consistent_snapshots_while_writing(
 ):
     store = tmp_path / "live"
     first = CorpusSpec(paths=(str(corpus_dir / "a.txt"),), ctx=CTX)
-    record(tiny_model, saes, first, store, settings(), progress=False)
+    record(tiny_model, saes, first, store, settings())
     args = script_args(
         tmp_path, RUN, tiny_dir, corpus_dir / "b.jsonl", store, [tiny_sae_dir, att_sae_dir]
     )
@@ -309,18 +309,18 @@ def test_refuses_another_model_or_sae(tmp_path, one_pass, tiny_model, saes, spec
     other = load_model(fixtures.build_gemma2(tmp_path / "other", seed=1), device="cpu")
     before = (one_pass / "manifest.json").read_text()
     with pytest.raises(ScopeError, match=r"was recorded with model .*tiny-gemma2.*not .*other"):
-        record(other, saes, spec, one_pass, settings(), progress=False)
+        record(other, saes, spec, one_pass, settings())
     with pytest.raises(ScopeError, match=r"holds SAEs L1.att.128, L2.res.256, which differ"):
-        record(tiny_model, saes[:1], spec, one_pass, settings(), progress=False)
+        record(tiny_model, saes[:1], spec, one_pass, settings())
     with pytest.raises(ScopeError, match=r"recorded with --k 4, not 7"):
-        record(tiny_model, saes, spec, one_pass, settings(k=7), progress=False)
+        record(tiny_model, saes, spec, one_pass, settings(k=7))
     assert (one_pass / "manifest.json").read_text() == before  # nothing recorded is touched
 
 
 def test_refuses_non_store_folder(tmp_path, tiny_model, saes, spec):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ScopeError, match="exists and is not a store"):
-        record(tiny_model, saes, spec, tmp_path, settings(), progress=False)
+        record(tiny_model, saes, spec, tmp_path, settings())
 
 
 def test_misfit_sae_refused_before_anything(tmp_path, tiny_model, spec):
@@ -342,7 +342,7 @@ def test_misfit_sae_refused_before_anything(tmp_path, tiny_model, spec):
             spec,
             tmp_path / "s",
             settings(),
-            progress=False,
+            
         )
     assert not (tmp_path / "s").exists()
 
@@ -370,7 +370,7 @@ def test_states_are_on_device_tensors(one_pass):
 def test_fast_encode_is_bitwise_sae_encode(saes, tiny_model, tmp_path):
     from scope.record.loop import capture, encode
 
-    tokens = tiny_model.to_tokens(fixtures._training_text()[5][:300])
+    tokens = tiny_model.to_tokens(fixtures.training_text()[5][:300])
     with torch.no_grad():
         acts = capture(tiny_model, tokens, ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z"], 3)
     for sae in saes:
@@ -391,7 +391,7 @@ def test_one_forward_stops_after_the_deepest_sae(tmp_path, tiny_model, saes, spe
     ran: list[str] = []
     tiny_model.add_hook("blocks.3.hook_resid_pre", lambda act, hook: ran.append(hook.name))
     try:
-        record(tiny_model, saes, spec, tmp_path / "s", settings(), progress=False)
+        record(tiny_model, saes, spec, tmp_path / "s", settings())
     finally:
         tiny_model.reset_hooks()
     assert ran == []
@@ -409,7 +409,7 @@ saes = [load_sae(p, device="cpu") for p in sys.argv[4].split(",")]
 try:
     record(model, saes, CorpusSpec(paths=(sys.argv[2],), ctx={ctx}, max_tokens=1500), sys.argv[3],
            RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=4, checkpoint_seconds=1e9),
-           resume="--resume" in sys.argv, progress=False)
+           resume="--resume" in sys.argv)
 except ScopeError as err:
     print(err)
     sys.exit(2)
@@ -463,7 +463,7 @@ def test_l0_variants_of_one_slot_record_side_by_side(
         sparse, fixtures.gemma_scope_params(tiny_acts, 256, firing_rate=0.01, seed=9)
     )
     dense, sparse_sae = load_sae(tiny_sae_dir, device="cpu"), load_sae(sparse, device="cpu")
-    record(tiny_model, [dense, sparse_sae], spec, tmp_path / "s", settings(), progress=False)
+    record(tiny_model, [dense, sparse_sae], spec, tmp_path / "s", settings())
     store = Store(tmp_path / "s")
     assert sorted(store.saes) == ["L2.res.256.l0_13", "L2.res.256.l0_4"]
     l0 = dict(store.sql("select sae, mean_l0 from saes").fetchall())
@@ -481,5 +481,5 @@ def test_l0_variants_of_one_slot_record_side_by_side(
             spec,
             tmp_path / "t",
             settings(),
-            progress=False,
+            
         )

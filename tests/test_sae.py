@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import fixtures
+from scope import testing as fixtures
 import numpy as np
 import pytest
 import torch

@@ -120,7 +120,7 @@ def test_ablating_an_active_feature_zeroes_it(tiny_model, sae):
 
 
 def test_several_features_on_several_layers(tiny_model, sae, tmp_path, tiny_acts):
-    import fixtures
+    from scope import testing as fixtures
 
     with torch.no_grad():
         _, cache = tiny_model.run_with_cache(PROMPT, names_filter="blocks.0.hook_resid_post")
@@ -289,16 +289,16 @@ def test_parse_strengths():
 
 
 def test_max_unit_uses_the_recorded_max(tiny_model, sae, tmp_path):
-    import fixtures
+    from scope import testing as fixtures
 
     from scope.corpus import CorpusSpec
     from scope.record import RecordSettings, record
     from scope.store import Store
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text(" ".join(fixtures._training_text()[:20]))
+    corpus.write_text(" ".join(fixtures.training_text()[:20]))
     record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), ctx=32, max_tokens=600), tmp_path / "s",
-           RecordSettings(ctx=32, batch_size=8), progress=False)  # fmt: skip
+           RecordSettings(ctx=32, batch_size=8))  # fmt: skip
     store = Store(tmp_path / "s")
     f = store.sql(
         "select feature from features where sae = 'L2.res.256' order by max desc limit 1"

@@ -1,6 +1,14 @@
 """Record every feature of many SAEs over a corpus in one pass into a store."""
 
+from scope.record.loop import RecordProgress, stop_on_signals
 from scope.record.runner import RecordSettings, RecordSummary, record
 from scope.record.state import FeatureState
 
-__all__ = ["FeatureState", "RecordSettings", "RecordSummary", "record"]
+__all__ = [
+    "FeatureState",
+    "RecordProgress",
+    "RecordSettings",
+    "RecordSummary",
+    "record",
+    "stop_on_signals",
+]

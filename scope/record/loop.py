@@ -1,5 +1,6 @@
-"""The hot loop: batches of windows -> one forward pass -> every SAE's codes -> state updates.
-Everything per batch is tensor work on the model's device."""
+"""The hot loop: batches of windows -> one forward pass (``scope.acts``) -> every SAE's codes ->
+state updates. Everything per batch is tensor work on the model's device. Progress and stop
+requests are callbacks, so a UI or the CLI drives a recording the same way."""
 
 from __future__ import annotations
 
@@ -8,46 +9,36 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scope.corpus import Windows
 from scope.errors import ScopeError
 from scope.record.state import FeatureState
-from scope.sae import hook_site
+from scope.acts import sae_acts
 
 
-def capture(
-    model: Any, tokens: torch.Tensor, hooks: list[str], stop_at_layer: int
-) -> dict[str, torch.Tensor]:
-    """Run the model up to ``stop_at_layer`` and return the activations at ``hooks``."""
-    out: dict[str, torch.Tensor] = {}
+@dataclass(frozen=True)
+class RecordProgress:
+    """Where a recording stands, given to ``on_progress`` after every batch."""
 
-    def grab(act: torch.Tensor, hook: Any) -> None:
-        out[hook.name] = act
-
-    model.run_with_hooks(
-        tokens, return_type=None, stop_at_layer=stop_at_layer, fwd_hooks=[(h, grab) for h in hooks]
-    )
-    return out
-
-
-def encode(sae: Any, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """JumpReLU codes exactly as ``sae.encode`` computes them (relu(pre) where pre > threshold),
-    in two passes over [batch, pos, d_sae]: ``threshold`` is the SAE's, clamped at 0, which
-    folds the relu into the mask."""
-    if x.dim() == 4:  # attn.hook_z: [batch, pos, heads, d_head] -> heads flattened
-        x = x.flatten(-2)
-    pre = x.to(sae.W_enc.dtype) @ sae.W_enc + sae.b_enc
-    return pre.masked_fill_(pre <= threshold, 0)
+    tokens: int
+    """Counted tokens of this corpus part recorded so far (earlier sessions included)."""
+    total: int
+    """Counted tokens of this corpus part (this shard's windows)."""
+    tokens_per_s: float
+    """Rate over this session."""
+    windows: int
+    """Windows recorded so far of this part's ``windows_total``."""
+    windows_total: int
 
 
-def deepest_layer(saes: list[Any]) -> int:
-    layers = [hook_site(s.cfg.metadata.hook_name)[0] for s in saes]
-    return max(layer if layer is not None else 0 for layer in layers)
+ProgressFn = Callable[[RecordProgress], None]
+StopFn = Callable[[], str | None]
+"""Asked between batches: a reason to stop (e.g. "SIGINT"), or None to go on."""
 
 
 def run_batches(
@@ -56,81 +47,66 @@ def run_batches(
     keys: list[str],
     states: dict[str, FeatureState],
     windows: Windows,
-    part: dict[str, Any],
+    part: Any,
     settings: Any,
     checkpoint: Callable[[bool], None],
-    progress: bool,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
 ) -> int:
-    """Feed this shard's remaining windows of ``part``; return the tokens counted."""
+    """Feed this shard's remaining windows of ``part``; return the tokens counted. A stop
+    request is honoured between batches: the state is checkpointed and a ScopeError raised."""
     device = next(model.parameters()).device
     shard_i, shard_n = settings.shard
-    first = part["first_window"]
+    first = part.first_window
     mine = np.nonzero((np.arange(first, first + len(windows)) % shard_n) == shard_i)[0]
-    hooks = sorted({s.cfg.metadata.hook_name for s in saes})
-    stop = deepest_layer(saes) + 1
-    special = torch.tensor(sorted(set(model.tokenizer.all_special_ids)), device=device)
-    batch = int(part["batch_size"])
-    thresholds = [s.threshold.detach().float().clamp(min=0) for s in saes]
+    batch = int(part.batch_size)
     total = int(windows.lengths[mine].sum() - len(mine))
-    done_before = int(windows.lengths[mine[: part["next"]]].sum() - part["next"])
+    done = int(windows.lengths[mine[: part.next]].sum() - part.next)
     counted_tokens = 0
-    last = time.perf_counter()
-    bar = Progress(
-        TextColumn("recording"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
-        TextColumn("{task.fields[rate]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=False,
-    )
-    with bar, deferred_stop() as stop_requested:
-        task = bar.add_task("record", total=total, completed=done_before, rate="-")
-        started = time.perf_counter()
-        for pos in range(int(part["next"]), len(mine), batch):
-            idx = mine[pos : pos + batch]
-            lengths = torch.from_numpy(windows.lengths[idx]).to(device)
-            width = int(lengths.max())
-            tokens = torch.from_numpy(windows.tokens[idx, :width]).to(
-                device=device, dtype=torch.long
-            )
-            counted = (torch.arange(width, device=device) < lengths[:, None]) & ~torch.isin(
-                tokens, special
-            )
-            ids = torch.from_numpy(idx + first).to(device)
-            with torch.no_grad():
-                acts = capture(model, tokens, hooks, stop)
-                for key, sae, thr in zip(keys, saes, thresholds, strict=True):
-                    codes = encode(sae, acts[sae.cfg.metadata.hook_name], thr)
-                    states[key].update(codes, counted, ids)
-            part["next"] = pos + len(idx)
-            n = int(lengths.sum()) - len(idx)
-            counted_tokens += n
+    last = started = time.perf_counter()
+    for pos in range(int(part.next), len(mine), batch):
+        idx = mine[pos : pos + batch]
+        lengths = torch.from_numpy(windows.lengths[idx]).to(device)
+        width = int(lengths.max())
+        tokens = torch.from_numpy(windows.tokens[idx, :width]).to(device=device, dtype=torch.long)
+        ids = torch.from_numpy(idx + first).to(device)
+        out = sae_acts(model, saes, tokens, lengths)
+        for key, codes in zip(keys, out.codes, strict=True):
+            states[key].update(codes, out.counted, ids)
+        part.next = pos + len(idx)
+        n = int(lengths.sum()) - len(idx)
+        counted_tokens += n
+        done += n
+        if on_progress is not None:
             rate = counted_tokens / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:,.0f}")
-            if stop_requested and part["next"] < len(mine):
-                checkpoint(False)  # the batch is complete, so the state is consistent
-                raise ScopeError(
-                    f"stopped by {stop_requested[0]} after {part['next']}/{len(mine)} windows; "
-                    "everything so far is saved: run the same command with --resume to continue"
-                )
-            if time.perf_counter() - last >= settings.checkpoint_seconds and part["next"] < len(
-                mine
-            ):
-                checkpoint(False)
-                last = time.perf_counter()
+            on_progress(RecordProgress(done, total, rate, part.next, len(mine)))
+        if part.next >= len(mine):
+            break
+        reason = should_stop() if should_stop is not None else None
+        if reason:
+            checkpoint(False)  # the batch is complete, so the state is consistent
+            raise ScopeError(
+                f"stopped by {reason} after {part.next}/{len(mine)} windows; "
+                "everything so far is saved: run the same command with --resume to continue"
+            )
+        if time.perf_counter() - last >= settings.checkpoint_seconds:
+            checkpoint(False)
+            last = time.perf_counter()
     return counted_tokens
 
 
 @contextmanager
-def deferred_stop() -> Iterator[list[str]]:
-    """Turn Ctrl-C and SIGTERM into a request honoured between batches: a batch is never
-    half-applied, and the caller saves a checkpoint before stopping."""
+def stop_on_signals() -> Iterator[StopFn]:
+    """Turn Ctrl-C and SIGTERM into a stop request that ``record`` honours between batches (a
+    batch is never half-applied; a checkpoint is saved). For command-line programs: yields the
+    ``should_stop`` function to pass to ``record``. Off the main thread, nothing is installed."""
     requested: list[str] = []
+
+    def should_stop() -> str | None:
+        return requested[0] if requested else None
+
     if threading.current_thread() is not threading.main_thread():
-        yield requested
+        yield should_stop
         return
 
     def ask(signum: int, _frame: Any) -> None:
@@ -138,7 +114,7 @@ def deferred_stop() -> Iterator[list[str]]:
 
     previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested
+        yield should_stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

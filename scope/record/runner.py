@@ -23,7 +23,8 @@ from scope.corpus import CorpusSpec, Windows, build_windows
 from scope.errors import ScopeError
 from scope.fit import check_fit
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
-from scope.sae import sae_info
+from scope.record.loop import ProgressFn, StopFn, run_batches
+from scope.sae import sae_info, sae_keys
 from scope.store.files import FORMAT, VersionBuilder, next_version, read_manifest, write_json_atomic
 from scope.store.files import write_parquet_atomic as write_parquet
 
@@ -82,28 +83,6 @@ def model_identity(model: Any) -> dict[str, Any]:
         "d_vocab": cfg.d_vocab,
         "fingerprint": h.hexdigest()[:16],
     }
-
-
-def sae_identity(sae: Any) -> dict[str, Any]:
-    """Who the SAE is (``sae_info``) and the sha256 of its weights (as fp32)."""
-    info = asdict(sae_info(sae))
-    info["sha256"] = weights_sha256(sae)
-    return info
-
-
-def weights_sha256(sae: Any) -> str:
-    """Cached per SAE until any of its tensors is changed in place or replaced."""
-    params = sorted(sae.state_dict().items())
-    stamp = tuple((n, t.data_ptr(), t._version, t.dtype) for n, t in params)
-    cached = getattr(sae, "_scope_sha256", None)
-    if cached is not None and cached[0] == stamp:
-        return str(cached[1])
-    h = hashlib.sha256()
-    for name, t in params:
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    sae._scope_sha256 = (stamp, h.hexdigest())
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -229,25 +208,6 @@ def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> Non
         save_file(tensors, builder.path(f"state/{key}.safetensors"))
 
 
-def store_keys(saes: list[Any]) -> list[str]:
-    """Each SAE's key in the store: ``L12.res.16k``, or with its L0 variant (``.l0_71``) when
-    several SAEs share a layer, site and width. The same weights twice are refused."""
-    if len({weights_sha256(s) for s in saes}) != len(saes):
-        raise ScopeError("the same SAE is given twice: give each --sae once")
-    infos = [sae_info(s) for s in saes]
-    keys = [i.key for i in infos]
-    out = []
-    for n, info in enumerate(infos):
-        if keys.count(info.key) == 1:
-            out.append(info.key)
-            continue
-        variant = re.search(r"average_l0_(\d+)", f"{info.sae_id} {info.source}")
-        out.append(f"{info.key}.l0_{variant.group(1)}" if variant else f"{info.key}.{n}")
-    if len(set(out)) != len(out):
-        raise ScopeError(f"SAEs {', '.join(out)} cannot be told apart: give them distinct folders")
-    return out
-
-
 def open_manifest(
     root: Path, model: Any, sae_ids: dict[str, Any], settings: RecordSettings
 ) -> dict[str, Any]:
@@ -346,24 +306,29 @@ def record(
     settings: RecordSettings | None = None,
     *,
     resume: bool = False,
-    progress: bool = True,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
 ) -> RecordSummary:
-    """Record every feature of ``saes`` over ``corpus`` into the store at ``store``."""
+    """Record every feature of ``saes`` over ``corpus`` into the store at ``store``.
+
+    ``on_progress`` is called after every batch with a ``RecordProgress``; ``should_stop`` is
+    asked between batches and, when it returns a reason, the run checkpoints and raises a
+    ScopeError that says how to resume (``stop_on_signals`` makes one from Ctrl-C/SIGTERM)."""
     from scope.record.finalize import finalize
-    from scope.record.loop import run_batches
 
     settings = settings or RecordSettings()
     corpus = replace(corpus, ctx=settings.ctx)  # the settings' window length wins
     root = Path(store)
     if not saes:
         raise ScopeError("no SAEs given: pass --sae at least once")
-    keys = store_keys(saes)
+    infos = [sae_info(s) for s in saes]
+    keys = sae_keys(infos)
     for s in saes:
         check_fit(model, s)
     device = next(model.parameters()).device
     with writer_lock(root):
         windows = build_windows(corpus, model.tokenizer)
-        sae_ids = {k: sae_identity(s) for k, s in zip(keys, saes, strict=True)}
+        sae_ids = {k: asdict(i) for k, i in zip(keys, infos, strict=True)}
         manifest = open_manifest(root, model, sae_ids, settings)
         part = open_part(root, manifest, windows, corpus, resume, settings, model, saes)
         states = load_states(root, manifest, device)
@@ -385,7 +350,7 @@ def record(
 
         started = time.perf_counter()
         done_tokens = run_batches(
-            model, saes, keys, states, windows, part, settings, checkpoint, progress
+            model, saes, keys, states, windows, part, settings, checkpoint, on_progress, should_stop
         )
         elapsed = time.perf_counter() - started
         manifest["tokens_recorded"] += done_tokens

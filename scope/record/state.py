@@ -124,13 +124,13 @@ class FeatureState:
     def update(self, acts: torch.Tensor, counted: torch.Tensor, windows: torch.Tensor) -> None:
         """Fold one batch in.
 
-        acts: [batch, pos, d_sae] codes (zeroed in place where not counted); counted: [batch,
-        pos] bool, False at BOS, padding and special tokens; windows: [batch] int64 global
-        window ids, increasing across calls. One dense pass finds the firing entries; all
-        else works on those sparse entries, on the device.
+        acts: [batch, pos, d_sae] codes, zero where a token does not count (as
+        ``scope.acts.sae_acts`` gives them); counted: [batch, pos] bool, False at BOS, padding
+        and special tokens; windows: [batch] int64 global window ids, increasing across calls.
+        One dense pass finds the firing entries; all else works on those sparse entries, on
+        the device.
         """
         n_b, n_t, n_f = acts.shape
-        acts[~counted] = 0  # only the uncounted rows are touched
         b, t, f = acts.nonzero(as_tuple=True)
         v = acts[b, t, f].float()
         acc = self.act_sum.dtype

@@ -1,7 +1,9 @@
 """Build test artifacts at test time: tiny Gemma 2 checkpoints with random weights and an
 offline tokenizer, and Gemma Scope-format params.npz files.
 
-Run it to get them on disk for trying the CLI:  python tests/fixtures.py OUT_DIR
+Used by the tests, the benchmarks and anyone trying the CLI without downloads:
+
+    python -m scope.testing OUT_DIR    # a tiny model and an SAE for it
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _training_text() -> list[str]:
+def training_text() -> list[str]:
     """English prose that ships with Python itself: stdlib docstrings."""
     import collections
     import json as json_mod
@@ -55,7 +57,7 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> int:
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_training_text(), trainer)
+    tok.train_from_iterator(training_text(), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)]
     )

@@ -1,0 +1,115 @@
+"""The one activation path: one forward pass that stops after the deepest hook any SAE reads,
+every SAE's JumpReLU codes from it, and the mask of tokens that count.
+
+Everything that needs feature activations goes through here: recording, sweep metrics, the
+prompt inspector, evals, training and the scripts. BOS, padding and every other special token
+never count (Gemma Scope was trained without them; their norms are huge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from scope.sae import hook_site
+
+
+class SAEActs(NamedTuple):
+    """What one forward pass gives for a batch of token windows."""
+
+    codes: list[Float[torch.Tensor, "batch pos d_sae"]]
+    """Each SAE's feature activations, in the order the SAEs were given, zero where a token
+    does not count."""
+    counted: Bool[torch.Tensor, "batch pos"]
+    """True where a token counts: inside the window's length, not BOS, padding or special."""
+    hooks: dict[str, torch.Tensor]
+    """The raw activation at each hook read ([batch, pos, d] or [batch, pos, heads, d_head])."""
+
+
+def hook_names(saes: Sequence[Any]) -> list[str]:
+    """The distinct hooks the SAEs read, sorted."""
+    return sorted({str(s.cfg.metadata.hook_name) for s in saes})
+
+
+def deepest_layer(saes: Sequence[Any]) -> int:
+    """The last block any SAE reads; the forward pass can stop after it."""
+    layers = [hook_site(h)[0] for h in hook_names(saes)]
+    return max(layer if layer is not None else 0 for layer in layers)
+
+
+def capture(
+    model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[str], stop_at_layer: int
+) -> dict[str, torch.Tensor]:
+    """Run the model up to ``stop_at_layer`` and return the activations at ``hooks``."""
+    out: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        out[hook.name] = act
+
+    model.run_with_hooks(
+        tokens, return_type=None, stop_at_layer=stop_at_layer, fwd_hooks=[(h, grab) for h in hooks]
+    )
+    return out
+
+
+def encode(sae: Any, x: torch.Tensor) -> Float[torch.Tensor, "... d_sae"]:
+    """JumpReLU codes exactly as ``sae.encode`` computes them (relu(pre) where pre > threshold,
+    no b_dec subtraction), in two passes: the threshold clamped at 0 folds the relu into the
+    mask. ``x`` is [..., d_in] (``site_input`` flattens attn.hook_z's heads)."""
+    pre = x.to(sae.W_enc.dtype) @ sae.W_enc + sae.b_enc
+    return pre.masked_fill_(pre <= sae.threshold.clamp(min=0), 0)
+
+
+def site_input(act: torch.Tensor) -> Float[torch.Tensor, "batch pos d_in"]:
+    """A hook's activation as an SAE reads it: attn.hook_z [batch, pos, heads, d_head] with the
+    heads flattened (a view, so writes reach the activation); others as they are."""
+    return act.flatten(-2) if act.dim() == 4 else act
+
+
+def counted_mask(
+    model: Any,
+    tokens: Int[torch.Tensor, "batch pos"],
+    lengths: Int[torch.Tensor, " batch"] | None = None,
+) -> Bool[torch.Tensor, "batch pos"]:
+    """True where a token counts: before ``lengths`` (right padding) and not a special token."""
+    special = torch.tensor(sorted(set(model.tokenizer.all_special_ids)), device=tokens.device)
+    counted = ~torch.isin(tokens, special)
+    if lengths is not None:
+        counted &= torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
+    return counted
+
+
+@torch.no_grad()
+def sae_acts(
+    model: Any,
+    saes: Sequence[Any],
+    tokens: Int[torch.Tensor, "batch pos"],
+    lengths: Int[torch.Tensor, " batch"] | None = None,
+) -> SAEActs:
+    """One forward pass, stopped after the deepest SAE's layer, and every SAE's codes from it,
+    zeroed where a token does not count (``counted_mask``)."""
+    hooks = hook_names(saes)
+    acts = capture(model, tokens, hooks, deepest_layer(saes) + 1)
+    counted = counted_mask(model, tokens, lengths)
+    skip = ~counted
+    codes = []
+    for sae in saes:
+        c = encode(sae, site_input(acts[sae.cfg.metadata.hook_name]))
+        c[skip] = 0  # only the uncounted rows are touched
+        codes.append(c)
+    return SAEActs(codes=codes, counted=counted, hooks=acts)
+
+
+__all__ = [
+    "SAEActs",
+    "capture",
+    "counted_mask",
+    "deepest_layer",
+    "encode",
+    "hook_names",
+    "sae_acts",
+    "site_input",
+]
