@@ -18,7 +18,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
+from scope import load_model, load_sae
 from scope import testing as fixtures
-
-from scope import load_model, load_sae  # noqa: E402
-from scope.corpus import CorpusSpec, build_windows  # noqa: E402
-from scope.record import RecordSettings, record  # noqa: E402
-from scope.record.loop import capture, encode  # noqa: E402
+from scope.acts import capture, encode
+from scope.corpus import CorpusSpec, build_windows
+from scope.record import RecordSettings, record
 
 TL_FIELDS = [
     "d_model", "d_head", "n_heads", "d_mlp", "n_layers", "n_ctx", "eps", "d_vocab", "act_fn",
@@ -61,7 +58,6 @@ def bare_loop(
     model, sae, windows, hook: str, layer: int, batch: int, with_encode: bool = True
 ) -> float:
     device = next(model.parameters()).device
-    thr = sae.threshold.detach().float().clamp(min=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -71,7 +67,7 @@ def bare_loop(
             tokens = torch.from_numpy(windows.tokens[i : i + batch, :width]).to(device, torch.long)
             acts = capture(model, tokens, [hook], layer + 1)[hook]
             if with_encode:
-                acts = encode(sae, acts, thr)
+                acts = encode(sae, acts)
             del acts
     sync()
     return time.perf_counter() - start
@@ -83,7 +79,7 @@ def run_record(model, sae, corpus: Path, work: Path, ctx: int, tokens: int, batc
     spec = CorpusSpec(paths=(str(corpus),), ctx=ctx, max_tokens=tokens)
     settings = RecordSettings(ctx=ctx, batch_size=batch)
     start = time.perf_counter()
-    record(model, [sae], spec, store, settings, progress=False)
+    record(model, [sae], spec, store, settings)
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -140,7 +140,9 @@ def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
             out.append(info.key)
             continue
         variant = re.search(r"average_l0_(\d+)", f"{info.sae_id} {info.source}")
-        out.append(f"{info.key}.l0_{variant.group(1)}" if variant else f"{info.key}.{info.sha256[:8]}")
+        out.append(
+            f"{info.key}.l0_{variant.group(1)}" if variant else f"{info.key}.{info.sha256[:8]}"
+        )
     if len(set(out)) != len(out):  # two L0 variants with the same number: tell them by hash
         out = [
             f"{i.key}.{i.sha256[:8]}" if out.count(k) > 1 else k
@@ -287,8 +289,8 @@ def cfg_hook(folder: Path) -> str | None:
         raise ScopeError(f"{path} is not valid JSON ({err}): fix or remove it") from err
     if not isinstance(cfg, dict):
         return None
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-    hook = cfg.get("hook_name") or meta.get("hook_name")
+    meta = cfg.get("metadata")
+    hook = cfg.get("hook_name") or (meta.get("hook_name") if isinstance(meta, dict) else None)
     return str(hook) if hook else None
 
 
@@ -368,8 +370,11 @@ def load_sae(
     path = Path(target).expanduser()
     if sae_id is None and not path.is_dir() and "/" in target:
         release, _, rest = target.partition("/")
-        if release in sae_registry() or (saes_dir() / release).is_dir():
+        named = bool(release) and not release.startswith((".", "~"))  # not a path
+        if named and (release in sae_registry() or (saes_dir() / release).is_dir()):
             target, sae_id = release, rest  # "RELEASE/ID" in one string, as the CLI takes it
+        elif named and not Path(release).expanduser().exists():
+            raise _unknown_release(release)
     if path.is_dir():
         full = path / sae_id if sae_id else path
         if not full.is_dir():

@@ -1,18 +1,27 @@
-"""`scope info` and `scope saes` from the command line."""
+"""The `scope` command line, and what importing scope does (and does not do) to a process."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-from scope import testing as fixtures
 import numpy as np
-import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
-from scope.cli import app, parse_sae_spec
+from scope import testing as fixtures
+from scope.cli import app
+from scope.cli import record as cli_record
 
 runner = CliRunner()
 
@@ -60,16 +69,22 @@ def test_info_on_fixtures_command_line(tiny_dir, tiny_sae_dir, tmp_path):
 
 
 def test_bad_input_exits_2_with_message(saes_root):
-    result = runner.invoke(
-        app, ["info", "--sae", "gemma-scope-2b-pt-res-canonicl/layer_1/x"], env={"COLUMNS": "240"}
-    )
+    wide = {"COLUMNS": "240"}
+    result = runner.invoke(app, ["info", "--sae", "gemma-scope-2b-pt-res-canonicl"], env=wide)
     assert result.exit_code == 2
     assert "error:" in result.output and "gemma-scope-2b-pt-res-canonical" in result.output
     assert "Traceback" not in result.output
+    no_slash = runner.invoke(app, ["info", "--sae", "x"], env=wide)
+    assert no_slash.exit_code == 2 and "SAE release 'x'" in no_slash.output
+    assert "Traceback" not in no_slash.output
+    typo = runner.invoke(
+        app, ["info", "--sae", "gemma-scope-2b-pt-res-canonicl/layer_1/x"], env=wide
+    )
+    assert typo.exit_code == 2 and "gemma-scope-2b-pt-res-canonicl" in typo.output
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 2 and "give --model, --sae, or both" in result.output
-    odd = runner.invoke(app, ["info", "--sae", "my[bold]release/layer_1"], env={"COLUMNS": "240"})
-    assert odd.exit_code == 2 and "'my[bold]release'" in odd.output  # shown as typed, not as markup
+    odd = runner.invoke(app, ["info", "--sae", "my[bold]release/layer_1"], env=wide)
+    assert odd.exit_code == 2 and "my[bold]release" in odd.output  # shown as typed, not as markup
 
 
 def test_saes_lists_registry_by_name(saes_root):
@@ -86,17 +101,23 @@ def test_saes_lists_local_that_fit(tiny_dir, tiny_sae_dir, monkeypatch):
     assert "tiny-scope-res" in result.output and "layer_2/width_256/average_l0_13" in result.output
 
 
-@pytest.mark.parametrize(
-    "spec,expected",
-    [
-        (
-            "gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical",
-            ("gemma-scope-2b-pt-res-canonical", "layer_20/width_16k/canonical"),
-        ),
-    ],
-)
-def test_parse_sae_spec(spec, expected):
-    assert parse_sae_spec(spec) == expected
+def test_sae_given_as_release_slash_id(tiny_sae_dir, monkeypatch):
+    """--sae RELEASE/ID is one string that load_sae splits: here a release in the local library."""
+    monkeypatch.setenv("SCOPE_SAES_DIR", str(tiny_sae_dir.parents[3]))
+    result = runner.invoke(
+        app,
+        ["info", "--sae", "tiny-scope-res/layer_2/width_256/average_l0_13", "--device", "cpu"],
+        env={"COLUMNS": "240"},
+    )
+    assert result.exit_code == 0, result.output
+    for expected in ("SAE L2.res.256", "tiny-scope-res", "layer_2/width_256/average_l0_13"):
+        assert expected in result.output, expected
+    wrong = runner.invoke(
+        app,
+        ["info", "--sae", "tiny-scope-res/layer_2/width_256/average_l0_31"],
+        env={"COLUMNS": "240"},
+    )
+    assert wrong.exit_code == 2 and "layer_2/width_256/average_l0_13" in wrong.output
 
 
 def test_record_feature_sql_merge_from_command_line(tiny_dir, tiny_sae_dir, tmp_path):
@@ -173,3 +194,136 @@ def test_record_feature_sql_merge_from_command_line(tiny_dir, tiny_sae_dir, tmp_
         env=env,
     )
     assert bad.returncode == 2 and "corpus path" in bad.stderr and "does not exist" in bad.stderr
+
+
+def write_corpus(path: Path, n: int = 40) -> Path:
+    with path.open("w") as f:
+        for text in fixtures.training_text()[:n]:
+            f.write(json.dumps({"body": text}) + "\n")
+    return path
+
+
+def test_record_progress_bar_shows_tokens_rate_and_eta():
+    from scope.record import RecordProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    with cli_record.progress_bar(console) as show:
+        show(
+            RecordProgress(tokens=1000, total=2000, tokens_per_s=500.0, windows=8, windows_total=16)
+        )
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    for expected in ("recording", "1,000/2,000 tokens", "500 tok/s", "0:00:0", "ETA 0:00:02"):
+        assert expected in text, (expected, text)
+
+
+def test_ctrl_c_stops_record_after_a_batch_and_resume_finishes(
+    tiny_dir, tiny_sae_dir, tmp_path, monkeypatch
+):
+    """A real SIGINT mid-recording: the command's handler turns it into a clean stop (exit 2,
+    everything saved, says --resume), and --resume then completes the store."""
+    real_bar = cli_record.progress_bar
+
+    @contextmanager
+    def interrupting_bar(console: Console) -> Iterator[Callable[..., None]]:
+        with real_bar(console) as show:
+
+            def show_then_interrupt(p: object) -> None:
+                show(p)
+                os.kill(os.getpid(), signal.SIGINT)
+
+            yield show_then_interrupt
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    args = ["record", "--model", str(tiny_dir), "--sae", str(tiny_sae_dir), "--corpus",
+            str(corpus), "--field", "body", "--tokens", "1k", "--ctx", "32", "--batch-size", "4",
+            "--store", str(tmp_path / "s"), "--device", "cpu"]  # fmt: skip
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patched:
+        patched.setattr(cli_record, "progress_bar", interrupting_bar)
+        stopped = runner.invoke(app, args, env={"COLUMNS": "240"})
+    assert stopped.exit_code == 2, stopped.output
+    assert "stopped by SIGINT after 4/" in stopped.output and "--resume" in stopped.output
+    assert signal.getsignal(signal.SIGINT) is handler  # the command gives the handler back
+    resumed = runner.invoke(app, [*args, "--resume"], env={"COLUMNS": "240"})
+    assert resumed.exit_code == 0, resumed.output
+    assert "tok/s" in resumed.output and "L2.res.256" in resumed.output
+
+
+def test_cli_quiets_libraries_only_while_a_command_runs(monkeypatch):
+    seen: dict[str, object] = {}
+
+    def spy(model: str) -> str:
+        from scope.errors import ScopeError
+
+        seen["filters"] = list(warnings.filters)
+        seen["level"] = logging.getLogger("transformers").level
+        raise ScopeError(f"model {model!r}: stop here")
+
+    monkeypatch.setattr("scope.model.resolve_source", spy)
+    monkeypatch.setattr(sys, "warnoptions", [])  # no -W given: the command silences warnings
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    filters, level = list(warnings.filters), logging.getLogger("transformers").level
+    result = runner.invoke(app, ["saes", "--model", "m"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["filters"][0][:4] == ("ignore", None, Warning, None)  # type: ignore[index]
+    assert seen["level"] == logging.ERROR
+    assert warnings.filters == filters and logging.getLogger("transformers").level == level
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ
+
+
+def run_python(code: str) -> dict[str, object]:
+    """Run ``code`` in a fresh interpreter; its last stdout line is JSON."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_scope_leaves_warnings_and_logging_alone():
+    """A notebook's warning filters and transformers' log level are its own: importing scope
+    (the CLI included) changes neither. The libraries scope uses are imported first, so what
+    they do on import is not counted."""
+    report = run_python("""
+        import json, logging, warnings
+        import duckdb, jaxtyping, numpy, pyarrow, rich, sae_lens, torch, transformer_lens
+        import transformers, typer
+
+        def snapshot():
+            return [repr(f) for f in warnings.filters], logging.getLogger("transformers").level
+
+        before = snapshot()
+        import scope, scope.acts, scope.cli, scope.record, scope.steer, scope.store, scope.sweep
+        after = snapshot()
+        catch_all = [f for f in warnings.filters if f[0] == "ignore" and f[1] is None
+                     and f[2] is Warning and f[3] is None]
+        added = [f for f in after[0] if f not in before[0]]
+        print(json.dumps({"same": before == after, "added": added, "level": after[1],
+                          "catch_all": len(catch_all)}))
+    """)
+    assert report["same"], report
+    assert report["catch_all"] == 0
+
+
+def test_import_scope_is_lazy_and_every_name_resolves():
+    report = run_python("""
+        import json, sys
+        import scope
+        light = "torch" not in sys.modules
+        import scope.cli
+        cli_light = "torch" not in sys.modules
+        from scope.record import RecordSettings  # the submodules load; the names stay functions
+        from scope.sweep import parse_strengths
+        missing = [n for n in scope.__all__ if getattr(scope, n, None) is None]
+        from scope import record, sweep
+        print(json.dumps({
+            "light": light, "cli_light": cli_light, "missing": missing,
+            "functions": [callable(scope.record), callable(scope.sweep), record is scope.record,
+                          sweep is scope.sweep],
+            "dir": sorted(set(scope.__all__) - set(dir(scope))),
+            "same": scope.RecordSettings is RecordSettings,
+        }))
+    """)
+    assert report["light"] and report["cli_light"], report
+    assert report["missing"] == [] and report["dir"] == [] and report["same"]
+    assert report["functions"] == [True, True, True, True]

@@ -199,3 +199,25 @@ def test_missing_folder_and_release_without_id(tmp_path):
         load_sae(str(tmp_path / "nope" / "x"))
     with pytest.raises(ScopeError, match="needs an SAE id, e.g. 'layer_0/width_16k/canonical'"):
         load_sae("gemma-scope-2b-pt-res-canonical")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"hook_name": "blocks.1.hook_mlp_out"},  # older sae-lens cfg.json
+        {"architecture": "jumprelu", "metadata": {"hook_name": "blocks.1.hook_mlp_out"}},
+    ],
+)
+def test_hook_read_from_cfg_json_beside_params(tmp_path, cfg):
+    """A folder with params.npz and a sae-lens cfg.json: the hook comes from the cfg."""
+    import json
+
+    from scope import sae_info
+
+    fixtures.write_params(tmp_path / "mysae", good_params())
+    (tmp_path / "mysae" / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(tmp_path / "mysae", device="cpu")
+    assert sae_info(sae).hook_name == "blocks.1.hook_mlp_out" and sae_info(sae).site == "mlp"
+    (tmp_path / "mysae" / "cfg.json").write_text("{not json")
+    with pytest.raises(ScopeError, match=r"cfg.json is not valid JSON"):
+        load_sae(tmp_path / "mysae", device="cpu")

@@ -368,14 +368,14 @@ def test_states_are_on_device_tensors(one_pass):
 
 
 def test_fast_encode_is_bitwise_sae_encode(saes, tiny_model, tmp_path):
-    from scope.record.loop import capture, encode
+    from scope.acts import capture, encode, site_input
 
     tokens = tiny_model.to_tokens(fixtures.training_text()[5][:300])
     with torch.no_grad():
         acts = capture(tiny_model, tokens, ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z"], 3)
     for sae in saes:
         x = acts[sae.cfg.metadata.hook_name]
-        assert torch.equal(encode(sae, x, sae.threshold.clamp(min=0)), sae.encode(x))
+        assert torch.equal(encode(sae, site_input(x)), sae.encode(x))
     # negative thresholds: relu still applies
     params = fixtures.gemma_scope_params(acts["blocks.2.hook_resid_post"][0].detach(), 64)
     params["threshold"][:32] = -0.5
@@ -383,7 +383,7 @@ def test_fast_encode_is_bitwise_sae_encode(saes, tiny_model, tmp_path):
     fixtures.write_params(folder, params)
     sae = load_sae(folder, device="cpu")
     x = acts["blocks.2.hook_resid_post"]
-    assert torch.equal(encode(sae, x, sae.threshold.clamp(min=0)), sae.encode(x))
+    assert torch.equal(encode(sae, x), sae.encode(x))
 
 
 def test_one_forward_stops_after_the_deepest_sae(tmp_path, tiny_model, saes, spec):
@@ -401,15 +401,16 @@ SLOW_RUN = """
 import sys, time
 from scope import load_model, load_sae
 from scope.corpus import CorpusSpec
-from scope.record import RecordSettings, record
+from scope.record import RecordSettings, record, stop_on_signals
 from scope.errors import ScopeError
 model = load_model(sys.argv[1], device="cpu")
 model.add_hook("blocks.0.hook_resid_pre", lambda act, hook: time.sleep(0.2))  # time to interrupt
 saes = [load_sae(p, device="cpu") for p in sys.argv[4].split(",")]
 try:
-    record(model, saes, CorpusSpec(paths=(sys.argv[2],), ctx={ctx}, max_tokens=1500), sys.argv[3],
-           RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=4, checkpoint_seconds=1e9),
-           resume="--resume" in sys.argv)
+    with stop_on_signals() as should_stop:
+        record(model, saes, CorpusSpec(paths=(sys.argv[2],), ctx={ctx}, max_tokens=1500), sys.argv[3],
+               RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=4, checkpoint_seconds=1e9),
+               resume="--resume" in sys.argv, should_stop=should_stop)
 except ScopeError as err:
     print(err)
     sys.exit(2)
@@ -437,18 +438,39 @@ def test_ctrl_c_saves_and_resumes_identically(
     assert_same_tables(one_pass, store)
 
 
-def test_weights_hash_is_cached_until_weights_change(tiny_sae_dir):
-    from scope.record.runner import weights_sha256
+def test_sae_identity_is_the_stored_weights_whatever_the_dtype(
+    tmp_path, tiny_model, tiny_sae_dir, spec
+):
+    """A store recorded with an SAE in bf16 knows the same SAE loaded in fp32 (and back): the
+    hash is of the weights as stored, taken at load, not of the run's dtype."""
+    from scope.sae import sae_info, weights_sha256
 
-    sae = load_sae(tiny_sae_dir, device="cpu")
-    first = weights_sha256(sae)
-    assert weights_sha256(sae) == first
-    with torch.no_grad():
-        sae.W_dec[0, 0] += 1.0  # in place: the cached hash must not be reused
-    changed = weights_sha256(sae)
-    assert changed != first
-    sae.W_dec.data = sae.W_dec.data.clone()  # replaced, same values: same hash
-    assert weights_sha256(sae) == changed
+    fp32 = load_sae(tiny_sae_dir, device="cpu", dtype="float32")
+    bf16 = load_sae(tiny_sae_dir, device="cpu", dtype="bfloat16")
+    with np.load(tiny_sae_dir / "params.npz") as f:
+        stored = weights_sha256({k: torch.from_numpy(f[k]) for k in f.files})
+    assert sae_info(fp32).sha256 == sae_info(bf16).sha256 == stored
+    assert weights_sha256(bf16.state_dict()) != stored  # what the old hash after the cast saw
+    first, second = (
+        CorpusSpec(paths=(str(spec.paths[0]),), ctx=CTX, max_tokens=300),
+        CorpusSpec(paths=(str(spec.paths[0]),), ctx=CTX, max_tokens=500),
+    )
+    record(tiny_model, [bf16], first, tmp_path / "s", settings())
+    record(tiny_model, [fp32], second, tmp_path / "s", settings())  # adding with another dtype
+    store = Store(tmp_path / "s")
+    assert store.key_of(fp32) == store.key_of(bf16) == "L2.res.256"
+
+
+def test_sae_keys_do_not_depend_on_order(tiny_sae_dir, tiny_acts, tmp_path):
+    from scope.sae import sae_info, sae_keys
+
+    other = tmp_path / "mine" / "second"  # no L0 variant in the path: told apart by hash
+    fixtures.write_params(other, fixtures.gemma_scope_params(tiny_acts, 256, seed=4))
+    a = sae_info(load_sae(tiny_sae_dir, device="cpu"))
+    b = sae_info(load_sae(other, device="cpu", hook="blocks.2.hook_resid_post"))
+    keys = sae_keys([a, b])
+    assert keys == list(reversed(sae_keys([b, a])))
+    assert keys == ["L2.res.256.l0_13", f"L2.res.256.{b.sha256[:8]}"]
 
 
 def test_l0_variants_of_one_slot_record_side_by_side(

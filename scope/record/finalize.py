@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from scope.record import tables
 from scope.record.state import FeatureState
 from scope.store.files import VersionBuilder
+from scope.store.manifest import Manifest
 
 
 def window_lengths(root: Path) -> np.ndarray:
@@ -26,7 +27,7 @@ def window_lengths(root: Path) -> np.ndarray:
 
 def finalize(
     builder: VersionBuilder,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     states: dict[str, FeatureState],
     saes: dict[str, Any],
     model: Any,
@@ -35,7 +36,7 @@ def finalize(
 ) -> None:
     """Tables of every SAE into ``builder``. Lens tables are copied from the previous snapshot
     (or ``lens_from``, a finished version folder) when there, else computed."""
-    dense = manifest["settings"]["dense_threshold"]
+    dense = manifest.settings.dense_threshold
     lengths = window_lengths(root)
     parts: dict[str, list[pa.Table]] = {
         n: [] for n in ("features", "topk", "samples", "hist", "l0")
@@ -52,7 +53,7 @@ def finalize(
         pq.write_table(pa.concat_tables(ts), builder.path(f"{name}.parquet"), compression="zstd")
     pq.write_table(pa.Table.from_pylist(summaries), builder.path("saes.parquet"))
     # logit lens and neighbours depend only on the SAEs and the model: compute once per store
-    previous = manifest.get("tables_version")
+    previous = manifest.tables_version
     sources = [root / previous if previous else None, lens_from]
     for key in states:
         old = next(

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from scope.acts import sae_acts
 from scope.corpus import Windows
 from scope.errors import ScopeError
 from scope.record.state import FeatureState
-from scope.acts import sae_acts
 
 
 @dataclass(frozen=True)

@@ -3,30 +3,25 @@ run resumes to exactly the same result; the store is written atomically."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
-from safetensors.torch import load_file, save_file
 
 from scope.corpus import CorpusSpec, Windows, build_windows
 from scope.errors import ScopeError
 from scope.fit import check_fit
-from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
+from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, StopFn, run_batches
+from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_states, save_states
+from scope.record.tables import sae_summary, vocab_table, windows_table
 from scope.sae import sae_info, sae_keys
-from scope.store.files import FORMAT, VersionBuilder, next_version, read_manifest, write_json_atomic
-from scope.store.files import write_parquet_atomic as write_parquet
+from scope.store.manifest import Manifest, ModelIdentity, Part, StoreSettings
+from scope.store.writer import StoreWriter, current_part
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,19 +65,19 @@ class RecordSummary:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def model_identity(model: Any) -> dict[str, Any]:
+def model_identity(model: Any) -> ModelIdentity:
     """Name, sizes and a weights fingerprint (bf16-rounded, so dtype does not change it)."""
     cfg = model.cfg
     h = hashlib.sha256()
     for t in (model.W_E[:256], model.blocks[0].attn.W_Q, model.blocks[-1].mlp.W_out):
         h.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return {
-        "name": getattr(model, "scope_source", cfg.model_name),
-        "n_layers": cfg.n_layers,
-        "d_model": cfg.d_model,
-        "d_vocab": cfg.d_vocab,
-        "fingerprint": h.hexdigest()[:16],
-    }
+    return ModelIdentity(
+        name=str(getattr(model, "scope_source", cfg.model_name)),
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        d_vocab=cfg.d_vocab,
+        fingerprint=h.hexdigest()[:16],
+    )
 
 
 def versions() -> dict[str, str]:
@@ -93,19 +88,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "?"
     return out
-
-
-@contextmanager
-def writer_lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ScopeError(
-                f"another `scope record` is writing {root}: wait for it to end"
-            ) from None
-        yield
 
 
 def fit_batch_size(model: Any, saes: list[Any], ctx: int) -> int:
@@ -122,180 +104,101 @@ def fit_batch_size(model: Any, saes: list[Any], ctx: int) -> int:
     return int(max(1, min(256, budget // (forward + codes))))
 
 
-def _check_same(
-    manifest: dict[str, Any], model_id: dict, sae_ids: dict, settings: RecordSettings, root: Path
-) -> None:
-    old_model = manifest["model"]
-    if (
-        old_model["fingerprint"] != model_id["fingerprint"]
-        or old_model["d_model"] != model_id["d_model"]
-    ):
+def check_same(manifest: Manifest, new: Manifest, root: Path) -> None:
+    """Refuse to add to a store recorded with another model, other SAEs or settings."""
+    old_model, model = manifest.model, new.model
+    if old_model.fingerprint != model.fingerprint or old_model.d_model != model.d_model:
         raise ScopeError(
-            f"{root} was recorded with model {old_model['name']} (fingerprint "
-            f"{old_model['fingerprint']}), not {model_id['name']} ({model_id['fingerprint']}): "
+            f"{root} was recorded with model {old_model.name} (fingerprint "
+            f"{old_model.fingerprint}), not {model.name} ({model.fingerprint}): "
             "record into a new --store, or load the same model"
         )
-    old, new = manifest["saes"], sae_ids
-    if set(old) != set(new) or any(old[k]["sha256"] != new[k]["sha256"] for k in old):
+    old, given = manifest.saes, new.saes
+    if set(old) != set(given) or any(old[k]["sha256"] != given[k]["sha256"] for k in old):
         raise ScopeError(
             f"{root} holds SAEs {', '.join(sorted(old))}, which differ from the ones given "
-            f"({', '.join(sorted(new))}): pass the same --sae list, or record into a new --store"
+            f"({', '.join(sorted(given))}): pass the same --sae list, or record into a new --store"
         )
     for name in ("ctx", "k", "samples"):
-        if manifest["settings"][name] != getattr(settings, name):
+        was, now = getattr(manifest.settings, name), getattr(new.settings, name)
+        if was != now:
             raise ScopeError(
-                f"{root} was recorded with --{name} {manifest['settings'][name]}, not "
-                f"{getattr(settings, name)}: use the same value, or a new --store"
+                f"{root} was recorded with --{name} {was}, not {now}: use the same value, "
+                "or a new --store"
             )
-    if tuple(manifest["shard"]) != settings.shard:
-        raise ScopeError(f"{root} is shard {manifest['shard']}, not {list(settings.shard)}")
+    if manifest.shard != new.shard:
+        raise ScopeError(f"{root} is shard {manifest.shard}, not {new.shard}")
 
 
-def windows_table(w: Windows, first: int, part: int) -> pa.Table:
-    n = w.lengths
-    flat = np.concatenate([row[:k] for row, k in zip(w.tokens, n, strict=True)])
-    offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
-    return pa.table(
-        {
-            "window_id": np.arange(first, first + len(w), dtype=np.int64),
-            "part": np.full(len(w), part, dtype=np.int32),
-            "doc": pa.array([w.doc_names[d] for d in w.doc], pa.string()),
-            "offset": w.offset,
-            "n_tokens": n,
-            "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
-        }
+def new_manifest(
+    model: Any, sae_ids: dict[str, dict[str, Any]], settings: RecordSettings
+) -> Manifest:
+    """The manifest a new store would start with."""
+    return Manifest(
+        model=model_identity(model),
+        saes=sae_ids,
+        settings=StoreSettings(
+            ctx=settings.ctx,
+            k=settings.k,
+            samples=settings.samples,
+            dense_threshold=settings.dense_threshold,
+        ),
+        shard=list(settings.shard),
+        hist_edges=HIST_EDGES.tolist(),
+        sample_edges=SAMPLE_EDGES.tolist(),
+        versions=versions(),
     )
-
-
-def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:
-    """Every token id's piece and its text, so readers need no tokenizer."""
-    ids = list(range(d_vocab))
-    fast = getattr(tokenizer, "backend_tokenizer", None)
-    if fast is not None:  # the Rust tokenizer decodes 256k single tokens in parallel
-        pieces = [fast.id_to_token(i) for i in ids]
-        texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=False)
-    else:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        texts = tokenizer.batch_decode([[i] for i in ids])
-    return pa.table(
-        {
-            "token": np.arange(d_vocab, dtype=np.int32),
-            "piece": pa.array([p if p is not None else "" for p in pieces], pa.string()),
-            "text": pa.array(texts, pa.string()),
-        }
-    )
-
-
-def load_states(
-    root: Path, manifest: dict[str, Any], device: torch.device
-) -> dict[str, FeatureState]:
-    version = manifest.get("state_version")
-    if version is None:
-        return {}
-    out = {}
-    for key in manifest["saes"]:
-        path = root / version / "state" / f"{key}.safetensors"
-        try:
-            out[key] = FeatureState.from_tensors(load_file(path, device=str(device)))
-        except Exception as err:  # safetensors raises several types for damaged files
-            raise ScopeError(f"{path} is damaged ({err}); the store cannot be resumed") from err
-    return out
-
-
-def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> None:
-    for key, st in states.items():
-        tensors = {n: t.contiguous() for n, t in st.tensors().items()}
-        save_file(tensors, builder.path(f"state/{key}.safetensors"))
-
-
-def open_manifest(
-    root: Path, model: Any, sae_ids: dict[str, Any], settings: RecordSettings
-) -> dict[str, Any]:
-    """The store's manifest, checked against this model, these SAEs and settings; or a new
-    one (and the vocabulary) for a new store."""
-    model_id = model_identity(model)
-    manifest = read_manifest(root)
-    if manifest is not None:
-        _check_same(manifest, model_id, sae_ids, settings, root)
-        return manifest
-    extra = [p.name for p in root.iterdir() if p.name not in {".lock", "windows", "vocab.parquet"}]
-    if extra:
-        raise ScopeError(
-            f"{root} exists and is not a store (it holds {', '.join(sorted(extra)[:5])}): "
-            "pick an empty or new --store folder"
-        )
-    write_parquet(root / "vocab.parquet", vocab_table(model.tokenizer, model.cfg.d_vocab))
-    return {
-        "format": FORMAT,
-        "model": model_id,
-        "saes": sae_ids,
-        "settings": {
-            "ctx": settings.ctx,
-            "k": settings.k,
-            "samples": settings.samples,
-            "dense_threshold": settings.dense_threshold,
-        },  # fmt: skip
-        "shard": list(settings.shard),
-        "parts": [],
-        "state": "recording",
-        "hist_edges": HIST_EDGES.tolist(),
-        "sample_edges": SAMPLE_EDGES.tolist(),
-        "versions": versions(),
-        "tokens_recorded": 0,
-        "seconds": 0.0,
-    }
 
 
 def open_part(
-    root: Path,
-    manifest: dict[str, Any],
+    writer: StoreWriter,
     windows: Windows,
     corpus: CorpusSpec,
     resume: bool,
-    settings: RecordSettings,
-    model: Any,
-    saes: list[Any],
-) -> dict[str, Any]:
+    batch_size: int,
+) -> Part:
     """The corpus part to record: the interrupted one (with --resume), or a new one appended."""
-    parts = manifest["parts"]
+    manifest, root = writer.manifest, writer.root
+    assert manifest is not None
     fingerprint = windows.fingerprint()
-    resuming = manifest["state"] == "recording" and bool(parts)
-    if resuming:
+    interrupted = current_part(manifest)
+    if interrupted is not None:
         if not resume:
             raise ScopeError(
                 f"{root} holds an interrupted run: add --resume to continue it (nothing recorded is lost)"
             )
-        if parts[-1]["fingerprint"] != fingerprint:
+        if interrupted.fingerprint != fingerprint:
             raise ScopeError(
                 f"--resume needs the same corpus and --tokens as the interrupted run of {root} "
-                f"(its corpus was {', '.join(parts[-1]['corpus'])})"
+                f"(its corpus was {', '.join(interrupted.corpus)})"
             )
-    else:
-        if any(p["fingerprint"] == fingerprint for p in parts):
-            raise ScopeError(
-                f"{root} already holds this corpus (same windows): adding it again would count it twice"
-            )
-        parts.append(
-            {
-                "corpus": list(corpus.paths),
-                "field": corpus.field,
-                "max_tokens": corpus.max_tokens,
-                "fingerprint": fingerprint,
-                "first_window": sum(p["windows"] for p in parts),
-                "windows": len(windows),
-                "tokens": windows.n_tokens,
-                "documents": windows.report.documents,
-                "skipped": windows.report.skipped,
-                "next": 0,
-                "batch_size": settings.batch_size or fit_batch_size(model, saes, settings.ctx),
-            }
+    elif any(p.fingerprint == fingerprint for p in manifest.parts):
+        raise ScopeError(
+            f"{root} already holds this corpus (same windows): adding it again would count it twice"
         )
-        manifest["state"] = "recording"
-    part_file = root / "windows" / f"part-{len(parts) - 1:03d}.parquet"
-    if not resuming or not part_file.is_file():  # a killed run may have left another corpus's
-        write_parquet(part_file, windows_table(windows, parts[-1]["first_window"], len(parts) - 1))
-    write_json_atomic(root / "manifest.json", manifest)
-    return parts[-1]
+    else:
+        manifest.parts.append(
+            Part(
+                corpus=list(corpus.paths),
+                field=corpus.field,
+                max_tokens=corpus.max_tokens,
+                fingerprint=fingerprint,
+                first_window=sum(p.windows for p in manifest.parts),
+                windows=len(windows),
+                tokens=windows.n_tokens,
+                documents=windows.report.documents,
+                skipped=windows.report.skipped,
+                next=0,
+                batch_size=batch_size,
+            )
+        )
+        manifest.state = "recording"
+    part = manifest.parts[-1]
+    # a resumed run keeps its windows file; a killed run may have left another corpus's
+    table = windows_table(windows, part.first_window, len(manifest.parts) - 1)
+    writer.write_windows(len(manifest.parts) - 1, table, replace=interrupted is None)
+    writer.save()
+    return part
 
 
 def record(
@@ -314,11 +217,8 @@ def record(
     ``on_progress`` is called after every batch with a ``RecordProgress``; ``should_stop`` is
     asked between batches and, when it returns a reason, the run checkpoints and raises a
     ScopeError that says how to resume (``stop_on_signals`` makes one from Ctrl-C/SIGTERM)."""
-    from scope.record.finalize import finalize
-
     settings = settings or RecordSettings()
     corpus = replace(corpus, ctx=settings.ctx)  # the settings' window length wins
-    root = Path(store)
     if not saes:
         raise ScopeError("no SAEs given: pass --sae at least once")
     infos = [sae_info(s) for s in saes]
@@ -326,38 +226,50 @@ def record(
     for s in saes:
         check_fit(model, s)
     device = next(model.parameters()).device
-    with writer_lock(root):
+    by_key = dict(zip(keys, saes, strict=True))
+    with StoreWriter(store) as writer:
+        root = writer.root
         windows = build_windows(corpus, model.tokenizer)
-        sae_ids = {k: asdict(i) for k, i in zip(keys, infos, strict=True)}
-        manifest = open_manifest(root, model, sae_ids, settings)
-        part = open_part(root, manifest, windows, corpus, resume, settings, model, saes)
-        states = load_states(root, manifest, device)
-        for key, s in zip(keys, saes, strict=True):
-            if key not in states:
-                states[key] = FeatureState.empty(
+        wanted = new_manifest(
+            model, {k: asdict(i) for k, i in zip(keys, infos, strict=True)}, settings
+        )
+        if writer.manifest is None:
+            writer.create(wanted, lambda: vocab_table(model.tokenizer, model.cfg.d_vocab))
+        else:
+            check_same(writer.manifest, wanted, root)
+        manifest = writer.manifest
+        assert manifest is not None
+        batch = settings.batch_size or fit_batch_size(model, saes, settings.ctx)
+        part = open_part(writer, windows, corpus, resume, batch)
+        states = (
+            load_states(root / manifest.state_version, keys, device)
+            if manifest.state_version
+            else {}
+        )
+        for key, s in by_key.items():
+            states.setdefault(
+                key,
+                FeatureState.empty(
                     s.cfg.d_sae, k=settings.k, ctx=settings.ctx, m=settings.samples, device=device
-                )
+                ),
+            )
 
         def checkpoint(final: bool) -> None:
-            builder = VersionBuilder(root, next_version(root))
-            save_states(builder, states)
-            manifest["state_version"] = builder.name
-            if final:
-                finalize(builder, manifest, states, dict(zip(keys, saes, strict=True)), model, root)
-                manifest["tables_version"] = builder.name
-                manifest["state"] = "complete"
-            builder.commit(manifest)
+            def fill(builder: Any) -> None:
+                save_states(builder, states)
+                if final:
+                    finalize(builder, manifest, states, by_key, model, root)
+
+            writer.commit(fill, final=final)
 
         started = time.perf_counter()
         done_tokens = run_batches(
             model, saes, keys, states, windows, part, settings, checkpoint, on_progress, should_stop
         )
         elapsed = time.perf_counter() - started
-        manifest["tokens_recorded"] += done_tokens
-        manifest["seconds"] += elapsed
+        manifest.tokens_recorded += done_tokens
+        manifest.seconds += elapsed
         checkpoint(final=True)
-    from scope.record.tables import sae_summary
-
     return RecordSummary(
         store=str(root),
         tokens=done_tokens,

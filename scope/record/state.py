@@ -13,9 +13,15 @@ What is kept per feature (F = d_sae, k = top-k, T = ctx, m = samples per bin):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from scope.errors import ScopeError
+from scope.store.files import VersionBuilder
 
 # Activation histogram: 16 bins a decade over [1e-3, 1e4), plus under/overflow bins.
 HIST_EDGES = torch.logspace(-3, 4, 16 * 7 + 1, dtype=torch.float64)
@@ -307,3 +313,24 @@ def _merge_rows(
             idx = order.unsqueeze(-1).expand(-1, -1, x.shape[2])
         out.append(x.gather(1, idx))
     return out
+
+
+def load_states(
+    version: Path, keys: Iterable[str], device: torch.device
+) -> dict[str, FeatureState]:
+    """The resumable state of each SAE key saved in the version folder ``version``."""
+    out = {}
+    for key in keys:
+        path = version / "state" / f"{key}.safetensors"
+        try:
+            out[key] = FeatureState.from_tensors(load_file(path, device=str(device)))
+        except Exception as err:  # safetensors raises several types for damaged files
+            raise ScopeError(f"{path} is damaged ({err}); the store cannot be resumed") from err
+    return out
+
+
+def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> None:
+    """Each SAE's state as ``state/<key>.safetensors`` in a version being built."""
+    for key, st in states.items():
+        tensors = {n: t.contiguous() for n, t in st.tensors().items()}
+        save_file(tensors, builder.path(f"state/{key}.safetensors"))

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from scope.corpus import Windows
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
 from scope.sae import hook_site
 
@@ -181,3 +182,38 @@ def _lists(matrix: np.ndarray) -> pa.Array:
     rows, cols = matrix.shape
     offsets = pa.array(np.arange(0, rows * cols + 1, cols, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
+
+
+def windows_table(w: Windows, first: int, part: int) -> pa.Table:
+    n = w.lengths
+    flat = np.concatenate([row[:k] for row, k in zip(w.tokens, n, strict=True)])
+    offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+    return pa.table(
+        {
+            "window_id": np.arange(first, first + len(w), dtype=np.int64),
+            "part": np.full(len(w), part, dtype=np.int32),
+            "doc": pa.array([w.doc_names[d] for d in w.doc], pa.string()),
+            "offset": w.offset,
+            "n_tokens": n,
+            "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
+        }
+    )
+
+
+def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:
+    """Every token id's piece and its text, so readers need no tokenizer."""
+    ids = list(range(d_vocab))
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None:  # the Rust tokenizer decodes 256k single tokens in parallel
+        pieces = [fast.id_to_token(i) for i in ids]
+        texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    else:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        texts = tokenizer.batch_decode([[i] for i in ids])
+    return pa.table(
+        {
+            "token": np.arange(d_vocab, dtype=np.int32),
+            "piece": pa.array([p if p is not None else "" for p in pieces], pa.string()),
+            "text": pa.array(texts, pa.string()),
+        }
+    )

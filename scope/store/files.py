@@ -24,10 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scope.errors import ScopeError
+from scope.store.manifest import MANIFEST
 
-FORMAT = 1
-MANIFEST = "manifest.json"
 READER_GRACE_SECONDS = 600.0
 """A replaced snapshot stays on disk this long, so readers that opened it can finish."""
 
@@ -47,22 +45,6 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     os.close(fd)
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
-
-
-def read_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ScopeError(f"{path} is not a valid store manifest ({err})") from err
-    if data.get("format") != FORMAT:
-        raise ScopeError(
-            f"{root} was written by another version of the workbench (format {data.get('format')}, "
-            f"this one reads {FORMAT})"
-        )
-    return data
 
 
 class VersionBuilder:

@@ -1,20 +1,22 @@
-"""`scope steer` and `scope sweep`."""
+"""`scope steer` and `scope sweep`: generate with features turned up, down or off."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from scope.cli import (
+from scope.cli.common import (
     DeviceOpt,
     DtypeOpt,
     HookOpt,
+    RequiredModelOpt,
     app,
     friendly,
+    load_model_and_saes,
     out,
-    parse_sae_spec,
-    quiet_libraries,
 )
 from scope.errors import ScopeError
 
@@ -41,43 +43,53 @@ RawOpt = Annotated[bool, typer.Option(help="No chat template, even for -it model
 
 def _setup(model: str, sae: list[str], feature: list[int], device: str | None, dtype: str | None,
            hook: str | None, store: str | None) -> tuple[Any, list[Any], Any]:  # fmt: skip
-    from scope.model import load_model
-    from scope.sae import load_sae
+    """The model, one SAE per feature (one --sae serves them all) and the store, if any."""
     from scope.store import Store
 
-    quiet_libraries()
     if not feature:
         raise ScopeError("give --feature at least once")
     if len(sae) not in (1, len(feature)):
         raise ScopeError(
             f"give one --sae for all features or one per --feature ({len(sae)} SAEs, {len(feature)} features)"
         )
-    with out.status(f"loading {model}"):
-        loaded = load_model(model, device=device, dtype=dtype)
-        cache: dict[str, Any] = {}
-        saes = []
-        for spec in sae if len(sae) == len(feature) else sae * len(feature):
-            if spec not in cache:
-                cache[spec] = load_sae(*parse_sae_spec(spec), device=device, dtype=dtype, hook=hook)
-            saes.append(cache[spec])
+    specs = sae if len(sae) == len(feature) else sae * len(feature)
+    loaded, saes = load_model_and_saes(model, specs, device=device, dtype=dtype, hook=hook)
     return loaded, saes, Store(store) if store else None
 
 
 def _sampling(
     max_new_tokens: int, temperature: float, top_p: float, freq_penalty: float, seed: int, raw: bool
 ) -> Any:
-    from scope.steer import Sampling
+    from scope.generate import Sampling
 
     return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     freq_penalty=freq_penalty, seed=seed, chat=False if raw else None)  # fmt: skip
 
 
+def _streamer(tokenizer: Any, labels: dict[str, str]) -> Callable[[str, int], None]:
+    """An ``on_token`` that prints each run's label, then its text as it grows (a character
+    split across tokens is printed once its last token is in)."""
+    ids: dict[str, list[int]] = {}
+    shown: dict[str, str] = {}
+
+    def show(which: str, token: int) -> None:
+        if which not in ids:
+            out.print(f"\n[bold]{escape(labels[which])}[/]")
+            ids[which], shown[which] = [], ""
+        ids[which].append(token)
+        text = tokenizer.decode(ids[which], skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(shown[which]):
+            return
+        out.print(text[len(shown[which]) :], end="", highlight=False, markup=False)
+        shown[which] = text
+
+    return show
+
+
 @app.command()
 @friendly
 def steer(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Hub name or local checkpoint folder.")
-    ],
+    model: RequiredModelOpt,
     sae: SaeListOpt,
     feature: FeatureOpt,
     prompt: PromptOpt,
@@ -99,7 +111,8 @@ def steer(
     hook: HookOpt = None,
 ) -> None:
     """Generate from a prompt without and with steering (same seed), streaming the tokens."""
-    from scope.steer import Steer, compare
+    from scope.generate import compare
+    from scope.steer import Steer
 
     loaded, saes, opened = _setup(model, sae, feature, device, dtype, hook, store)
     strengths = strength or [0.0]
@@ -109,23 +122,8 @@ def steer(
     steers = [Steer(s, f, strength=v, mode=mode, unit=unit, positions=positions)
               for s, f, v in zip(saes, feature, strengths, strict=True)]  # fmt: skip
     sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)
-    tok = loaded.tokenizer
-    current = {"which": ""}
-
-    def show(which: str, token: int) -> None:
-        if which != current["which"]:
-            label = (
-                "baseline"
-                if which == "baseline"
-                else "steered: "
-                + ", ".join(f"{s.key}/{s.feature} {s.mode} {s.strength:g}" for s in steers)
-            )
-            out.print(f"\n[bold]{label}[/]")
-            current["which"] = which
-        out.print(
-            tok.decode([token], skip_special_tokens=True), end="", highlight=False, markup=False
-        )
-
+    label = "steered: " + ", ".join(f"{s.key}/{s.feature} {s.mode} {s.strength:g}" for s in steers)
+    show = _streamer(loaded.tokenizer, {"baseline": "baseline", "steered": label})
     compare(loaded, prompt, steers, sampling=sampling, store=opened, on_token=show)
     out.print()
 
@@ -133,9 +131,7 @@ def steer(
 @app.command()
 @friendly
 def sweep(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Hub name or local checkpoint folder.")
-    ],
+    model: RequiredModelOpt,
     sae: SaeListOpt,
     feature: Annotated[int, typer.Option("--feature", "-f", help="The feature to sweep.")],
     prompt: PromptOpt,
@@ -175,9 +171,14 @@ def sweep(
     base = Steer(saes[0], feature, mode=mode, unit=unit, positions=positions)
     sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)
     mode_list = [m.strip() for m in modes.split(",")] if modes else None
-    with out.status(f"sweeping {len(values) * len(saes) * len(mode_list or [mode])} points"):
+    total = len(values) * len(saes) * len(mode_list or [mode])
+    with out.status(f"sweeping: 0/{total} points") as status:
+
+        def done(_point: Any, index: int, n: int) -> None:
+            status.update(f"sweeping: {index + 1}/{n} points")
+
         result = run_sweep(loaded, prompt, base, values, modes=mode_list, saes=saes, sampling=sampling,
-                           store=opened, save_to=out_dir)  # fmt: skip
+                           store=opened, save_to=out_dir, on_point=done)  # fmt: skip
     table = Table(title=f"sweep {result.id}: feature {feature}")
     for col in ("SAE", "mode", "strength", "target act", "text act", "KL", "loss", "text"):
         table.add_column(col)

@@ -1,0 +1,5 @@
+"""``python -m scope.cli``: the `scope` command."""
+
+from scope.cli import main
+
+main()

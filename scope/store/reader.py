@@ -1,0 +1,296 @@
+"""Reading a store: DuckDB views over one snapshot's Parquet tables, one connection per thread.
+
+A ``Store`` pins the snapshot its manifest named when it was opened (or last refreshed), so
+every query sees one consistent state while a recording goes on; ``refresh()`` moves to the
+newest. Streamlit serves each session on its own thread: each thread gets its own DuckDB
+connection (a connection is not safe to share between threads).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scope.errors import ScopeError, closest
+from scope.sae import recorded_key
+from scope.store.manifest import Manifest, read_manifest
+from scope.store.view import Example, FeatureView
+from scope.store.writer import SIDE_TABLES
+
+INTERVALS = 5
+PER_INTERVAL = 5
+SNAPSHOT_TABLES = ("features", "topk", "samples", "hist", "l0", "saes")
+
+
+def sql_string(text: str) -> str:
+    """``text`` as a SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def sql_glob(folder: Path, pattern: str) -> str:
+    """A DuckDB glob for files matching ``pattern`` in ``folder``, where the folder's own
+    name is taken literally (``[``, ``*``, ``?`` in a path are glob syntax otherwise)."""
+    literal = "".join(f"[{c}]" if c in "[*?" else c for c in folder.as_posix())
+    return sql_string(f"{literal}/{pattern}")
+
+
+class Rows:
+    """A query's result, fetched whole: ``.fetchall()``, ``.fetchone()``, ``.df()``,
+    ``.arrow()``, ``.columns``; printing shows a table."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.table.column_names)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(zip(*(c.to_pylist() for c in self.table.columns), strict=True))
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        rows = Rows(self.table.slice(0, 1)).fetchall()
+        return rows[0] if rows else None
+
+    def arrow(self) -> pa.Table:
+        return self.table
+
+    def df(self) -> Any:
+        """A pandas DataFrame."""
+        return self.table.to_pandas()
+
+    def __str__(self) -> str:
+        return str(duckdb.connect().from_arrow(self.table))
+
+    __repr__ = __str__
+
+
+class Store:
+    """A recorded store, opened read-only. ``Store("runs/wiki").feature("L12.res.16k/1234")``.
+
+    Safe to use from many threads, and while a recording writes the store."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.root = Path(path).expanduser()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[duckdb.DuckDBPyConnection] = []
+        self._vocab: list[str] | None = None
+        self.manifest, self.version = self._open()
+
+    def _open(self) -> tuple[Manifest, Path]:
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            raise ScopeError(
+                f"{self.root} is not a store (no manifest.json): record one with `scope record`"
+            )
+        if not manifest.tables_version:
+            part = manifest.parts[-1] if manifest.parts else None
+            done = f" ({part.next}/{part.windows} windows so far)" if part else ""
+            raise ScopeError(
+                f"{self.root} has no finished snapshot yet: its first recording is still running or "
+                f"was interrupted{done}; finish it with `scope record ... --resume`"
+            )
+        return manifest, self.root / manifest.tables_version
+
+    def refresh(self) -> bool:
+        """Move to the newest snapshot (and side tables written since); True if it changed."""
+        manifest, version = self._open()
+        changed = version != self.version
+        with self._lock:
+            self.manifest, self.version = manifest, version
+            self._drop_connections()
+        return changed
+
+    def close(self) -> None:
+        """Close every thread's connection; the next query opens a fresh one."""
+        with self._lock:
+            self._drop_connections()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _drop_connections(self) -> None:
+        for con in self._connections:
+            con.close()
+        self._connections.clear()
+        self._local = threading.local()
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """This thread's connection, with the views defined."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._connect()
+            self._local.con = con
+            with self._lock:
+                self._connections.append(con)
+        return con
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect()
+        version = self.version
+
+        def view(name: str, source: str) -> None:
+            con.execute(f"create view {name} as select * from {source}")
+
+        for name in SNAPSHOT_TABLES:
+            view(name, f"read_parquet({sql_string(str(version / f'{name}.parquet'))})")
+        view("lens", f"read_parquet({sql_glob(version / 'lens', '*.parquet')}, union_by_name=true)")
+        view("windows", f"read_parquet({sql_glob(self.root / 'windows', 'part-*.parquet')})")
+        view("vocab", f"read_parquet({sql_string(str(self.root / 'vocab.parquet'))})")
+        for name in SIDE_TABLES:
+            if any((self.root / name).glob("*.parquet")):
+                source = sql_glob(self.root / name, "*.parquet")
+                view(name, f"read_parquet({source}, union_by_name=true)")
+        con.execute(f"""
+            create view intervals as
+            select sae, feature, interval, window_id, pos, act from (
+              select *, row_number() over (partition by sae, feature, interval order by key) as n
+              from (select s.*, least(floor(s.act / f.max * {INTERVALS}), {INTERVALS - 1})::int
+                           as interval
+                    from samples s join features f using (sae, feature) where f.max > 0))
+            where n <= {PER_INTERVAL}""")
+        return con
+
+    @property
+    def saes(self) -> dict[str, dict[str, Any]]:
+        """SAE key -> identity (release, id, hook, width, sha256, Neuronpedia id)."""
+        return dict(self.manifest.saes)
+
+    def key_of(self, sae: Any) -> str | None:
+        """The key this store recorded ``sae`` under (found by its weights), or None."""
+        return recorded_key(sae, self.manifest.saes)
+
+    def sql(self, query: str, params: list[Any] | None = None) -> Rows:
+        """Run SQL over the tables above and fetch the result whole."""
+        try:
+            relation = self.con.sql(query, params=params)
+            return Rows(relation.to_arrow_table() if relation is not None else pa.table({}))
+        except duckdb.IOException as err:
+            if not self.version.is_dir():
+                raise ScopeError(
+                    f"the snapshot {self.version.name} of {self.root} was replaced by a newer "
+                    "recording and removed: call refresh() (or open the Store again)"
+                ) from err
+            raise ScopeError(f"could not read {self.root}: {err}") from err
+        except duckdb.Error as err:
+            raise ScopeError(f"query failed: {err}") from err
+
+    def _parse(self, address: str) -> tuple[str, int]:
+        key, _, index = address.rpartition("/")
+        saes = self.manifest.saes
+        if key not in saes:
+            near = closest(key, list(saes))
+            raise ScopeError(
+                f"feature {address!r}: no SAE {key!r} in this store (it has "
+                f"{', '.join(saes)}){'; did you mean ' + near[0] if near else ''}"
+            )
+        d_sae = saes[key]["d_sae"]
+        if not index.isdigit() or not 0 <= int(index) < d_sae:
+            raise ScopeError(f"feature {address!r}: index must be 0..{d_sae - 1} for {key}")
+        return key, int(index)
+
+    def tokens_text(self, ids: list[int]) -> list[str]:
+        """Token ids as text, from the store's own vocabulary (no tokenizer needed)."""
+        if self._vocab is None:
+            rows = self.sql("select text from vocab order by token").fetchall()
+            self._vocab = [text or "" for (text,) in rows]
+        return [self._vocab[i] if 0 <= i < len(self._vocab) else "" for i in ids]
+
+    def _examples(self, rows: list[tuple[Any, ...]], with_acts: bool) -> list[Example]:
+        return [
+            Example(
+                window=window_id,
+                doc=doc,
+                offset=offset,
+                act=act,
+                pos=pos,
+                tokens=self.tokens_text(list(token_ids)),
+                acts=list(acts) if with_acts else None,
+            )  # fmt: skip
+            for window_id, act, pos, acts, doc, offset, token_ids in rows
+        ]
+
+    def label(self, key: str, feature: int) -> tuple[str, str]:
+        """(label, notes) of a feature, read fresh from the labels side table (edits made
+        after this Store was opened show at once); empty strings when it has none."""
+        path = self.root / "labels" / "labels.parquet"
+        if not path.is_file():
+            return "", ""
+        table = pq.read_table(
+            path, filters=[("sae", "=", key), ("feature", "=", feature)], columns=["label", "notes"]
+        )
+        if table.num_rows == 0:
+            return "", ""
+        return table["label"][0].as_py() or "", table["notes"][0].as_py() or ""
+
+    def feature(self, address: str) -> FeatureView:
+        """Stats, top examples, interval examples, histogram, logit lens and neighbours."""
+        key, f = self._parse(address)
+        args = [key, f]
+        stats = self.sql(
+            "select count, density, max, mean, std from features where sae = ? and feature = ?",
+            args,
+        ).fetchall()[0]
+        top = self.sql(
+            """select k.window_id, k.act, k.pos, k.acts, w.doc, w.offset, w.tokens
+                from topk k join windows w using (window_id) where k.sae = ? and k.feature = ?
+                order by k.rank""",
+            args,
+        ).fetchall()
+        inter = self.sql(
+            """select i.interval, i.window_id, i.act, i.pos, null, w.doc, w.offset, w.tokens
+                from intervals i join windows w using (window_id) where i.sae = ? and i.feature = ?
+                order by i.interval desc, i.act desc""",
+            args,
+        ).fetchall()
+        intervals: dict[int, list[Example]] = {}
+        for row in inter:
+            intervals.setdefault(row[0], []).extend(self._examples([row[1:]], with_acts=False))
+        hist = self.sql(
+            "select lo, hi, count from hist where sae = ? and feature = ? order by bin", args
+        ).fetchall()
+        found = self.sql("select * from lens where sae = ? and feature = ?", args)
+        rows = found.fetchall()
+        lens: dict[str, Any] = dict(zip(found.columns, rows[0], strict=True)) if rows else {}
+        np_id = self.manifest.saes[key].get("neuronpedia_id")
+
+        def pairs(a: str, b: str, text: bool = False) -> list[Any]:
+            first = lens.get(a) or []
+            names = self.tokens_text(first) if text else first
+            return list(zip(names, lens.get(b) or [], strict=True))
+
+        label, notes = self.label(key, f)
+        return FeatureView(
+            sae=key,
+            index=f,
+            count=stats[0],
+            density=stats[1],
+            max=stats[2],
+            mean=stats[3],
+            std=stats[4],
+            top=self._examples(top, with_acts=True),
+            intervals=intervals,
+            histogram=[(lo, hi, c) for lo, hi, c in hist],
+            top_tokens=pairs("top_ids", "top_logits", text=True),
+            bottom_tokens=pairs("bottom_ids", "bottom_logits", text=True),
+            neighbours=pairs("neighbours", "neighbour_cos"),
+            neuronpedia_url=f"https://www.neuronpedia.org/{np_id}/{f}" if np_id else None,
+            label=label,
+            notes=notes,
+        )
+
+
+__all__ = ["Rows", "Store", "sql_glob", "sql_string"]
