@@ -16,6 +16,7 @@ from scope.record.state import HIST_EDGES, SAMPLE_EDGES, sample_key
 class Reference:
     count: np.ndarray
     act_sum: np.ndarray
+    act_sumsq: np.ndarray
     act_max: np.ndarray
     hist: dict[tuple[int, int], int]
     l0: dict[int, int]
@@ -30,7 +31,7 @@ def reference(model, sae, windows: Windows, k: int, m: int, first_window: int = 
     d = sae.cfg.d_sae
     hook = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
     special = set(model.tokenizer.all_special_ids)
-    ref = Reference(np.zeros(d, np.int64), np.zeros(d), np.zeros(d), {}, {}, 0, {})
+    ref = Reference(np.zeros(d, np.int64), np.zeros(d), np.zeros(d), np.zeros(d), {}, {}, 0, {})
     cands: dict[int, list] = {f: [] for f in range(d)}
     samples: dict[tuple[int, int], list] = {}
     hist_edges, sample_edges = HIST_EDGES.numpy(), SAMPLE_EDGES.numpy()
@@ -52,6 +53,7 @@ def reference(model, sae, windows: Windows, k: int, m: int, first_window: int = 
                 v = acts[t, f]
                 ref.count[f] += 1
                 ref.act_sum[f] += v
+                ref.act_sumsq[f] += v * v
                 ref.act_max[f] = max(ref.act_max[f], v)
                 b = int(np.searchsorted(hist_edges, v, side="right"))
                 ref.hist[(f, b)] = ref.hist.get((f, b), 0) + 1

@@ -203,6 +203,7 @@ def test_gated_hub_says_how_to_get_access(monkeypatch):
         load_model("google/gemma-2-9b", device="cpu")
 
 
+@pytest.mark.slow
 def test_gemma_2_2b_hub_path_parity(tmp_path_factory):
     """A 2-layer checkpoint with gemma-2-2b's exact dimensions, placed in the Hugging Face
     cache as google/gemma-2-2b, loads through load_model("google/gemma-2-2b") offline: the

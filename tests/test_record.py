@@ -57,8 +57,23 @@ def att_sae_dir(tmp_path_factory, tiny_model) -> Path:
 
 
 @pytest.fixture(scope="session")
-def saes(tiny_sae_dir, att_sae_dir):
-    return [load_sae(tiny_sae_dir, device="cpu"), load_sae(att_sae_dir, device="cpu")]
+def mlp_sae_dir(tmp_path_factory, tiny_model) -> Path:
+    _, cache = tiny_model.run_with_cache(
+        fixtures.training_text()[4][:400], names_filter="blocks.1.hook_mlp_out"
+    )
+    folder = (
+        tmp_path_factory.mktemp("mlp") / "tiny-scope-mlp" / "layer_1" / "width_64" / "average_l0_3"
+    )
+    fixtures.write_params(
+        folder, fixtures.gemma_scope_params(cache["blocks.1.hook_mlp_out"][0, 1:], 64, seed=7)
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def saes(tiny_sae_dir, att_sae_dir, mlp_sae_dir):
+    """A residual, an attention (hook_z) and an MLP-output SAE: every Gemma Scope site."""
+    return [load_sae(d, device="cpu") for d in (tiny_sae_dir, att_sae_dir, mlp_sae_dir)]
 
 
 @pytest.fixture(scope="session")
@@ -105,14 +120,12 @@ def assert_same_tables(a: Path, b: Path) -> None:
 def test_record_equals_brute_force(one_pass, tiny_model, saes, spec):
     windows = build_windows(spec, tiny_model.tokenizer)
     store = Store(one_pass)
+    assert sorted(store.saes) == ["L1.att.128", "L1.mlp.64", "L2.res.256"]
     for sae in saes:
-        key = f"L{sae.cfg.metadata.hook_name.split('.')[1]}." + (
-            "att" if "hook_z" in sae.cfg.metadata.hook_name else "res"
-        )
-        key = next(k for k in store.saes if k.startswith(key))
+        key = store.key_of(sae)
         ref = reference(tiny_model, sae, windows, K, M)
         feats = store.sql(
-            f"select count, mean, max from features where sae = '{key}' order by feature"
+            f"select count, mean, max, std from features where sae = '{key}' order by feature"
         ).fetchall()
         count = np.array([r[0] for r in feats])
         np.testing.assert_array_equal(count, ref.count)
@@ -121,6 +134,11 @@ def test_record_equals_brute_force(one_pass, tiny_model, saes, spec):
             ref_mean = np.where(ref.count > 0, ref.act_sum / ref.count, 0)
         np.testing.assert_allclose([r[1] for r in feats], ref_mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose([r[2] for r in feats], ref.act_max, rtol=1e-5, atol=1e-6)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref_var = np.where(ref.count > 0, ref.act_sumsq / ref.count - ref_mean**2, 0)
+        np.testing.assert_allclose(
+            [r[3] for r in feats], np.sqrt(np.maximum(ref_var, 0)), rtol=1e-4, atol=1e-5
+        )
         hist = {
             (f, b): c
             for f, b, c in store.sql(
@@ -245,6 +263,7 @@ def script_args(
     ]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_identically(
     tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
 ):
@@ -276,6 +295,7 @@ def test_killed_run_resumes_identically(
     assert_same_tables(one_pass, store)
 
 
+@pytest.mark.slow
 def test_reader_sees_consistent_snapshots_while_writing(
     tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, tiny_model, saes
 ):
@@ -417,6 +437,7 @@ except ScopeError as err:
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resumes_identically(
     tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
 ):
