@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from scope.corpus import CorpusSpec
     from scope.fit import check_fit, list_saes
     from scope.generate import Sampling, compare
+    from scope.identity import sae_info
     from scope.model import load_model, model_info
     from scope.record import RecordSettings, record
-    from scope.sae import load_sae, sae_info
+    from scope.sae import load_sae
     from scope.steer import Steer
     from scope.store import Store
     from scope.sweep import sweep
@@ -38,7 +39,7 @@ _HOMES = {
     "load_model": "scope.model",
     "model_info": "scope.model",
     "load_sae": "scope.sae",
-    "sae_info": "scope.sae",
+    "sae_info": "scope.identity",
     "check_fit": "scope.fit",
     "list_saes": "scope.fit",
     "Store": "scope.store",

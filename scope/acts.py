@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 
-from scope.sae import hook_site
+from scope.identity import hook_site
 
 
 class SAEActs(NamedTuple):

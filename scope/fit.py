@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from scope.errors import ScopeError, closest
-from scope.sae import SITE_HOOKS, hook_site, infer_hook, sae_info, sae_registry, saes_dir
+from scope.identity import SITE_HOOKS, hook_site, sae_info
+from scope.sae import infer_hook, sae_registry, saes_dir
 
 
 def hook_size(model: Any, hook_name: str) -> int:

@@ -10,30 +10,28 @@ corrupt, truncated, pickled or non-finite file gets a clear error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scope.errors import ScopeError, closest
+from scope.identity import (
+    SITE_HOOKS,
+    SAEInfo,
+    hook_site,
+    recorded_key,
+    sae_info,
+    sae_key,
+    sae_keys,
+    sae_sha256,
+    weights_sha256,
+    width_label,
+)
 from scope.params import GEMMA_SCOPE_KEYS, read_params_npz, refuse_unsafe_weights
-
-SITE_HOOKS = {
-    "res": "blocks.{layer}.hook_resid_post",
-    "mlp": "blocks.{layer}.hook_mlp_out",
-    "att": "blocks.{layer}.attn.hook_z",
-}
-_HOOK_SITES = [
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), "res"),
-    (re.compile(r"^blocks\.(\d+)\.hook_mlp_out$"), "mlp"),
-    (re.compile(r"^blocks\.(\d+)\.attn\.hook_z$"), "att"),
-]
 
 
 def saes_dir() -> Path:
@@ -42,130 +40,6 @@ def saes_dir() -> Path:
         return Path(env).expanduser()
     here = Path.cwd() / "saes"
     return here if here.is_dir() else Path(__file__).resolve().parent.parent / "saes"
-
-
-def hook_site(hook_name: str) -> tuple[int | None, str]:
-    """(layer, site) of a hook: ``blocks.12.hook_resid_post`` -> (12, "res")."""
-    for pattern, site in _HOOK_SITES:
-        if m := pattern.match(hook_name):
-            return int(m.group(1)), site
-    m = re.match(r"^blocks\.(\d+)\.", hook_name)
-    return (int(m.group(1)) if m else None), hook_name.rsplit(".", 1)[-1]
-
-
-def width_label(d_sae: int) -> str:
-    """16384 -> "16k", 1048576 -> "1m", as Gemma Scope names widths."""
-    if d_sae % (1 << 20) == 0:
-        return f"{d_sae >> 20}m"
-    return f"{d_sae >> 10}k" if d_sae % 1024 == 0 else str(d_sae)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SAEInfo:
-    """Who an SAE is and where it attaches: everything a store records about it."""
-
-    key: str
-    """Short name for feature addresses, e.g. ``L12.res.16k`` (a store may add ``.l0_71``
-    when it holds several SAEs of one layer, site and width; see ``sae_keys``)."""
-    release: str | None
-    sae_id: str | None
-    source: str
-    """Where the weights came from: a file path or ``hub:<repo>/<folder>``."""
-    hook_name: str
-    layer: int | None
-    site: str
-    d_in: int
-    d_sae: int
-    dtype: str
-    """The dtype the weights run in now (the identity does not depend on it)."""
-    neuronpedia_id: str | None
-    model_name: str | None
-    sha256: str
-    """sha256 of the weights as stored (fp32 arrays of the file), taken once at load: the same
-    SAE in bf16 on a GPU and in fp32 on a laptop has the same hash."""
-
-
-def weights_sha256(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of an SAE's tensors by name, each as fp32 bytes (a stable format since v1)."""
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def sae_sha256(sae: Any) -> str:
-    """The SAE's identity hash. ``load_sae`` takes it from the weights as loaded, before any
-    dtype cast; an SAE built elsewhere is hashed from its weights the first time it is asked."""
-    meta = sae.cfg.metadata
-    sha = meta.get("scope_sha256")
-    if not sha:
-        sha = weights_sha256(sae.state_dict())
-        meta["scope_sha256"] = sha
-    return str(sha)
-
-
-def sae_info(sae: Any) -> SAEInfo:
-    meta = sae.cfg.metadata
-    hook = meta.hook_name or ""
-    layer, site = hook_site(hook)
-    return SAEInfo(
-        key=f"L{layer}.{site}.{width_label(sae.cfg.d_sae)}",
-        release=meta.get("release"),
-        sae_id=meta.get("sae_id"),
-        source=meta.get("scope_source") or "",
-        hook_name=hook,
-        layer=layer,
-        site=site,
-        d_in=sae.cfg.d_in,
-        d_sae=sae.cfg.d_sae,
-        dtype=str(sae.W_enc.dtype).removeprefix("torch."),
-        neuronpedia_id=meta.get("neuronpedia_id"),
-        model_name=meta.get("model_name"),
-        sha256=sae_sha256(sae),
-    )
-
-
-def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
-    """The key of each SAE among SAEs recorded together: ``L12.res.16k``, or, when several share
-    a layer, site and width, ``L12.res.16k.l0_71`` (the L0 variant named by its id or path),
-    else ``L12.res.16k.<hash prefix>``. Keys depend only on the SAEs, never on their order;
-    the same weights twice are refused."""
-    if len({i.sha256 for i in infos}) != len(infos):
-        raise ScopeError("the same SAE is given twice: give each --sae once")
-    base = [i.key for i in infos]
-    out = []
-    for info in infos:
-        if base.count(info.key) == 1:
-            out.append(info.key)
-            continue
-        variant = re.search(r"average_l0_(\d+)", f"{info.sae_id} {info.source}")
-        out.append(
-            f"{info.key}.l0_{variant.group(1)}" if variant else f"{info.key}.{info.sha256[:8]}"
-        )
-    if len(set(out)) != len(out):  # two L0 variants with the same number: tell them by hash
-        out = [
-            f"{i.key}.{i.sha256[:8]}" if out.count(k) > 1 else k
-            for i, k in zip(infos, out, strict=True)
-        ]
-    return out
-
-
-def recorded_key(sae: Any, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """The key a store gave this SAE (found by its weights hash), or None if it was not recorded.
-    ``recorded`` is the store's key -> identity map."""
-    sha = sae_sha256(sae)
-    return next((key for key, ident in recorded.items() if ident.get("sha256") == sha), None)
-
-
-def sae_key(sae: Any, recorded: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """The key to file results about ``sae`` under: the store's own key when the store recorded
-    it (so sweeps join with ``features``), else its short key."""
-    found = recorded_key(sae, recorded) if recorded else None
-    return found or sae_info(sae).key
-
-
-# ---------------------------------------------------------------- loading
 
 
 def sae_registry() -> dict[str, Any]:

@@ -120,8 +120,8 @@ def build_gemma2(
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
-        attn_implementation="eager",
     )
+    config._attn_implementation = "eager"  # transformers refuses sdpa for Gemma 2
     config.architectures = ["Gemma2ForCausalLM"]
     torch.manual_seed(seed)
     return save_random(Gemma2ForCausalLM(config), out)
@@ -167,9 +167,10 @@ def build_gemma3(
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
-        attn_implementation="eager",
     )
+    config._attn_implementation = "eager"
     if rope_factor is not None:
+        assert config.rope_parameters is not None
         config.rope_parameters["full_attention"] = {
             "rope_type": "linear",
             "factor": rope_factor,
@@ -254,7 +255,7 @@ def gemma_scope_params(
 
 def write_params(folder: Path, params: dict[str, np.ndarray]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "params.npz", **params)
+    np.savez(folder / "params.npz", allow_pickle=False, **params)
     return folder / "params.npz"
 
 

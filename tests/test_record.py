@@ -12,13 +12,13 @@ import textwrap
 import time
 from pathlib import Path
 
-from scope import testing as fixtures
 import numpy as np
 import pytest
 import torch
 from reference import reference
 
 from scope import ScopeError, load_sae
+from scope import testing as fixtures
 from scope.corpus import CorpusSpec, build_windows
 from scope.record import RecordSettings, record
 from scope.record.merge import merge_stores
@@ -225,7 +225,6 @@ def test_add_corpus_equals_single_pass(tmp_path, tiny_model, saes, corpus_dir):
         CorpusSpec(paths=a.paths + b.paths, ctx=CTX),
         tmp_path / "single",
         settings(),
-        
     )
     assert_same_tables(tmp_path / "parts", tmp_path / "single")
     before = (tmp_path / "parts" / "manifest.json").read_text()
@@ -362,7 +361,6 @@ def test_misfit_sae_refused_before_anything(tmp_path, tiny_model, spec):
             spec,
             tmp_path / "s",
             settings(),
-            
         )
     assert not (tmp_path / "s").exists()
 
@@ -464,7 +462,7 @@ def test_sae_identity_is_the_stored_weights_whatever_the_dtype(
 ):
     """A store recorded with an SAE in bf16 knows the same SAE loaded in fp32 (and back): the
     hash is of the weights as stored, taken at load, not of the run's dtype."""
-    from scope.sae import sae_info, weights_sha256
+    from scope.identity import sae_info, weights_sha256
 
     fp32 = load_sae(tiny_sae_dir, device="cpu", dtype="float32")
     bf16 = load_sae(tiny_sae_dir, device="cpu", dtype="bfloat16")
@@ -483,7 +481,7 @@ def test_sae_identity_is_the_stored_weights_whatever_the_dtype(
 
 
 def test_sae_keys_do_not_depend_on_order(tiny_sae_dir, tiny_acts, tmp_path):
-    from scope.sae import sae_info, sae_keys
+    from scope.identity import sae_info, sae_keys
 
     other = tmp_path / "mine" / "second"  # no L0 variant in the path: told apart by hash
     fixtures.write_params(other, fixtures.gemma_scope_params(tiny_acts, 256, seed=4))
@@ -524,5 +522,4 @@ def test_l0_variants_of_one_slot_record_side_by_side(
             spec,
             tmp_path / "t",
             settings(),
-            
         )

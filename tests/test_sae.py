@@ -9,14 +9,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-from scope import testing as fixtures
 import numpy as np
 import pytest
 import torch
 from conftest import PROMPT
 
 from scope import check_fit, list_saes, load_sae, sae_info
-from scope.sae import hook_site
+from scope import testing as fixtures
+from scope.identity import hook_site
 
 RELEASE, SAE_ID = "gemma-scope-2b-pt-res-canonical", "layer_1/width_16k/canonical"
 FOLDER = "layer_1/width_16k/average_l0_102"  # what the registry maps SAE_ID to

@@ -77,7 +77,7 @@ def _model_table(loaded: Any) -> Table:
 
 
 def _sae_table(sae: Any) -> Table:
-    from scope.sae import sae_info
+    from scope.identity import sae_info
 
     i = sae_info(sae)
     table = Table(title=f"SAE {i.key}", show_header=False)

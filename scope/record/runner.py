@@ -15,11 +15,11 @@ import torch
 from scope.corpus import CorpusSpec, Windows, build_windows
 from scope.errors import ScopeError
 from scope.fit import check_fit
+from scope.identity import sae_info, sae_keys
 from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, StopFn, run_batches
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_states, save_states
 from scope.record.tables import sae_summary, vocab_table, windows_table
-from scope.sae import sae_info, sae_keys
 from scope.store.manifest import Manifest, ModelIdentity, Part, StoreSettings
 from scope.store.writer import StoreWriter, current_part
 

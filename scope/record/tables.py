@@ -10,8 +10,8 @@ import pyarrow as pa
 import torch
 
 from scope.corpus import Windows
+from scope.identity import hook_site
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
-from scope.sae import hook_site
 
 LENS_K = 10
 NEIGHBOURS_K = 10

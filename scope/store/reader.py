@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scope.errors import ScopeError, closest
-from scope.sae import recorded_key
+from scope.identity import recorded_key
 from scope.store.manifest import Manifest, read_manifest
 from scope.store.view import Example, FeatureView
 from scope.store.writer import SIDE_TABLES
