@@ -9,12 +9,15 @@ never count (Gemma Scope was trained without them; their norms are huge).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 
 from scope.identity import hook_site
+
+if TYPE_CHECKING:
+    from sae_lens import SAE, HookedSAETransformer
 
 
 class SAEActs(NamedTuple):
@@ -29,19 +32,22 @@ class SAEActs(NamedTuple):
     """The raw activation at each hook read ([batch, pos, d] or [batch, pos, heads, d_head])."""
 
 
-def hook_names(saes: Sequence[Any]) -> list[str]:
+def hook_names(saes: Sequence[SAE]) -> list[str]:
     """The distinct hooks the SAEs read, sorted."""
     return sorted({str(s.cfg.metadata.hook_name) for s in saes})
 
 
-def deepest_layer(saes: Sequence[Any]) -> int:
+def deepest_layer(saes: Sequence[SAE]) -> int:
     """The last block any SAE reads; the forward pass can stop after it."""
     layers = [hook_site(h)[0] for h in hook_names(saes)]
     return max(layer if layer is not None else 0 for layer in layers)
 
 
 def capture(
-    model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[str], stop_at_layer: int
+    model: HookedSAETransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    hooks: Sequence[str],
+    stop_at_layer: int,
 ) -> dict[str, torch.Tensor]:
     """Run the model up to ``stop_at_layer`` and return the activations at ``hooks``."""
     out: dict[str, torch.Tensor] = {}
@@ -55,7 +61,7 @@ def capture(
     return out
 
 
-def encode(sae: Any, x: torch.Tensor) -> Float[torch.Tensor, "... d_sae"]:
+def encode(sae: SAE, x: torch.Tensor) -> Float[torch.Tensor, "... d_sae"]:
     """JumpReLU codes exactly as ``sae.encode`` computes them (relu(pre) where pre > threshold,
     no b_dec subtraction), in two passes: the threshold clamped at 0 folds the relu into the
     mask. ``x`` is [..., d_in] (``site_input`` flattens attn.hook_z's heads)."""
@@ -70,7 +76,7 @@ def site_input(act: torch.Tensor) -> Float[torch.Tensor, "batch pos d_in"]:
 
 
 def counted_mask(
-    model: Any,
+    model: HookedSAETransformer,
     tokens: Int[torch.Tensor, "batch pos"],
     lengths: Int[torch.Tensor, " batch"] | None = None,
 ) -> Bool[torch.Tensor, "batch pos"]:
@@ -84,8 +90,8 @@ def counted_mask(
 
 @torch.no_grad()
 def sae_acts(
-    model: Any,
-    saes: Sequence[Any],
+    model: HookedSAETransformer,
+    saes: Sequence[SAE],
     tokens: Int[torch.Tensor, "batch pos"],
     lengths: Int[torch.Tensor, " batch"] | None = None,
 ) -> SAEActs:

@@ -84,8 +84,8 @@ class Windows:
         """sha256 of the windows' tokens and lengths: same corpus + settings -> same value."""
         h = hashlib.sha256()
         h.update(self.lengths.tobytes())
-        for row, n in zip(self.tokens, self.lengths, strict=True):
-            h.update(row[:n].tobytes())
+        inside = np.arange(self.tokens.shape[1]) < self.lengths[:, None]
+        h.update(self.tokens[inside].tobytes())  # each window's own tokens, row after row
         return h.hexdigest()
 
 

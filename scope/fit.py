@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from scope.errors import ScopeError, closest
 from scope.identity import SITE_HOOKS, hook_site, sae_info
 from scope.sae import infer_hook, sae_registry, saes_dir
 
+if TYPE_CHECKING:
+    from sae_lens import SAE, HookedSAETransformer
 
-def hook_size(model: Any, hook_name: str) -> int:
+
+def hook_size(model: HookedSAETransformer, hook_name: str) -> int:
     """Width an SAE must have (d_in) to read ``hook_name`` of ``model``."""
     cfg = model.cfg
     if hook_name not in model.hook_dict:
@@ -30,7 +33,7 @@ def hook_size(model: Any, hook_name: str) -> int:
     return cfg.d_model
 
 
-def check_fit(model: Any, sae: Any) -> None:
+def check_fit(model: HookedSAETransformer, sae: SAE) -> None:
     """Raise a ScopeError unless ``sae`` reads a hook of ``model`` with the right width."""
     info = sae_info(sae)
     size = hook_size(model, info.hook_name)
@@ -55,7 +58,7 @@ class SAEListing:
     """True when its weights are already under saes/."""
 
 
-def list_saes(model: Any | str) -> list[SAEListing]:
+def list_saes(model: HookedSAETransformer | str) -> list[SAEListing]:
     """SAEs that fit ``model`` (a loaded model, or a hub name): sae-lens' registry entries
     for its name, and, for a loaded model, saes/ entries whose width fits one of its hooks."""
     from scope.params import npz_shapes

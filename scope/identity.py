@@ -11,11 +11,14 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from scope.errors import ScopeError
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 SITE_HOOKS = {
     "res": "blocks.{layer}.hook_resid_post",
@@ -79,7 +82,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def sae_sha256(sae: Any) -> str:
+def sae_sha256(sae: SAE) -> str:
     """The SAE's identity hash. ``load_sae`` takes it from the weights as loaded, before any
     dtype cast; an SAE built elsewhere is hashed from its weights the first time it is asked."""
     meta = sae.cfg.metadata
@@ -90,7 +93,7 @@ def sae_sha256(sae: Any) -> str:
     return str(sha)
 
 
-def sae_info(sae: Any) -> SAEInfo:
+def sae_info(sae: SAE) -> SAEInfo:
     meta = sae.cfg.metadata
     hook = meta.hook_name or ""
     layer, site = hook_site(hook)
@@ -136,14 +139,14 @@ def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
     return out
 
 
-def recorded_key(sae: Any, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
+def recorded_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
     """The key a store gave this SAE (found by its weights hash), or None if it was not recorded.
     ``recorded`` is the store's key -> identity map."""
     sha = sae_sha256(sae)
     return next((key for key, ident in recorded.items() if ident.get("sha256") == sha), None)
 
 
-def sae_key(sae: Any, recorded: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+def sae_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The key to file results about ``sae`` under: the store's own key when the store recorded
     it (so sweeps join with ``features``), else its short key."""
     found = recorded_key(sae, recorded) if recorded else None

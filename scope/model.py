@@ -16,11 +16,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from scope.errors import ScopeError, closest
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +204,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     n_ctx: int | None = None,
-) -> Any:
+) -> HookedSAETransformer:
     """Load a Gemma 2 or Gemma 3 model as a ``HookedSAETransformer``.
 
     ``name_or_path`` is a hub name (``google/gemma-2-2b``, ``gemma-2-9b-it``, ...) or a local
@@ -270,7 +273,7 @@ def load_model(
     return model
 
 
-def model_info(model: Any) -> ModelInfo:
+def model_info(model: HookedSAETransformer) -> ModelInfo:
     """Layers, sizes, parameter count, dtype and device of a loaded model."""
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from scope.identity import (
     width_label,
 )
 from scope.params import GEMMA_SCOPE_KEYS, read_params_npz, refuse_unsafe_weights
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 
 def saes_dir() -> Path:
@@ -123,7 +126,7 @@ def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
         ) from err
 
 
-def _from_release(release: str, sae_id: str, device: str) -> Any:
+def _from_release(release: str, sae_id: str, device: str) -> SAE:
     from sae_lens import SAE
 
     registry = sae_registry()
@@ -168,7 +171,7 @@ def cfg_hook(folder: Path) -> str | None:
     return str(hook) if hook else None
 
 
-def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> Any:
+def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> SAE:
     from sae_lens import SAE
 
     if (path / "params.npz").is_file():
@@ -222,7 +225,7 @@ def load_sae(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     hook: str | None = None,
-) -> Any:
+) -> SAE:
     """Load a JumpReLU SAE as a sae-lens ``SAE``.
 
     - ``load_sae("gemma-scope-2b-pt-res-canonical", "layer_20/width_16k/canonical")``: a release
@@ -280,7 +283,7 @@ def load_sae(
     return sae
 
 
-def _check_finite(sae: Any, label: str) -> None:
+def _check_finite(sae: SAE, label: str) -> None:
     for name, param in sae.named_parameters():
         bad = (~torch.isfinite(param)).sum().item()
         if bad:
@@ -290,7 +293,7 @@ def _check_finite(sae: Any, label: str) -> None:
             )
 
 
-def _set_dtype(sae: Any, dtype: torch.dtype) -> None:
+def _set_dtype(sae: SAE, dtype: torch.dtype) -> None:
     """Weights in ``dtype``; the JumpReLU threshold in fp32 (bf16 would round it and move
     features across it)."""
     for name, param in sae.named_parameters():

@@ -6,11 +6,11 @@ import pickle
 import shutil
 from pathlib import Path
 
-from scope import testing as fixtures
 import numpy as np
 import pytest
 
 from scope import ScopeError, check_fit, load_sae
+from scope import testing as fixtures
 
 
 def good_params(d_in: int = 64, d_sae: int = 32) -> dict[str, np.ndarray]:

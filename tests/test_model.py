@@ -10,12 +10,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from scope import testing as fixtures
 import pytest
 import torch
 from conftest import PROMPT
 
 from scope import ScopeError, load_model, model_info
+from scope import testing as fixtures
 from scope.model import resolve_device, resolve_dtype, resolve_source, tl_config_dict
 
 

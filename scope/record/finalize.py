@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +14,9 @@ from scope.record import tables
 from scope.record.state import FeatureState
 from scope.store.files import VersionBuilder
 from scope.store.manifest import Manifest
+
+if TYPE_CHECKING:
+    from sae_lens import SAE, HookedSAETransformer
 
 
 def window_lengths(root: Path) -> np.ndarray:
@@ -29,8 +32,8 @@ def finalize(
     builder: VersionBuilder,
     manifest: Manifest,
     states: dict[str, FeatureState],
-    saes: dict[str, Any],
-    model: Any,
+    saes: dict[str, SAE],
+    model: HookedSAETransformer | None,
     root: Path,
     lens_from: Path | None = None,
 ) -> None:
@@ -67,6 +70,7 @@ def finalize(
         if old is not None:
             shutil.copyfile(old, builder.path(f"lens/{key}.parquet"))
         else:
+            assert model is not None, "lens tables need the model unless copied"
             pq.write_table(
                 tables.lens_table(key, saes[key], model), builder.path(f"lens/{key}.parquet")
             )

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,12 @@ from scope.acts import sae_acts
 from scope.corpus import Windows
 from scope.errors import ScopeError
 from scope.record.state import FeatureState
+
+if TYPE_CHECKING:
+    from sae_lens import SAE, HookedSAETransformer
+
+    from scope.record.runner import RecordSettings
+    from scope.store.manifest import Part
 
 
 @dataclass(frozen=True)
@@ -42,13 +48,13 @@ StopFn = Callable[[], str | None]
 
 
 def run_batches(
-    model: Any,
-    saes: list[Any],
+    model: HookedSAETransformer,
+    saes: list[SAE],
     keys: list[str],
     states: dict[str, FeatureState],
     windows: Windows,
-    part: Any,
-    settings: Any,
+    part: Part,
+    settings: RecordSettings,
     checkpoint: Callable[[bool], None],
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,

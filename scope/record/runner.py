@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,8 +20,12 @@ from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, StopFn, run_batches
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_states, save_states
 from scope.record.tables import sae_summary, vocab_table, windows_table
+from scope.store.files import VersionBuilder
 from scope.store.manifest import Manifest, ModelIdentity, Part, StoreSettings
 from scope.store.writer import StoreWriter, current_part
+
+if TYPE_CHECKING:
+    from sae_lens import SAE, HookedSAETransformer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +69,7 @@ class RecordSummary:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def model_identity(model: Any) -> ModelIdentity:
+def model_identity(model: HookedSAETransformer) -> ModelIdentity:
     """Name, sizes and a weights fingerprint (bf16-rounded, so dtype does not change it)."""
     cfg = model.cfg
     h = hashlib.sha256()
@@ -90,7 +94,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def fit_batch_size(model: Any, saes: list[Any], ctx: int) -> int:
+def fit_batch_size(model: HookedSAETransformer, saes: list[SAE], ctx: int) -> int:
     """Windows per batch that fit in about half the free memory (GPU) or 2 GiB (CPU)."""
     cfg = model.cfg
     device = next(model.parameters()).device
@@ -202,8 +206,8 @@ def open_part(
 
 
 def record(
-    model: Any,
-    saes: list[Any],
+    model: HookedSAETransformer,
+    saes: list[SAE],
     corpus: CorpusSpec,
     store: str | Path,
     settings: RecordSettings | None = None,
@@ -255,7 +259,7 @@ def record(
             )
 
         def checkpoint(final: bool) -> None:
-            def fill(builder: Any) -> None:
+            def fill(builder: VersionBuilder) -> None:
                 save_states(builder, states)
                 if final:
                     finalize(builder, manifest, states, by_key, model, root)

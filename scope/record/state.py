@@ -18,7 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from scope.errors import ScopeError
 from scope.store.files import VersionBuilder
@@ -34,7 +36,7 @@ _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
 
 
-def sample_key(window: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+def sample_key(window: Int[Tensor, " n"], feature: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
     """A deterministic pseudo-random int64 per (window, feature): splitmix64 of the pair."""
     x = window.to(torch.int64) * 1_048_583 + feature.to(torch.int64) + _GOLDEN
     x = (x ^ (x >> 30)) * _MIX1
@@ -42,7 +44,7 @@ def sample_key(window: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 31)
 
 
-def lexsort(*keys: torch.Tensor) -> torch.Tensor:
+def lexsort(*keys: Tensor) -> Int[Tensor, " n"]:
     """Indices sorting by keys[0], then keys[1], ... (all ascending, stable)."""
     order = torch.argsort(keys[-1], stable=True)
     for key in reversed(keys[:-1]):
@@ -50,7 +52,7 @@ def lexsort(*keys: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def rank_within(groups: torch.Tensor) -> torch.Tensor:
+def rank_within(groups: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
     """For a sorted 1-D tensor of group ids, each element's position within its group."""
     n = groups.numel()
     idx = torch.arange(n, device=groups.device)
@@ -127,7 +129,12 @@ class FeatureState:
     # ------------------------------------------------------------ one batch
 
     @torch.no_grad()
-    def update(self, acts: torch.Tensor, counted: torch.Tensor, windows: torch.Tensor) -> None:
+    def update(
+        self,
+        acts: Float[Tensor, "batch pos d_sae"],
+        counted: Bool[Tensor, "batch pos"],
+        windows: Int[Tensor, " batch"],
+    ) -> None:
         """Fold one batch in.
 
         acts: [batch, pos, d_sae] codes, zero where a token does not count (as
@@ -161,7 +168,11 @@ class FeatureState:
         self._update_samples(wmax, wpos, windows)
 
     def _update_topk(
-        self, acts: torch.Tensor, wmax: torch.Tensor, wpos: torch.Tensor, windows: torch.Tensor
+        self,
+        acts: Float[Tensor, "batch pos d_sae"],
+        wmax: Float[Tensor, "batch d_sae"],
+        wpos: Int[Tensor, "batch d_sae"],
+        windows: Int[Tensor, " batch"],
     ) -> None:
         """Slots are unordered (tables sort them). A window enters only above a feature's worst
         kept one (a tie keeps the older, lower id) and takes over an evicted slot, so kept rows
@@ -196,8 +207,12 @@ class FeatureState:
         self.top_acts[ef, ej] = rows
 
     def _update_samples(
-        self, wmax: torch.Tensor, wpos: torch.Tensor, windows: torch.Tensor
+        self,
+        wmax: Float[Tensor, "batch d_sae"],
+        wpos: Int[Tensor, "batch d_sae"],
+        windows: Int[Tensor, " batch"],
     ) -> None:
+        """Per (feature, log bin of the window's max), keep the m windows of smallest key."""
         pb, pf = (wmax > 0).nonzero(as_tuple=True)
         if pb.numel() == 0:
             return

@@ -3,7 +3,7 @@ on the SAE and the model (logit lens, decoder neighbours)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +12,9 @@ import torch
 from scope.corpus import Windows
 from scope.identity import hook_site
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
+
+if TYPE_CHECKING:
+    from sae_lens import SAE, HookedSAETransformer
 
 LENS_K = 10
 NEIGHBOURS_K = 10
@@ -137,7 +140,7 @@ def sae_summary(sae: str, st: FeatureState, dense_threshold: float) -> dict[str,
 
 
 @torch.no_grad()
-def lens_table(sae_key: str, sae: Any, model: Any) -> pa.Table:
+def lens_table(sae_key: str, sae: SAE, model: HookedSAETransformer) -> pa.Table:
     """Per feature: top and bottom tokens of W_dec @ W_U, and nearest features by decoder
     cosine. Chunked over features so the [features, vocab] product never exists whole."""
     w_dec = sae.W_dec.detach()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -21,6 +21,9 @@ from scope.identity import recorded_key
 from scope.store.manifest import Manifest, read_manifest
 from scope.store.view import Example, FeatureView
 from scope.store.writer import SIDE_TABLES
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 INTERVALS = 5
 PER_INTERVAL = 5
@@ -169,7 +172,7 @@ class Store:
         """SAE key -> identity (release, id, hook, width, sha256, Neuronpedia id)."""
         return dict(self.manifest.saes)
 
-    def key_of(self, sae: Any) -> str | None:
+    def key_of(self, sae: SAE) -> str | None:
         """The key this store recorded ``sae`` under (found by its weights), or None."""
         return recorded_key(sae, self.manifest.saes)
 
