@@ -227,25 +227,27 @@ def _batches(items: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple
         yield batch
 
 
-def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
-    """Tokenize the corpus into BOS-first windows of ``spec.ctx`` tokens."""
+def iter_windows(spec: CorpusSpec, tokenizer: Any, report: ReadReport) -> Iterator[Windows]:
+    """The corpus as BOS-first windows of ``spec.ctx`` tokens, a block at a time (one block per
+    tokenizer call of TOKENIZE_BATCH documents), so no caller needs the whole corpus in memory.
+    ``report`` counts documents and skips as it goes. An empty corpus is an error."""
     bos = tokenizer.bos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if bos is None:
         raise ScopeError("the model's tokenizer has no BOS token; Gemma's always does")
     step = spec.ctx - 1
     budget = spec.max_tokens
-    report = ReadReport()
-    rows: list[np.ndarray] = []
-    lengths: list[int] = []
-    docs: list[int] = []
-    offsets: list[int] = []
-    names: list[str] = []
-    total = 0
+    total = n_windows = 0
     for batch in _batches(iter_documents(spec, report), TOKENIZE_BATCH):
         # one call per batch of documents: the fast tokenizer spreads it over all cores
         encoded = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+        chunks: list[list[int]] = []
+        docs: list[int] = []
+        offsets: list[int] = []
+        names: list[str] = []
         for (name, _), ids in zip(batch, encoded, strict=True):
+            if budget is not None and total >= budget:
+                break
             if not ids:
                 report.skip("documents with no tokens")
                 continue
@@ -255,31 +257,54 @@ def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
                 chunk = ids[start : start + step]
                 if budget is not None:
                     chunk = chunk[: budget - total]
-                row = np.full(spec.ctx, pad, dtype=np.int32)
-                row[0] = bos
-                row[1 : 1 + len(chunk)] = chunk
-                rows.append(row)
-                lengths.append(1 + len(chunk))
+                chunks.append(chunk)
                 docs.append(len(names) - 1)
                 offsets.append(start)
                 total += len(chunk)
                 if budget is not None and total >= budget:
                     break
-            if budget is not None and total >= budget:
-                break
+        if chunks:
+            lengths = np.asarray([1 + len(c) for c in chunks], dtype=np.int32)
+            tokens = np.full((len(chunks), spec.ctx), pad, dtype=np.int32)
+            tokens[:, 0] = bos
+            inside = np.arange(spec.ctx) < lengths[:, None]
+            inside[:, 0] = False
+            tokens[inside] = np.fromiter(
+                (t for c in chunks for t in c), np.int32, lengths.sum() - len(chunks)
+            )
+            n_windows += len(chunks)
+            yield Windows(
+                tokens=tokens,
+                lengths=lengths,
+                doc=np.asarray(docs, dtype=np.int32),
+                offset=np.asarray(offsets, dtype=np.int32),
+                doc_names=names,
+                report=report,
+            )
         if budget is not None and total >= budget:
-            break
-    if not rows:
+            return
+    if n_windows == 0:
         skipped = "; ".join(f"{n} {why}" for why, n in report.skipped.items()) or "no files"
         raise ScopeError(
             f"the corpus {', '.join(spec.paths)} has no text to record ({skipped}): give UTF-8 "
             "text files, .jsonl, .parquet or a saved dataset, and --field for their text"
         )
+
+
+def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
+    """The whole corpus as one set of windows (``iter_windows`` streams it instead)."""
+    report = ReadReport()
+    blocks = list(iter_windows(spec, tokenizer, report))
+    names: list[str] = []
+    docs = []
+    for block in blocks:
+        docs.append(block.doc + len(names))
+        names += block.doc_names
     return Windows(
-        tokens=np.stack(rows),
-        lengths=np.asarray(lengths, dtype=np.int32),
-        doc=np.asarray(docs, dtype=np.int32),
-        offset=np.asarray(offsets, dtype=np.int32),
+        tokens=np.concatenate([b.tokens for b in blocks]),
+        lengths=np.concatenate([b.lengths for b in blocks]),
+        doc=np.concatenate(docs),
+        offset=np.concatenate([b.offset for b in blocks]),
         doc_names=names,
         report=report,
     )

@@ -121,3 +121,55 @@ def test_settings_validation():
     )
     with pytest.raises(ScopeError, match="--tokens 'lots' is not a count"):
         parse_tokens("lots")
+
+
+def brute_fingerprint(w) -> str:
+    """The fingerprint's definition, a row at a time."""
+    import hashlib
+
+    h = hashlib.sha256(w.lengths.tobytes())
+    for row, n in zip(w.tokens, w.lengths, strict=True):
+        h.update(row[:n].tobytes())
+    return h.hexdigest()
+
+
+def test_streamed_windows_equal_the_whole(tmp_path, tiny_model, monkeypatch):
+    """Blocks of a few documents at a time, written to disk and read back in any read size,
+    give exactly the windows, fingerprint and batches of the whole corpus at once."""
+    import scope.corpus as corpus
+    from scope.corpus import ReadReport, iter_windows
+    from scope.record import windows as part_windows
+
+    docs = [f"{t} Document {i}." for i in range(11) for t in TEXTS[i % 3 : i % 3 + 1]]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = tiny_model.tokenizer
+    everything = build_windows(spec(tmp_path / "c.jsonl"), tok).n_tokens
+    budget = everything - 7  # the budget ends inside the last block
+    whole = build_windows(spec(tmp_path / "c.jsonl", max_tokens=budget), tok)
+    assert whole.fingerprint() == brute_fingerprint(whole)
+    monkeypatch.setattr(corpus, "TOKENIZE_BATCH", 4)
+    blocks = list(iter_windows(spec(tmp_path / "c.jsonl", max_tokens=budget), tok, ReadReport()))
+    assert len(blocks) > 1
+    np.testing.assert_array_equal(np.concatenate([b.tokens for b in blocks]), whole.tokens)
+    monkeypatch.setattr(part_windows, "READ_ROWS", 3)
+    written = part_windows.write_windows(
+        spec(tmp_path / "c.jsonl", max_tokens=budget), tok, tmp_path / "out", 100, 0
+    )
+    assert (
+        written.fingerprint == whole.fingerprint() and written.n_tokens == whole.n_tokens == budget
+    )
+    np.testing.assert_array_equal(written.lengths, whole.lengths)
+    ids = np.arange(100, 100 + len(whole))
+    for shard, batch, start in [((0, 1), 4, 0), ((1, 3), 2, 1), ((2, 3), 5, 0)]:
+        mine = np.nonzero(ids % shard[1] == shard[0])[0][start:]
+        got = list(part_windows.read_batches(written.path, 0, shard, batch, start))
+        assert [len(b.ids) for b in got] == [
+            len(mine[i : i + batch]) for i in range(0, len(mine), batch)
+        ]
+        for b, i in zip(got, range(0, len(mine), batch), strict=True):
+            rows = mine[i : i + batch]
+            np.testing.assert_array_equal(b.ids, ids[rows])
+            width = int(whole.lengths[rows].max())
+            expected = whole.tokens[rows, :width].copy()
+            expected[np.arange(width) >= whole.lengths[rows][:, None]] = 0  # pad id given: 0
+            np.testing.assert_array_equal(b.tokens, expected)

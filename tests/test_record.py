@@ -329,7 +329,9 @@ def test_refuses_another_model_or_sae(tmp_path, one_pass, tiny_model, saes, spec
     before = (one_pass / "manifest.json").read_text()
     with pytest.raises(ScopeError, match=r"was recorded with model .*tiny-gemma2.*not .*other"):
         record(other, saes, spec, one_pass, settings())
-    with pytest.raises(ScopeError, match=r"holds SAEs L1.att.128, L2.res.256, which differ"):
+    with pytest.raises(
+        ScopeError, match=r"holds SAEs L1.att.128, L1.mlp.64, L2.res.256, which differ"
+    ):
         record(tiny_model, saes[:1], spec, one_pass, settings())
     with pytest.raises(ScopeError, match=r"recorded with --k 4, not 7"):
         record(tiny_model, saes, spec, one_pass, settings(k=7))
@@ -386,11 +388,11 @@ def test_states_are_on_device_tensors(one_pass):
 
 
 def test_fast_encode_is_bitwise_sae_encode(saes, tiny_model, tmp_path):
-    from scope.acts import capture, encode, site_input
+    from scope.acts import capture, encode, hook_names, site_input
 
     tokens = tiny_model.to_tokens(fixtures.training_text()[5][:300])
     with torch.no_grad():
-        acts = capture(tiny_model, tokens, ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z"], 3)
+        acts = capture(tiny_model, tokens, hook_names(saes), 3)
     for sae in saes:
         x = acts[sae.cfg.metadata.hook_name]
         assert torch.equal(encode(sae, site_input(x)), sae.encode(x))

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from scope.acts import sae_acts
-from scope.corpus import Windows
 from scope.errors import ScopeError
 from scope.record.state import FeatureState
+from scope.record.windows import PartWindows, read_batches
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
@@ -52,7 +52,7 @@ def run_batches(
     saes: list[SAE],
     keys: list[str],
     states: dict[str, FeatureState],
-    windows: Windows,
+    windows: PartWindows,
     part: Part,
     settings: RecordSettings,
     checkpoint: Callable[[bool], None],
@@ -70,17 +70,15 @@ def run_batches(
     done = int(windows.lengths[mine[: part.next]].sum() - part.next)
     counted_tokens = 0
     last = started = time.perf_counter()
-    for pos in range(int(part.next), len(mine), batch):
-        idx = mine[pos : pos + batch]
-        lengths = torch.from_numpy(windows.lengths[idx]).to(device)
-        width = int(lengths.max())
-        tokens = torch.from_numpy(windows.tokens[idx, :width]).to(device=device, dtype=torch.long)
-        ids = torch.from_numpy(idx + first).to(device)
+    for chunk in read_batches(windows.path, windows.pad, settings.shard, batch, part.next):
+        lengths = torch.from_numpy(chunk.lengths).to(device)
+        tokens = torch.from_numpy(chunk.tokens).to(device=device, dtype=torch.long)
+        ids = torch.from_numpy(chunk.ids).to(device)
         out = sae_acts(model, saes, tokens, lengths)
         for key, codes in zip(keys, out.codes, strict=True):
             states[key].update(codes, out.counted, ids)
-        part.next = pos + len(idx)
-        n = int(lengths.sum()) - len(idx)
+        part.next += len(chunk.ids)
+        n = int(chunk.lengths.sum()) - len(chunk.ids)
         counted_tokens += n
         done += n
         if on_progress is not None:

@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scope.corpus import CorpusSpec, Windows, build_windows
+from scope.corpus import CorpusSpec
 from scope.errors import ScopeError
 from scope.fit import check_fit
 from scope.identity import sae_info, sae_keys
 from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, StopFn, run_batches
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_states, save_states
-from scope.record.tables import sae_summary, vocab_table, windows_table
+from scope.record.tables import sae_summary, vocab_table
+from scope.record.windows import PartWindows, write_windows
 from scope.store.files import VersionBuilder
 from scope.store.manifest import Manifest, ModelIdentity, Part, StoreSettings
 from scope.store.writer import StoreWriter, current_part
@@ -156,27 +157,27 @@ def new_manifest(
 
 def open_part(
     writer: StoreWriter,
-    windows: Windows,
+    windows: PartWindows,
     corpus: CorpusSpec,
     resume: bool,
     batch_size: int,
-) -> Part:
-    """The corpus part to record: the interrupted one (with --resume), or a new one appended."""
+) -> tuple[Part, PartWindows]:
+    """The corpus part to record: the interrupted one (with --resume), or a new one appended.
+    ``windows`` were written for it beside the store; they are moved into place."""
     manifest, root = writer.manifest, writer.root
     assert manifest is not None
-    fingerprint = windows.fingerprint()
     interrupted = current_part(manifest)
     if interrupted is not None:
         if not resume:
             raise ScopeError(
                 f"{root} holds an interrupted run: add --resume to continue it (nothing recorded is lost)"
             )
-        if interrupted.fingerprint != fingerprint:
+        if interrupted.fingerprint != windows.fingerprint:
             raise ScopeError(
                 f"--resume needs the same corpus and --tokens as the interrupted run of {root} "
                 f"(its corpus was {', '.join(interrupted.corpus)})"
             )
-    elif any(p.fingerprint == fingerprint for p in manifest.parts):
+    elif any(p.fingerprint == windows.fingerprint for p in manifest.parts):
         raise ScopeError(
             f"{root} already holds this corpus (same windows): adding it again would count it twice"
         )
@@ -186,7 +187,7 @@ def open_part(
                 corpus=list(corpus.paths),
                 field=corpus.field,
                 max_tokens=corpus.max_tokens,
-                fingerprint=fingerprint,
+                fingerprint=windows.fingerprint,
                 first_window=sum(p.windows for p in manifest.parts),
                 windows=len(windows),
                 tokens=windows.n_tokens,
@@ -197,12 +198,17 @@ def open_part(
             )
         )
         manifest.state = "recording"
-    part = manifest.parts[-1]
-    # a resumed run keeps its windows file; a killed run may have left another corpus's
-    table = windows_table(windows, part.first_window, len(manifest.parts) - 1)
-    writer.write_windows(len(manifest.parts) - 1, table, replace=interrupted is None)
+    path = writer.place_windows(len(manifest.parts) - 1, windows.path)
     writer.save()
-    return part
+    return manifest.parts[-1], replace(windows, path=path)
+
+
+def first_window(manifest: Manifest) -> int:
+    """The global id the next windows start at: the interrupted part's, or after every part."""
+    interrupted = current_part(manifest)
+    if interrupted is not None:
+        return interrupted.first_window
+    return sum(p.windows for p in manifest.parts)
 
 
 def record(
@@ -233,7 +239,6 @@ def record(
     by_key = dict(zip(keys, saes, strict=True))
     with StoreWriter(store) as writer:
         root = writer.root
-        windows = build_windows(corpus, model.tokenizer)
         wanted = new_manifest(
             model, {k: asdict(i) for k, i in zip(keys, infos, strict=True)}, settings
         )
@@ -244,7 +249,15 @@ def record(
         manifest = writer.manifest
         assert manifest is not None
         batch = settings.batch_size or fit_batch_size(model, saes, settings.ctx)
-        part = open_part(writer, windows, corpus, resume, batch)
+        index = len(manifest.parts) - (current_part(manifest) is not None)
+        written = write_windows(
+            corpus, model.tokenizer, root / "windows", first_window(manifest), index
+        )
+        try:
+            part, windows = open_part(writer, written, corpus, resume, batch)
+        except BaseException:
+            written.path.unlink(missing_ok=True)  # refused: the part's windows are not kept
+            raise
         states = (
             load_states(root / manifest.state_version, keys, device)
             if manifest.state_version

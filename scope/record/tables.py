@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from scope.corpus import Windows
 from scope.identity import hook_site
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
 
@@ -185,22 +184,6 @@ def _lists(matrix: np.ndarray) -> pa.Array:
     rows, cols = matrix.shape
     offsets = pa.array(np.arange(0, rows * cols + 1, cols, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
-
-
-def windows_table(w: Windows, first: int, part: int) -> pa.Table:
-    n = w.lengths
-    flat = np.concatenate([row[:k] for row, k in zip(w.tokens, n, strict=True)])
-    offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
-    return pa.table(
-        {
-            "window_id": np.arange(first, first + len(w), dtype=np.int64),
-            "part": np.full(len(w), part, dtype=np.int32),
-            "doc": pa.array([w.doc_names[d] for d in w.doc], pa.string()),
-            "offset": w.offset,
-            "n_tokens": n,
-            "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
-        }
-    )
 
 
 def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:

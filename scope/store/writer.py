@@ -11,6 +11,7 @@ file whole or not at all.
 from __future__ import annotations
 
 import fcntl
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ class StoreWriter:
     """The single writer of a store, as a context manager that holds the store's lock.
 
     ``with StoreWriter(root) as w:`` then ``w.manifest`` (None for a new store),
-    ``w.create(manifest, vocab)``, ``w.write_windows(part_index, table)``, ``w.save(manifest)``
+    ``w.create(manifest, vocab)``, ``w.place_windows(part_index, file)``, ``w.save()``
     and ``w.commit(fill, final=...)``. Readers never see a half-written state: version folders
     are built under a temporary name and renamed, then the manifest is replaced.
     """
@@ -89,12 +90,12 @@ class StoreWriter:
         self.manifest = manifest
         return manifest
 
-    def write_windows(self, index: int, table: pa.Table, *, replace: bool = True) -> None:
-        """The windows of corpus part ``index`` (written once; ``replace=False`` keeps a
-        complete file already there)."""
+    def place_windows(self, index: int, written: Path) -> Path:
+        """Move a finished windows file (written beside, under a hidden name) into place as
+        corpus part ``index``; returns its path."""
         path = self.root / "windows" / f"part-{index:03d}.parquet"
-        if replace or not path.is_file():
-            write_parquet_atomic(path, table)
+        os.replace(written, path)
+        return path
 
     def save(self) -> None:
         """Write the manifest as it is now (e.g. after adding a part)."""
