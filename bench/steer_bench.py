@@ -5,8 +5,9 @@
 
 Plain generation is the workbench's sampler with no hooks (KV cache on); transformer-lens'
 own `generate` is timed too for reference. Steered runs add one feature (add), clamp one
-(an SAE encode each step), and steer three features on two layers at once. Greedy, no early
-stop, so every run makes the same number of tokens. Medians of --repeats runs.
+(an SAE encode each step), and steer three features on two layers at once; each run builds
+fresh hooks. Greedy, no early stop, so every run makes the same number of tokens; the sampler
+at temperature 0.7 with top-p is timed unsteered. Medians of --repeats runs.
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-
+from scope import load_model, load_sae
 from scope import testing as fixtures
-
-from scope import load_model, load_sae  # noqa: E402
-from scope.steer import Sampling, Steer, build_hooks, generate, prompt_tokens  # noqa: E402
+from scope.generate import Sampling, generate, prompt_tokens
+from scope.steer import Steer
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -81,30 +81,28 @@ def main() -> None:
         early, late = (make_sae(model, work, layer, width, probe) for layer in layers)
         sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
         tokens = prompt_tokens(model, "The history of the city begins with", False, args.new_tokens)
-        n = tokens.shape[1]
-        cases = {
+        cases: dict[str, list[Steer]] = {
             "plain (no hooks)": [],
-            "add 1 feature": build_hooks([Steer(late, 5, strength=8.0)], n),
-            "clamp 1 feature": build_hooks([Steer(late, 5, strength=8.0, mode="clamp")], n),
-            "3 features, 2 layers": build_hooks(
-                [
-                    Steer(late, 5, strength=8.0),
-                    Steer(late, 9, mode="ablate"),
-                    Steer(early, 3, strength=4.0),
-                ],
-                n,
-            ),
+            "add 1 feature": [Steer(late, 5, strength=8.0)],
+            "clamp 1 feature": [Steer(late, 5, strength=8.0, mode="clamp")],
+            "3 features, 2 layers": [
+                Steer(late, 5, strength=8.0),
+                Steer(late, 9, mode="ablate"),
+                Steer(early, 3, strength=4.0),
+            ],
         }
         results = {}
-        for name, hooks in cases.items():
+        for name, steers in cases.items():
 
-            def run(hooks=hooks) -> None:
-                for h in hooks:  # fresh position counters for each generation
-                    h[1].seen = 0
-                out = list(generate(model, tokens, sampling, hooks))
+            def run(steers: list[Steer] = steers, sampling: Sampling = sampling) -> None:
+                out = list(generate(model, tokens, sampling, steers))  # fresh hooks per run
                 assert len(out) == args.new_tokens
 
             results[name] = args.new_tokens / timed(run, args.repeats, device)
+        sampled = replace(sampling, temperature=0.7, top_p=0.9)
+        results["sampled (T 0.7, top-p)"] = args.new_tokens / timed(
+            lambda: list(generate(model, tokens, sampled)), args.repeats, device
+        )
         tl = args.new_tokens / timed(
             lambda: model.generate(tokens, max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False,
                                    verbose=False, use_past_kv_cache=True),  # fmt: skip

@@ -14,48 +14,76 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
+from jaxtyping import Int
 
+from scope.acts import encode, site_input
 from scope.errors import ScopeError
-from scope.steer import Sampling, Steer, build_hooks, generate, prompt_tokens
+from scope.generate import Sampling, generate, prompt_tokens
+from scope.sae import sae_key
+from scope.steer import Steer, check_steers, steering
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SweepPoint:
+    """One steered continuation of the sweep's prompt and its metrics."""
+
     strength: float
+    """The steer's strength at this point."""
     mode: str
+    """add, clamp or ablate."""
     sae: str
+    """The SAE's key: the store's own when the sweep ran with one that recorded it (so
+    ``experiments.sae`` joins ``features.sae``), else the short key."""
     hook: str
+    """The hook point steered."""
     text: str
+    """The continuation, special tokens skipped."""
     tokens: list[int]
+    """The continuation's tokens."""
     target_act: float
+    """The feature's mean activation at its hook over the continuation, steering on."""
     text_act: float
+    """The same read by the unsteered model on the steered text."""
     kl: float
+    """Mean KL(steered || baseline) of the next-token distributions along the continuation."""
     loss: float
+    """Mean cross-entropy of the continuation under the unsteered model."""
 
 
-@dataclass
+PointFn = Callable[[SweepPoint, int, int], None]
+"""``on_point(point, index, total)``: called as each point of a sweep is done."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Sweep:
     """All points of a sweep, and how they were made."""
 
     prompt: str
+    """The prompt every point continues."""
     feature: int
+    """The feature steered."""
     sampling: Sampling
+    """The settings of every generation, baseline included."""
     baseline: str
+    """The unsteered continuation."""
     points: list[SweepPoint] = field(default_factory=list)
+    """In the order they ran: by SAE, then mode, then strength."""
     id: str = ""
+    """The experiment's id (time and a random suffix): its file names under experiments/."""
 
     def table(self) -> pa.Table:
-        rows = [vars(p) for p in self.points]
+        """One row per point, with the experiment id, feature and prompt."""
         return pa.Table.from_pylist(
             [
-                {**r, "experiment": self.id, "feature": self.feature, "prompt": self.prompt}
-                for r in rows
+                {**vars(p), "experiment": self.id, "feature": self.feature, "prompt": self.prompt}
+                for p in self.points
             ]
         )
 
@@ -81,21 +109,18 @@ class Sweep:
         return fig
 
     def save(self, folder: str | Path) -> Path:
-        """Write the sweep under ``folder/experiments/`` (a store folder, or any folder)."""
-        from scope.store.files import write_json_atomic, write_parquet_atomic
+        """Write the sweep as the side table ``experiments`` of ``folder`` (a store folder, where
+        it becomes the ``experiments`` view, or any folder): Parquet rows plus JSON metadata."""
+        from scope.store.writer import add_side_table
 
-        out = Path(folder) / "experiments"
-        out.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(out / f"{self.id}.parquet", self.table())
         meta = {"id": self.id, "prompt": self.prompt, "feature": self.feature,
                 "sampling": vars(self.sampling), "baseline": self.baseline}  # fmt: skip
-        write_json_atomic(out / f"{self.id}.json", meta)
-        return out / f"{self.id}.parquet"
+        return add_side_table(folder, "experiments", self.id, self.table(), meta)
 
 
 @torch.no_grad()
 def measure(
-    model: Any, tokens: torch.Tensor, cont: list[int], steer: Steer, store: Any
+    model: Any, tokens: Int[torch.Tensor, "1 pos"], cont: list[int], steer: Steer, store: Any
 ) -> dict[str, float]:
     """Metrics of one steered continuation ``cont`` of ``tokens`` (see the module docstring)."""
     n_prompt = tokens.shape[1]
@@ -106,8 +131,10 @@ def measure(
     def grab(act: torch.Tensor, hook: Any) -> None:
         got[hook.name] = act.detach().clone()
 
-    steered_hooks = build_hooks([steer], n_prompt, store)
-    with model.hooks(fwd_hooks=[*steered_hooks, (hook, grab)]):
+    with (
+        steering(model, [steer], prompt_len=n_prompt, store=store),
+        model.hooks(fwd_hooks=[(hook, grab)]),
+    ):
         steered_logits = model(seq)[0].float()
     after = got.pop(hook)
     with model.hooks(fwd_hooks=[(hook, grab)]):
@@ -115,8 +142,8 @@ def measure(
     before = got.pop(hook)
     span = slice(n_prompt, seq.shape[1])  # the continuation
     f = steer.feature
-    target = steer.sae.encode(after[0, span])[..., f].float().mean().item()
-    text = steer.sae.encode(before[0, span])[..., f].float().mean().item()
+    target = encode(steer.sae, site_input(after)[0, span])[..., f].float().mean().item()
+    text = encode(steer.sae, site_input(before)[0, span])[..., f].float().mean().item()
     pred = slice(n_prompt - 1, seq.shape[1] - 1)  # positions that predict the continuation
     logp_s = torch.log_softmax(steered_logits[pred], dim=-1)
     logp_b = torch.log_softmax(base_logits[pred], dim=-1)
@@ -145,34 +172,44 @@ def sweep(
     model: Any,
     prompt: str,
     steer: Steer,
-    strengths: list[float],
+    strengths: Sequence[float],
     *,
-    modes: list[str] | None = None,
-    saes: list[Any] | None = None,
+    modes: Sequence[str] | None = None,
+    saes: Sequence[Any] | None = None,
     sampling: Sampling | None = None,
     store: Any = None,
     save_to: str | Path | None = None,
+    on_point: PointFn | None = None,
 ) -> Sweep:
     """Steer ``steer``'s feature at every strength (and mode, and SAE: other layers), measure
-    each point, and save the sweep to ``save_to`` (default: the store's folder) if given."""
+    each point, and save the sweep to ``save_to`` (default: the store's folder) if given.
+    ``on_point(point, index, total)`` is called as each point is done (a progress bar, a live
+    plot); every point is checked before anything is generated."""
     sampling = sampling or Sampling()
     if not strengths:
         raise ScopeError("no strengths to sweep: give e.g. --strengths -20:80:10")
     tokens = prompt_tokens(model, prompt, sampling.chat, sampling.max_new_tokens)
+    plan = [
+        replace(steer, sae=sae, mode=mode, strength=strength)
+        for sae in saes or [steer.sae]
+        for mode in modes or [steer.mode]
+        for strength in strengths
+    ]
+    check_steers(model, plan, store)
+    recorded = store.saes if store is not None else None
     baseline = list(generate(model, tokens, sampling))
+    points: list[SweepPoint] = []
+    for index, point in enumerate(plan):
+        cont = list(generate(model, tokens, sampling, [point], store=store))
+        done = SweepPoint(strength=point.strength, mode=point.mode, sae=sae_key(point.sae, recorded),
+                          hook=point.hook_name, text=model.tokenizer.decode(cont, skip_special_tokens=True),
+                          tokens=cont, **measure(model, tokens, cont, point, store))  # fmt: skip
+        points.append(done)
+        if on_point:
+            on_point(done, index, len(plan))
     result = Sweep(prompt=prompt, feature=steer.feature, sampling=sampling,
-                   baseline=model.tokenizer.decode(baseline, skip_special_tokens=True),
+                   baseline=model.tokenizer.decode(baseline, skip_special_tokens=True), points=points,
                    id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])  # fmt: skip
-    for sae in saes or [steer.sae]:
-        for mode in modes or [steer.mode]:
-            for strength in strengths:
-                point = replace(steer, sae=sae, mode=mode, strength=strength)
-                hooks = build_hooks([point], tokens.shape[1], store)
-                cont = list(generate(model, tokens, sampling, hooks))
-                metrics = measure(model, tokens, cont, point, store)
-                result.points.append(SweepPoint(
-                    strength=strength, mode=mode, sae=point.key, hook=point.hook_name,
-                    text=model.tokenizer.decode(cont, skip_special_tokens=True), tokens=cont, **metrics))  # fmt: skip
     target = save_to if save_to is not None else (store.root if store is not None else None)
     if target is not None:
         result.save(target)

@@ -16,8 +16,9 @@ import argparse
 import torch
 
 from scope import load_model, load_sae
-from scope.cli import parse_sae_spec
-from scope.steer import Sampling, Steer, compare
+from scope.acts import sae_acts
+from scope.generate import Sampling, compare
+from scope.steer import Steer
 
 CONCEPT = [
     "The Golden Gate Bridge spans the strait at the entrance to San Francisco Bay.",
@@ -32,13 +33,12 @@ NEUTRAL = [
 
 
 def mean_acts(model, sae, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and max activation of every feature over the texts' tokens (BOS excluded)."""
-    hook = sae.cfg.metadata.hook_name
+    """Mean and max activation of every feature over the texts' tokens (BOS and other special
+    tokens excluded)."""
     rows = []
     for text in texts:
-        with torch.no_grad():
-            _, cache = model.run_with_cache(text, names_filter=hook)
-            rows.append(sae.encode(cache[hook][0, 1:]).float())
+        acts = sae_acts(model, [sae], model.to_tokens(text))
+        rows.append(acts.codes[0][acts.counted].float())
     acts = torch.cat(rows)
     return acts.mean(0), acts.max(0).values
 
@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = load_model(args.model)
-    sae = load_sae(*parse_sae_spec(args.sae), device=model.cfg.device, dtype=model.cfg.dtype)
+    sae = load_sae(args.sae, device=model.cfg.device, dtype=model.cfg.dtype)
     concept_mean, concept_max = mean_acts(model, sae, CONCEPT)
     neutral_mean, _ = mean_acts(model, sae, NEUTRAL)
     feature = int((concept_mean - neutral_mean).argmax())

@@ -13,9 +13,9 @@ import argparse
 from pathlib import Path
 
 from scope import load_model, load_sae
-from scope.cli import parse_sae_spec
-from scope.steer import Sampling, Steer
-from scope.sweep import parse_strengths, sweep
+from scope.generate import Sampling
+from scope.steer import Steer
+from scope.sweep import SweepPoint, parse_strengths, sweep
 
 
 def main() -> None:
@@ -33,15 +33,16 @@ def main() -> None:
     args = ap.parse_args()
 
     model = load_model(args.model)
-    sae = load_sae(*parse_sae_spec(args.sae), device=model.cfg.device, dtype=model.cfg.dtype)
+    sae = load_sae(args.sae, device=model.cfg.device, dtype=model.cfg.dtype)
+
+    def show(p: SweepPoint, index: int, total: int) -> None:
+        print(f"[{index + 1}/{total}] {p.mode:6} {p.strength:8g}  act {p.target_act:7.2f}  "
+              f"KL {p.kl:6.3f}  loss {p.loss:5.2f}  {p.text[:60]!r}", flush=True)  # fmt: skip
+
     result = sweep(model, args.prompt, Steer(sae, args.feature), parse_strengths(args.strengths),
                    modes=args.modes.split(","), sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0),
-                   save_to=args.out)  # fmt: skip
+                   save_to=args.out, on_point=show)  # fmt: skip
     print(f"baseline: {result.baseline!r}")
-    for p in result.points:
-        print(
-            f"{p.mode:6} {p.strength:8g}  act {p.target_act:7.2f}  KL {p.kl:6.3f}  loss {p.loss:5.2f}  {p.text[:60]!r}"
-        )
     html = Path(args.out) / "sweep.html"
     result.figure().write_html(html)
     print(f"saved {args.out}/experiments/{result.id}.parquet and {html}")
