@@ -264,10 +264,12 @@ def script_args(
 
 @pytest.mark.slow
 def test_killed_run_resumes_identically(
-    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
+    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, mlp_sae_dir, one_pass
 ):
     store = tmp_path / "killed"
-    args = script_args(tmp_path, RUN, tiny_dir, corpus_dir, store, [tiny_sae_dir, att_sae_dir])
+    args = script_args(
+        tmp_path, RUN, tiny_dir, corpus_dir, store, [tiny_sae_dir, att_sae_dir, mlp_sae_dir]
+    )
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 once a few checkpoints are on disk
@@ -296,13 +298,18 @@ def test_killed_run_resumes_identically(
 
 @pytest.mark.slow
 def test_reader_sees_consistent_snapshots_while_writing(
-    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, tiny_model, saes
+    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, mlp_sae_dir, tiny_model, saes
 ):
     store = tmp_path / "live"
     first = CorpusSpec(paths=(str(corpus_dir / "a.txt"),), ctx=CTX)
     record(tiny_model, saes, first, store, settings())
     args = script_args(
-        tmp_path, RUN, tiny_dir, corpus_dir / "b.jsonl", store, [tiny_sae_dir, att_sae_dir]
+        tmp_path,
+        RUN,
+        tiny_dir,
+        corpus_dir / "b.jsonl",
+        store,
+        [tiny_sae_dir, att_sae_dir, mlp_sae_dir],
     )
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = set()
@@ -439,10 +446,12 @@ except ScopeError as err:
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_resumes_identically(
-    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, one_pass
+    tmp_path, tiny_dir, corpus_dir, tiny_sae_dir, att_sae_dir, mlp_sae_dir, one_pass
 ):
     store = tmp_path / "interrupted"
-    args = script_args(tmp_path, SLOW_RUN, tiny_dir, corpus_dir, store, [tiny_sae_dir, att_sae_dir])
+    args = script_args(
+        tmp_path, SLOW_RUN, tiny_dir, corpus_dir, store, [tiny_sae_dir, att_sae_dir, mlp_sae_dir]
+    )
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (store / "manifest.json").exists() and time.time() < deadline:
