@@ -1,7 +1,8 @@
 """Record every feature of many SAEs over a corpus in one pass into a store."""
 
 from scope.record.loop import RecordProgress, stop_on_signals
-from scope.record.runner import RecordSettings, RecordSummary, record
+from scope.record.runner import record
+from scope.record.settings import RecordSettings, RecordSummary
 from scope.record.state import FeatureState
 
 __all__ = [

@@ -23,7 +23,7 @@ from scope.record.windows import PartWindows, read_batches
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
 
-    from scope.record.runner import RecordSettings
+    from scope.record.settings import RecordSettings
     from scope.store.manifest import Part
 
 

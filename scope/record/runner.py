@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,7 @@ from scope.fit import check_fit
 from scope.identity import sae_info, sae_keys
 from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, StopFn, run_batches
+from scope.record.settings import RecordSettings, RecordSummary
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_states, save_states
 from scope.record.tables import sae_summary, vocab_table
 from scope.record.windows import PartWindows, write_windows
@@ -27,47 +28,6 @@ from scope.store.writer import StoreWriter, current_part
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
-
-
-@dataclass(frozen=True, kw_only=True)
-class RecordSettings:
-    """How to record. ctx, k and samples must match when adding to or resuming a store."""
-
-    ctx: int = 128
-    """Window length in tokens, BOS included."""
-    k: int = 20
-    """Top windows kept per feature."""
-    samples: int = 5
-    """Random windows kept per feature per log-spaced activation bin (interval examples)."""
-    dense_threshold: float = 0.1
-    """A feature firing on more than this fraction of tokens is counted as dense."""
-    batch_size: int | None = None
-    """Windows per forward pass; None fits it to free memory."""
-    shard: tuple[int, int] = (0, 1)
-    """(i, N): record only windows whose id % N == i; `scope merge` combines the N stores."""
-    checkpoint_seconds: float = 60.0
-    """Save resumable state at most this often (and at the end)."""
-
-    def __post_init__(self) -> None:
-        i, n = self.shard
-        if not (n >= 1 and 0 <= i < n):
-            raise ScopeError(f"--shard {i}/{n} is not valid: use i/N with 0 <= i < N, e.g. 0/4")
-        if self.k < 1 or self.samples < 1:
-            raise ScopeError("--k and --samples must be at least 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ScopeError(f"--batch-size {self.batch_size} must be at least 1")
-
-
-@dataclass
-class RecordSummary:
-    """What `scope record` prints at the end."""
-
-    store: str
-    tokens: int
-    windows: int
-    seconds: float
-    saes: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def model_identity(model: HookedSAETransformer) -> ModelIdentity:
