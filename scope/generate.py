@@ -77,7 +77,7 @@ def prompt_tokens(
             ids = ids["input_ids"]
         tokens = torch.tensor([list(ids)], dtype=torch.long)
     else:
-        tokens = model.to_tokens(prompt, prepend_bos=True)
+        tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)  # count them all
     total = tokens.shape[1] + max_new_tokens
     if total > model.cfg.n_ctx:
         raise ScopeError(

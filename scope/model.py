@@ -61,7 +61,27 @@ class ModelInfo:
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The device to use: the one asked for, else cuda, then mps, then cpu."""
     if device is not None:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ScopeError(f"--device {device!r} is not a device: use cuda, mps or cpu") from None
+        mps = getattr(torch.backends, "mps", None)
+        there = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available(),
+            "mps": mps is not None and mps.is_available(),
+        }
+        if not there.get(dev.type, False):
+            found = ", ".join(k for k, ok in there.items() if ok)
+            raise ScopeError(
+                f"--device {device}: there is no {dev.type} device on this machine (found: "
+                f"{found}); leave --device out to use the best there is"
+            )
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ScopeError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

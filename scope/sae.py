@@ -171,11 +171,23 @@ def cfg_hook(folder: Path) -> str | None:
     return str(hook) if hook else None
 
 
+def check_hook_name(hook: str) -> None:
+    """An SAE reads a block's hook (``blocks.L.<name>``); anything else is a typo."""
+    layer, site = hook_site(hook)
+    if layer is None:
+        raise ScopeError(
+            f"--hook {hook!r} is not a hook inside a block: give blocks.L.hook_resid_post "
+            "(res), blocks.L.hook_mlp_out (mlp) or blocks.L.attn.hook_z (att), with L the layer"
+        )
+
+
 def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> SAE:
     from sae_lens import SAE
 
     if (path / "params.npz").is_file():
         hook = hook_name or cfg_hook(path) or infer_hook(path)
+        if hook is not None:
+            check_hook_name(hook)
         if hook is None:
             raise ScopeError(
                 f"cannot tell which hook the SAE in {path} reads: pass hook= (--hook), e.g. "
@@ -207,6 +219,7 @@ def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> 
         refuse_unsafe_weights(path)
         sae = SAE.load_from_disk(path, device=device)
         if hook_name:
+            check_hook_name(hook_name)
             sae.cfg.metadata.hook_name = hook_name
     else:
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"

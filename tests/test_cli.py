@@ -47,7 +47,7 @@ def test_info_on_fixtures_command_line(tiny_dir, tiny_sae_dir, tmp_path):
         timeout=300,
         env={**os.environ, "COLUMNS": "240"},
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # one SAE does not fit: scripts can tell
     text = result.stdout
     for expected in (
         "Gemma2ForCausalLM",

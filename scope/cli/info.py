@@ -44,6 +44,7 @@ def info(
         with out.status(f"loading {model}"):
             loaded = load_model(model, device=device, dtype=dtype)
         out.print(_model_table(loaded))
+    misfits = 0
     for spec in sae or []:
         s = load_sae(spec, device=device, dtype=dtype, hook=hook)
         table = _sae_table(s)
@@ -54,7 +55,10 @@ def info(
                 table.add_row("fits", f"[green]yes[/]: {hook_name} of {loaded.cfg.model_name}")
             except ScopeError as e:
                 table.add_row("fits", f"[red]no[/]: {escape(str(e))}")
+                misfits += 1
         out.print(table)
+    if misfits:  # scripts can check: 1 = an SAE does not fit (2 = bad input)
+        raise typer.Exit(1)
 
 
 def _model_table(loaded: Any) -> Table:

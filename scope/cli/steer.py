@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -86,6 +87,31 @@ def _streamer(tokenizer: Any, labels: dict[str, str]) -> Callable[[str, int], No
     return show
 
 
+def describe(steer: Any) -> str:
+    """How a steer reads to a person: "add 8", "add 4x max", "add 0.5x norm", "clamp 30"."""
+    if steer.mode == "ablate":
+        return "ablate"
+    units = {"absolute": "", "max": "x max", "norm": "x norm"}
+    return f"{steer.mode} {steer.strength:g}{units[steer.unit]}"
+
+
+def check_output(path: str | None, flag: str, *, folder: bool) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise ScopeError(f"{flag} {path} is a file: give a folder (it is created if missing)")
+        return
+    if target.is_dir():
+        raise ScopeError(f"{flag} {path} is a folder: give a file name, e.g. {path}/sweep.html")
+    if not target.parent.is_dir():
+        raise ScopeError(
+            f"{flag} {path}: the folder {target.parent} does not exist; create it or pick another"
+        )
+
+
 @app.command()
 @friendly
 def steer(
@@ -114,6 +140,11 @@ def steer(
     from scope.generate import compare
     from scope.steer import Steer
 
+    if not strength and mode != "ablate":
+        raise ScopeError(
+            "give --strength (e.g. --strength 8; with --unit max, 4 means 4x the recorded max), "
+            "or --mode ablate"
+        )
     loaded, saes, opened = _setup(model, sae, feature, device, dtype, hook, store)
     strengths = strength or [0.0]
     if len(strengths) not in (1, len(feature)):
@@ -122,7 +153,7 @@ def steer(
     steers = [Steer(s, f, strength=v, mode=mode, unit=unit, positions=positions)
               for s, f, v in zip(saes, feature, strengths, strict=True)]  # fmt: skip
     sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)
-    label = "steered: " + ", ".join(f"{s.key}/{s.feature} {s.mode} {s.strength:g}" for s in steers)
+    label = "steered: " + ", ".join(f"{s.key}/{s.feature} {describe(s)}" for s in steers)
     show = _streamer(loaded.tokenizer, {"baseline": "baseline", "steered": label})
     compare(loaded, prompt, steers, sampling=sampling, store=opened, on_token=show)
     out.print()
@@ -167,6 +198,8 @@ def sweep(
     from scope.sweep import sweep as run_sweep
 
     values = parse_strengths(strengths)
+    check_output(out_dir, "--out", folder=True)
+    check_output(plot, "--plot", folder=False)
     loaded, saes, opened = _setup(model, sae, [feature] * len(sae), device, dtype, hook, store)
     base = Steer(saes[0], feature, mode=mode, unit=unit, positions=positions)
     sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)

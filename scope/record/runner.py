@@ -195,10 +195,17 @@ def record(
     keys = sae_keys(infos)
     for s in saes:
         check_fit(model, s)
+    if settings.ctx > model.cfg.n_ctx:
+        raise ScopeError(
+            f"--ctx {settings.ctx} is longer than the context of {model.cfg.model_name} "
+            f"({model.cfg.n_ctx} tokens): use --ctx {model.cfg.n_ctx} or less"
+        )
     device = next(model.parameters()).device
     by_key = dict(zip(keys, saes, strict=True))
     with StoreWriter(store) as writer:
         root = writer.root
+        if writer.manifest is not None and writer.manifest.state_version is None:
+            writer.start_over()  # its first run stopped before any checkpoint: nothing to keep
         wanted = new_manifest(
             model, {k: asdict(i) for k, i in zip(keys, infos, strict=True)}, settings
         )
@@ -213,6 +220,11 @@ def record(
         written = write_windows(
             corpus, model.tokenizer, root / "windows", first_window(manifest), index
         )
+        finished = [p.fingerprint for p in manifest.parts if p is not current_part(manifest)]
+        if resume and current_part(manifest) is None and written.fingerprint in finished:
+            written.path.unlink()  # a retried job: this corpus is in the store already
+            return RecordSummary(store=str(root), tokens=0, windows=0, seconds=0.0,
+                                 skipped=written.report.skipped, already_recorded=True)  # fmt: skip
         try:
             part, windows = open_part(writer, written, corpus, resume, batch)
         except BaseException:

@@ -47,3 +47,5 @@ class RecordSummary:
     seconds: float
     saes: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    already_recorded: bool = False
+    """``--resume`` of a run that had finished: nothing was done."""

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from scope.errors import ScopeError
-from scope.store.files import VersionBuilder
+from scope.store.files import VersionBuilder, as_created
 
 # Activation histogram: 16 bins a decade over [1e-3, 1e4), plus under/overflow bins.
 HIST_EDGES = torch.logspace(-3, 4, 16 * 7 + 1, dtype=torch.float64)
@@ -348,4 +348,6 @@ def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> Non
     """Each SAE's state as ``state/<key>.safetensors`` in a version being built."""
     for key, st in states.items():
         tensors = {n: t.contiguous() for n, t in st.tensors().items()}
-        save_file(tensors, builder.path(f"state/{key}.safetensors"))
+        path = builder.path(f"state/{key}.safetensors")
+        save_file(tensors, path)
+        as_created(path)  # safetensors writes 0600

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scope.corpus import CorpusSpec, ReadReport, Windows, iter_windows
+from scope.store.files import as_created
 
 READ_ROWS = 4096
 """Windows read from disk at a time."""
@@ -71,6 +72,7 @@ def write_windows(
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".windows-", suffix=".parquet")
     os.close(fd)
+    as_created(tmp)
     report = ReadReport()
     lengths: list[np.ndarray] = []
     writer: pq.ParquetWriter | None = None

@@ -30,8 +30,22 @@ READER_GRACE_SECONDS = 600.0
 """A replaced snapshot stays on disk this long, so readers that opened it can finish."""
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: str | Path, *, folder: bool = False) -> None:
+    """Give a temp file (0600) or folder (0700) the mode a plain create would have had, so
+    colleagues sharing the machine can read the store as the umask intends."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    as_created(tmp)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.flush()
@@ -43,6 +57,7 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
+    as_created(tmp)
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
 
@@ -54,6 +69,7 @@ class VersionBuilder:
         self.root = root
         self.name = f"v{number:06d}"
         self.tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{self.name}."))
+        as_created(self.tmp, folder=True)
 
     def path(self, rel: str) -> Path:
         p = self.tmp / rel

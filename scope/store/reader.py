@@ -35,11 +35,33 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def sql_glob(folder: Path, pattern: str) -> str:
-    """A DuckDB glob for files matching ``pattern`` in ``folder``, where the folder's own
-    name is taken literally (``[``, ``*``, ``?`` in a path are glob syntax otherwise)."""
-    literal = "".join(f"[{c}]" if c in "[*?" else c for c in folder.as_posix())
-    return sql_string(f"{literal}/{pattern}")
+def sql_files(folder: Path, pattern: str) -> str | None:
+    """The files matching ``pattern`` in ``folder`` as a SQL list of string literals (no glob
+    left for DuckDB to expand, so ``[``, ``*`` or ``?`` in a path are only characters), or
+    None when there are none."""
+    found = sorted(folder.glob(pattern))
+    return "[" + ", ".join(sql_string(str(f)) for f in found) + "]" if found else None
+
+
+READ_ONLY = {"SELECT", "EXPLAIN"}
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Refuse an empty query, or any statement that is not a query."""
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as err:
+        raise ScopeError(f"query failed: {err}") from err
+    if not statements:
+        raise ScopeError("the query is empty: give a SELECT, e.g. select * from saes")
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_ONLY:
+            raise ScopeError(
+                f"{kind} statements are refused: a store is read-only to queries. Use "
+                "SELECT (or WITH, DESCRIBE, SUMMARIZE, EXPLAIN); to export rows, use "
+                "`scope sql ... --csv FILE` or `--json`"
+            )
 
 
 class Rows:
@@ -82,7 +104,7 @@ class Store:
     Safe to use from many threads, and while a recording writes the store."""
 
     def __init__(self, path: str | Path) -> None:
-        self.root = Path(path).expanduser()
+        self.root = Path(path).expanduser().resolve()  # the views and the allowed folder agree
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[duckdb.DuckDBPyConnection] = []
@@ -150,13 +172,15 @@ class Store:
 
         for name in SNAPSHOT_TABLES:
             view(name, f"read_parquet({sql_string(str(version / f'{name}.parquet'))})")
-        view("lens", f"read_parquet({sql_glob(version / 'lens', '*.parquet')}, union_by_name=true)")
-        view("windows", f"read_parquet({sql_glob(self.root / 'windows', 'part-*.parquet')})")
+        view(
+            "lens", f"read_parquet({sql_files(version / 'lens', '*.parquet')}, union_by_name=true)"
+        )
+        view("windows", f"read_parquet({sql_files(self.root / 'windows', 'part-*.parquet')})")
         view("vocab", f"read_parquet({sql_string(str(self.root / 'vocab.parquet'))})")
-        for name in SIDE_TABLES:
-            if any((self.root / name).glob("*.parquet")):
-                source = sql_glob(self.root / name, "*.parquet")
-                view(name, f"read_parquet({source}, union_by_name=true)")
+        for name in SIDE_TABLES:  # present once written; refresh() picks up files added later
+            files = sql_files(self.root / name, "*.parquet")
+            if files is not None:
+                view(name, f"read_parquet({files}, union_by_name=true)")
         con.execute(f"""
             create view intervals as
             select sae, feature, interval, window_id, pos, act from (
@@ -165,6 +189,11 @@ class Store:
                            as interval
                     from samples s join features f using (sae, feature) where f.max > 0))
             where n <= {PER_INTERVAL}""")
+        # readers read the store and nothing else (DuckDB resolves the views' files at query
+        # time, so the store's folder stays allowed); what may run is checked in ``sql``
+        con.execute("set allowed_directories = [?]", [str(self.root)])
+        con.execute("set enable_external_access = false")
+        con.execute("set lock_configuration = true")
         return con
 
     @property
@@ -177,8 +206,12 @@ class Store:
         return recorded_key(sae, self.manifest.saes)
 
     def sql(self, query: str, params: list[Any] | None = None) -> Rows:
-        """Run SQL over the tables above and fetch the result whole."""
+        """Run a read-only query (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN...) over the
+        tables above and fetch the result whole. Statements that could write (COPY, ATTACH,
+        EXPORT, CREATE, SET, ...) are refused: the store is read-only to readers, and files
+        outside it cannot be read."""
         try:
+            check_read_only(self.con, query)
             relation = self.con.sql(query, params=params)
             return Rows(relation.to_arrow_table() if relation is not None else pa.table({}))
         except duckdb.IOException as err:
@@ -194,6 +227,8 @@ class Store:
     def _parse(self, address: str) -> tuple[str, int]:
         key, _, index = address.rpartition("/")
         saes = self.manifest.saes
+        if not key and address in saes:
+            raise ScopeError(f"feature {address!r} has no index: give SAE/INDEX, e.g. {address}/0")
         if key not in saes:
             near = closest(key, list(saes))
             raise ScopeError(
@@ -201,7 +236,11 @@ class Store:
                 f"{', '.join(saes)}){'; did you mean ' + near[0] if near else ''}"
             )
         d_sae = saes[key]["d_sae"]
-        if not index.isdigit() or not 0 <= int(index) < d_sae:
+        if not index.isdigit():
+            raise ScopeError(
+                f"feature {address!r}: the index {index!r} is not a number; give 0..{d_sae - 1}"
+            )
+        if not 0 <= int(index) < d_sae:
             raise ScopeError(f"feature {address!r}: index must be 0..{d_sae - 1} for {key}")
         return key, int(index)
 
@@ -296,4 +335,4 @@ class Store:
         )
 
 
-__all__ = ["Rows", "Store", "sql_glob", "sql_string"]
+__all__ = ["Rows", "Store", "check_read_only", "sql_files", "sql_string"]

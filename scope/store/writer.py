@@ -97,6 +97,15 @@ class StoreWriter:
         os.replace(written, path)
         return path
 
+    def start_over(self) -> None:
+        """Forget a store whose first recording stopped before its first checkpoint: nothing
+        was recorded, so its manifest and windows go and the folder is new again."""
+        assert self.manifest is not None and self.manifest.state_version is None
+        for path in (self.root / "windows").glob("part-*.parquet"):
+            path.unlink()
+        (self.root / MANIFEST).unlink()
+        self.manifest = None
+
     def save(self) -> None:
         """Write the manifest as it is now (e.g. after adding a part)."""
         assert self.manifest is not None

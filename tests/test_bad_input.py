@@ -1,0 +1,226 @@
+"""Bad input found by trying the CLI as a new user would: each is refused with a clear line
+(exit 2) before any work, and nothing already recorded is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scope import ScopeError, load_sae
+from scope import testing as fixtures
+from scope.cli import app
+from scope.corpus import CorpusSpec
+from scope.record import RecordSettings, record
+from scope.store import Store
+
+runner = CliRunner()
+CTX = 24
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Prose with terminal control sequences in every document."""
+    path = tmp_path_factory.mktemp("corpus") / "c.jsonl"
+    docs = [d for d in fixtures.training_text() if len(d) > 150][:12]
+    with path.open("w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": f"\x1b]0;pwned\x07{d[:300]}\x1b[2J end"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model, tiny_sae_dir, corpus) -> Path:
+    root = tmp_path_factory.mktemp("stores") / "s"
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=800), root,
+           RecordSettings(ctx=CTX, k=3, samples=2, batch_size=8))  # fmt: skip
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- data safety
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "copy (select * from features where false) to '{root}/{version}/features.parquet'",
+        "select 1; copy (select 1) to '{root}/manifest.json'",
+        "attach '{root}/x.db' as x",
+        "export database '{root}/dump'",
+        "create table t as select 1",
+        "set enable_external_access = true",
+        "select * from read_csv('/etc/hostname')",
+    ],
+)
+def test_sql_cannot_write_or_read_outside_the_store(store, query):
+    before = snapshot(store)
+    version = Store(store).version.name
+    result = runner.invoke(
+        app, ["sql", query.format(root=store, version=version), "--store", str(store)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "refused" in result.output or "disabled" in result.output
+    assert snapshot(store) == before
+
+
+def test_sql_exports_only_when_asked(store, tmp_path):
+    ok = runner.invoke(app, ["sql", "select feature, count from features order by feature",
+                             "--store", str(store), "--limit", "3"])  # fmt: skip
+    assert ok.exit_code == 0 and "253 more rows" in ok.output
+    out = tmp_path / "f.csv"
+    got = runner.invoke(app, ["sql", "select feature from features", "--store", str(store),
+                              "--csv", str(out), "--limit", "0"])  # fmt: skip
+    assert got.exit_code == 0 and len(out.read_text().splitlines()) == 257  # header + 256
+    lines = runner.invoke(app, ["sql", "select feature from features order by feature limit 2",
+                                "--store", str(store), "--json"])  # fmt: skip
+    assert [json.loads(x) for x in lines.stdout.splitlines()[:2]] == [
+        {"feature": 0},
+        {"feature": 1},
+    ]
+    empty = runner.invoke(app, ["sql", "  ", "--store", str(store)])
+    assert empty.exit_code == 2 and "the query is empty" in empty.output
+
+
+def test_ctx_longer_than_the_model_is_refused_before_writing(
+    tiny_model, tiny_sae_dir, corpus, tmp_path
+):
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    with pytest.raises(ScopeError, match=r"--ctx 257 is longer than the context .* \(256 tokens\)"):
+        record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),)), tmp_path / "s",
+               RecordSettings(ctx=257))  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_store_killed_before_its_first_checkpoint_starts_over(
+    tiny_model, tiny_sae_dir, corpus, tmp_path
+):
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    spec = CorpusSpec(paths=(str(corpus),), max_tokens=300)
+
+    def die(_progress: object) -> None:
+        raise KeyboardInterrupt  # a kill after the manifest, before any checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        record(tiny_model, [sae], spec, tmp_path / "s", RecordSettings(ctx=16), on_progress=die)
+    assert (tmp_path / "s" / "manifest.json").is_file()
+    summary = record(tiny_model, [sae], spec, tmp_path / "s", RecordSettings(ctx=CTX))
+    assert summary.tokens == 300 and Store(tmp_path / "s").manifest.settings.ctx == CTX
+
+
+def test_resuming_a_finished_run_does_nothing(store, tiny_dir, tiny_sae_dir, corpus):
+    before = snapshot(store)
+    again = runner.invoke(app, ["record", "--model", str(tiny_dir), "--sae", str(tiny_sae_dir),
+                                "--corpus", str(corpus), "--tokens", "800", "--ctx", str(CTX),
+                                "--k", "3", "--samples", "2", "--store", str(store), "--resume"])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "nothing to do" in again.output and "already holds this corpus" in again.output
+    assert snapshot(store) == before
+
+
+def test_missing_absolute_sae_path_is_named_exactly(tmp_path, monkeypatch):
+    (tmp_path / "fx" / "saes" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # a relative twin exists here; the absolute path does not
+    with pytest.raises(ScopeError, match=r"SAE folder /fx/saes/x does not exist"):
+        load_sae("/fx/saes/x", device="cpu")
+    with pytest.raises(ScopeError, match=r"SAE folder /tmp/nope-\w*/sae does not exist"):
+        load_sae(f"/tmp/nope-{os.getpid()}/sae", device="cpu")
+
+
+def test_feature_output_shows_control_characters(store):
+    s = Store(store)
+    f = s.sql("select feature from features order by count desc limit 1").fetchall()[0][0]
+    result = runner.invoke(app, ["feature", f"L2.res.256/{f}", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b" in result.output and "⟦" in result.output  # visible, max marked
+    assert "interval examples" in result.output and "neighbours:" in result.output
+    assert "histogram" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--examples", "-3"], "--examples -3 must be 0 or more"),
+        (["--address", "L2.res.256"], "has no index: give SAE/INDEX, e.g. L2.res.256/0"),
+        (["--address", "L2.res.256/abc"], "the index 'abc' is not a number; give 0..255"),
+    ],
+)
+def test_feature_address_errors(store, args, message):
+    address = args[1] if args[0] == "--address" else "L2.res.256/1"
+    extra = [] if args[0] == "--address" else args
+    result = runner.invoke(app, ["feature", address, "--store", str(store), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+# ---------------------------------------------------------------- clear errors
+
+
+def common(tiny_dir, tiny_sae_dir) -> list[str]:
+    return ["--model", str(tiny_dir), "--sae", str(tiny_sae_dir), "--prompt", "The river ran"]
+
+
+def test_sweep_outputs_checked_before_any_work(tiny_dir, tiny_sae_dir, tmp_path):
+    args = ["sweep", *common(tiny_dir, tiny_sae_dir), "--feature", "3"]
+    plot = runner.invoke(app, [*args, "--plot", str(tmp_path / "missing" / "s.html")])
+    assert plot.exit_code == 2 and "does not exist" in plot.output
+    (tmp_path / "file").write_text("x")
+    out = runner.invoke(app, [*args, "--out", str(tmp_path / "file")])
+    assert out.exit_code == 2 and "is a file" in out.output
+
+
+def test_steer_needs_a_strength(tiny_dir, tiny_sae_dir):
+    result = runner.invoke(app, ["steer", *common(tiny_dir, tiny_sae_dir), "--feature", "3"])
+    assert result.exit_code == 2 and "give --strength" in result.output
+
+
+def test_device_that_is_not_there(tiny_dir):
+    result = runner.invoke(app, ["info", "--model", str(tiny_dir), "--device", "cuda"])
+    if result.exit_code == 0:
+        pytest.skip("this machine has a CUDA device")
+    assert result.exit_code == 2 and "there is no cuda device" in result.output
+
+
+def test_store_that_is_a_file(tiny_dir, tiny_sae_dir, corpus, tmp_path):
+    (tmp_path / "f").write_text("x")
+    result = runner.invoke(app, ["record", "--model", str(tiny_dir), "--sae", str(tiny_sae_dir),
+                                 "--corpus", str(corpus), "--store", str(tmp_path / "f")])  # fmt: skip
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
+
+
+@pytest.mark.parametrize("hook", ["foo", "hook_embed"])
+def test_hook_must_be_a_block_hook(tmp_path, hook):
+    fixtures.write_params(tmp_path / "mine", fixtures.gemma_scope_params(
+        __import__("torch").randn(40, 64), 32))  # fmt: skip
+    with pytest.raises(ScopeError, match=rf"--hook '{hook}' is not a hook inside a block"):
+        load_sae(tmp_path / "mine", device="cpu", hook=hook)
+
+
+def test_long_prompt_is_counted_whole(tiny_model):
+    from scope.generate import prompt_tokens
+
+    with pytest.raises(ScopeError, match=r"the prompt is (\d{4}|[3-9]\d\d) tokens"):
+        prompt_tokens(tiny_model, "word " * 600, chat=False, max_new_tokens=5)
+
+
+def test_store_files_honour_the_umask(tiny_model, tiny_sae_dir, corpus, tmp_path):
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    old = os.umask(0o022)
+    try:
+        record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), max_tokens=200),
+               tmp_path / "s", RecordSettings(ctx=CTX))  # fmt: skip
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "s").rglob("*"):
+        if path.name == ".lock":
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
