@@ -119,7 +119,7 @@ def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
     a layer, site and width, ``L12.res.16k.l0_71`` (the L0 variant named by its id or path),
     else ``L12.res.16k.<hash prefix>``. Keys depend only on the SAEs, never on their order;
     the same weights twice are refused."""
-    if len({i.sha256 for i in infos}) != len(infos):
+    if len({(i.sha256, i.hook_name) for i in infos}) != len(infos):
         raise ScopeError("the same SAE is given twice: give each --sae once")
     base = [i.key for i in infos]
     out = []
@@ -140,10 +140,17 @@ def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
 
 
 def recorded_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """The key a store gave this SAE (found by its weights hash), or None if it was not recorded.
-    ``recorded`` is the store's key -> identity map."""
-    sha = sae_sha256(sae)
-    return next((key for key, ident in recorded.items() if ident.get("sha256") == sha), None)
+    """The key a store gave this SAE (the same weights at the same hook), or None if it was not
+    recorded. ``recorded`` is the store's key -> identity map."""
+    sha, hook = sae_sha256(sae), sae.cfg.metadata.hook_name
+    return next(
+        (
+            key
+            for key, ident in recorded.items()
+            if ident.get("sha256") == sha and ident.get("hook_name") == hook
+        ),
+        None,
+    )
 
 
 def sae_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]] | None = None) -> str:

@@ -152,6 +152,10 @@ def measure(
     return {"target_act": target, "text_act": text, "kl": kl, "loss": loss}
 
 
+MAX_POINTS = 1000
+"""More strengths than this in one sweep is almost surely a typo (each is a generation)."""
+
+
 def parse_strengths(text: str) -> list[float]:
     """``-20:80:10`` -> -20, -10, ..., 80 (end included); ``0,4,8`` -> 0, 4, 8."""
     try:
@@ -160,9 +164,14 @@ def parse_strengths(text: str) -> list[float]:
             if step <= 0:
                 raise ValueError
             n = int(round((stop - start) / step))
+            if n + 1 > MAX_POINTS:
+                raise ScopeError(
+                    f"--strengths {text!r} is {n + 1:,} points, each a generation: use a "
+                    f"larger step (at most {MAX_POINTS} points)"
+                )
             return [round(start + i * step, 10) for i in range(n + 1)]
         return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ScopeError(
             f"--strengths {text!r}: use START:STOP:STEP (step > 0) or a list like 0,4,8"
         ) from None

@@ -224,3 +224,19 @@ def test_store_files_honour_the_umask(tiny_model, tiny_sae_dir, corpus, tmp_path
             continue
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_same_weights_at_another_hook_are_another_sae(tiny_model, tiny_sae_dir, corpus, tmp_path):
+    """A store tells SAEs apart by weights and hook: unit max never borrows another hook's max."""
+    import shutil
+
+    shutil.copytree(tiny_sae_dir, tmp_path / "copy")
+    at2 = load_sae(tiny_sae_dir, device="cpu")
+    at1 = load_sae(tmp_path / "copy", device="cpu", hook="blocks.1.hook_resid_post")
+    record(tiny_model, [at2, at1], CorpusSpec(paths=(str(corpus),), max_tokens=300),
+           tmp_path / "s", RecordSettings(ctx=CTX))  # fmt: skip
+    store = Store(tmp_path / "s")
+    assert (store.key_of(at2), store.key_of(at1)) == ("L2.res.256", "L1.res.256")
+    with pytest.raises(ScopeError, match="the same SAE is given twice"):
+        record(tiny_model, [at2, load_sae(tiny_sae_dir, device="cpu")],
+               CorpusSpec(paths=(str(corpus),)), tmp_path / "t")  # fmt: skip

@@ -14,10 +14,12 @@ from scope.cli.common import (
     DtypeOpt,
     HookOpt,
     ModelOpt,
+    RequiredModelOpt,
     SaeOpt,
     app,
     friendly,
     human,
+    load_model_and_saes,
     out,
 )
 from scope.errors import ScopeError
@@ -105,11 +107,22 @@ def _sae_table(sae: Any) -> Table:
 def saes(
     model: Annotated[str, typer.Option("--model", "-m", help="Hub name or folder.")],
     local_only: Annotated[bool, typer.Option(help="Only SAEs already under saes/.")] = False,
+    layer: Annotated[int | None, typer.Option(help="Only this layer.")] = None,
+    site: Annotated[str | None, typer.Option(help="Only this site: res, mlp or att.")] = None,
+    width: Annotated[str | None, typer.Option(help="Only this width, e.g. 16k.")] = None,
+    format: Annotated[
+        str, typer.Option("--format", help="table, or tsv (never truncated, for scripts).")
+    ] = "table",
 ) -> None:
     """List the SAEs that fit a model: sae-lens' registry and the local saes/ library."""
     from scope.fit import list_saes
+    from scope.identity import SITE_HOOKS, hook_site
     from scope.model import resolve_source
 
+    if site is not None and site not in SITE_HOOKS:
+        raise ScopeError(f"--site {site!r} is not one of {', '.join(SITE_HOOKS)}")
+    if format not in ("table", "tsv"):
+        raise ScopeError(f"--format {format!r} is not one of table, tsv")
     source = resolve_source(model)
     target: Any = source  # a hub name: the registry is keyed by name, no download needed
     if Path(source).is_dir():  # a folder: load it to learn its hooks' widths
@@ -117,15 +130,70 @@ def saes(
 
         target = load_model(source, device="cpu")
     rows = [r for r in list_saes(target) if r.local or not local_only]
+    if layer is not None or site is not None:
+        rows = [
+            r for r in rows
+            if r.hook_name and (layer is None or hook_site(r.hook_name)[0] == layer)
+            and (site is None or hook_site(r.hook_name)[1] == site)
+        ]  # fmt: skip
+    if width is not None:
+        rows = [r for r in rows if f"width_{width}/" in f"{r.sae_id}/"]
+    cells = [
+        (r.release, r.sae_id, r.hook_name or "-", r.neuronpedia_id or "-", "yes" if r.local else "")
+        for r in rows
+    ]
+    columns = ("release", "id", "hook", "neuronpedia", "local")
+    if format == "tsv":
+        print("\t".join(columns))
+        for row in cells:
+            print("\t".join(row))
+        return
     table = Table(title=f"SAEs for {model} ({len(rows)})")
-    for col in ("release", "id", "hook", "neuronpedia", "local"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r.release,
-            r.sae_id,
-            r.hook_name or "-",
-            r.neuronpedia_id or "-",
-            "yes" if r.local else "",
-        )
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in cells:
+        table.add_row(*(escape(c) for c in row))
     out.print(table)
+
+
+@app.command()
+@friendly
+def inspect(
+    text: Annotated[str, typer.Argument(help="The text to look into.")],
+    model: RequiredModelOpt,
+    sae: SaeOpt = None,
+    top: Annotated[int, typer.Option(help="Features shown per token.")] = 5,
+    store: Annotated[
+        str | None, typer.Option(help="A recorded store: name SAEs by its keys, show labels.")
+    ] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    hook: HookOpt = None,
+) -> None:
+    """Which features fire on a text: every token (BOS hidden) with its strongest features."""
+    from scope.inspect import inspect as inspect_text
+    from scope.store import Store
+    from scope.store.view import visible
+
+    if not sae:
+        raise ScopeError("give --sae at least once")
+    opened = Store(store) if store else None
+    loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
+    rows = inspect_text(loaded, saes_, text, top=top, store=opened)
+    width = max((len(visible(r.token)) for r in rows), default=0)
+    for r in rows:
+        hits = "  ".join(
+            f"{h.address} {h.act:.2f}"
+            + (
+                f" ({visible(label)})"
+                if opened and (label := opened.label(h.sae, h.feature)[0])
+                else ""
+            )
+            for h in r.features
+        )
+        out.print(
+            f"{r.position:4d}  {visible(r.token):<{width}}  {hits or '-'}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )

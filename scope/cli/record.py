@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -58,6 +59,9 @@ def progress_bar(console: Console) -> Iterator[Callable[[RecordProgress], None]]
         TextColumn("ETA {task.fields[eta]}"),
         console=console,
     )
+    if not console.is_terminal:  # a log file, CI, nohup: a plain line every few seconds
+        yield log_lines(console)
+        return
     with bar:
         task = bar.add_task("record", total=None, tokens="-", rate="-", eta="-")
 
@@ -73,6 +77,29 @@ def progress_bar(console: Console) -> Iterator[Callable[[RecordProgress], None]]
             )
 
         yield show
+
+
+LOG_SECONDS = 10.0
+"""Without a terminal, a progress line at most this often (and at the end)."""
+
+
+def log_lines(console: Console) -> Callable[[RecordProgress], None]:
+    """An ``on_progress`` that prints "recorded N/M tokens (P%), R tok/s, ETA T" lines."""
+    last = [0.0]
+
+    def show(p: RecordProgress) -> None:
+        now = time.monotonic()
+        if now - last[0] < LOG_SECONDS and p.tokens < p.total:
+            return
+        last[0] = now
+        left = (p.total - p.tokens) / p.tokens_per_s if p.tokens_per_s > 0 else 0.0
+        console.print(
+            f"recorded {p.tokens:,}/{p.total:,} tokens ({p.tokens / max(p.total, 1):.0%}), "
+            f"{p.tokens_per_s:,.0f} tok/s, ETA {timedelta(seconds=round(left))}",
+            highlight=False,
+        )
+
+    return show
 
 
 @app.command()
