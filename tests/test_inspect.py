@@ -37,7 +37,7 @@ def test_inspect_from_the_command_line(tiny_dir, tiny_sae_dir, tiny_model):
         app, ["inspect", TEXT, "--model", str(tiny_dir), "--sae", str(tiny_sae_dir), "--top", "2"]
     )
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
+    lines = result.stdout.strip().splitlines()
     assert len(lines) == tiny_model.to_tokens(TEXT).shape[1] - 1  # a line per token, BOS hidden
     assert "L2.res.256/" in result.output
     assert not any("<bos>" in line for line in lines)
