@@ -26,6 +26,7 @@ from scope.errors import ScopeError
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 TABLE_SUFFIXES = {".jsonl", ".parquet"}
 TOKENIZE_BATCH = 256  # documents per tokenizer call
+SKIP_EXAMPLES = 3  # skipped files or rows named per reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,9 +57,22 @@ class ReadReport:
 
     documents: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    """Reason -> how many."""
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    """Reason -> the first few files or rows skipped for it."""
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        names = self.examples.setdefault(reason, [])
+        if len(names) < SKIP_EXAMPLES:
+            names.append(where)
+
+    def summary(self) -> str:
+        """ "2 .txt files that are not UTF-8 (a.txt, b.txt); 1 empty documents (c.jsonl:3)" """
+        return "; ".join(
+            f"{n} {why} ({', '.join(self.examples.get(why, []))}{', ...' if n > SKIP_EXAMPLES else ''})"
+            for why, n in self.skipped.items()
+        )
 
 
 @dataclass(frozen=True)
@@ -124,12 +138,12 @@ def _read_text(path: Path, report: ReadReport) -> Iterator[tuple[str, str]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
-        report.skip(f"{path.suffix or 'text'} files that are not UTF-8")
+        report.skip(f"{path.suffix or 'text'} files that are not UTF-8", str(path))
         return
     if text.strip():
         yield str(path), text
     else:
-        report.skip("empty documents")
+        report.skip("empty documents", str(path))
 
 
 def _read_jsonl(path: Path, column: str, report: ReadReport) -> Iterator[tuple[str, str]]:
@@ -141,10 +155,10 @@ def _read_jsonl(path: Path, column: str, report: ReadReport) -> Iterator[tuple[s
             try:
                 row = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                report.skip(".jsonl lines that are not UTF-8")
+                report.skip(".jsonl lines that are not UTF-8", f"{path}:{i + 1}")
                 continue
             except json.JSONDecodeError:
-                report.skip(".jsonl lines that are not JSON")
+                report.skip(".jsonl lines that are not JSON", f"{path}:{i + 1}")
                 continue
             if not isinstance(row, dict) or column not in row:
                 if i == 0 and isinstance(row, dict):
@@ -152,16 +166,16 @@ def _read_jsonl(path: Path, column: str, report: ReadReport) -> Iterator[tuple[s
                         f"{path}: the first row has no field {column!r} (fields: "
                         f"{', '.join(sorted(row))}): pass --field with one of them"
                     )
-                report.skip(f".jsonl rows without {column!r}")
+                report.skip(f".jsonl rows without {column!r}", f"{path}:{i + 1}")
                 continue
             seen_field = True
             text = row[column]
             if isinstance(text, str) and text.strip():
                 yield f"{path}:{i + 1}", text
             else:
-                report.skip("empty documents")
+                report.skip("empty documents", f"{path}:{i + 1}")
     if not seen_field:
-        report.skip(f"{path.name}: no rows with {column!r}")
+        report.skip(f"files with no rows with {column!r}", str(path))
 
 
 def _read_table(
@@ -176,7 +190,7 @@ def _read_table(
         if isinstance(text, str) and text.strip():
             yield f"{name}:{i}", text
         else:
-            report.skip("empty documents")
+            report.skip("empty documents", f"{name}:{i}")
 
 
 def _read_dataset(path: Path, column: str, report: ReadReport) -> Iterator[tuple[str, str]]:
@@ -249,7 +263,7 @@ def iter_windows(spec: CorpusSpec, tokenizer: Any, report: ReadReport) -> Iterat
             if budget is not None and total >= budget:
                 break
             if not ids:
-                report.skip("documents with no tokens")
+                report.skip("documents with no tokens", name)
                 continue
             report.documents += 1
             names.append(name)
@@ -284,7 +298,7 @@ def iter_windows(spec: CorpusSpec, tokenizer: Any, report: ReadReport) -> Iterat
         if budget is not None and total >= budget:
             return
     if n_windows == 0:
-        skipped = "; ".join(f"{n} {why}" for why, n in report.skipped.items()) or "no files"
+        skipped = report.summary() or "no files"
         raise ScopeError(
             f"the corpus {', '.join(spec.paths)} has no text to record ({skipped}): give UTF-8 "
             "text files, .jsonl, .parquet or a saved dataset, and --field for their text"

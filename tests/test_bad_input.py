@@ -240,3 +240,50 @@ def test_same_weights_at_another_hook_are_another_sae(tiny_model, tiny_sae_dir, 
     with pytest.raises(ScopeError, match="the same SAE is given twice"):
         record(tiny_model, [at2, load_sae(tiny_sae_dir, device="cpu")],
                CorpusSpec(paths=(str(corpus),)), tmp_path / "t")  # fmt: skip
+
+
+def test_sweeps_are_checked_whole_before_generating(tiny_model, tiny_sae_dir):
+    from scope.steer import Steer
+    from scope.sweep import parse_strengths, sweep
+
+    with pytest.raises(ScopeError, match=r"is 1,000,001 points, each a generation"):
+        parse_strengths("0:1e6:1")
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    calls: list[int] = []
+    with pytest.raises(ScopeError, match="mode 'bogus' is not one of"):
+        sweep(tiny_model, "The river", Steer(sae, 3), [0.0, 1.0], modes=["add", "bogus"],
+              on_point=lambda p, i, n: calls.append(i))  # fmt: skip
+    assert calls == []
+
+
+def test_steer_labels_say_the_unit(tiny_sae_dir):
+    from scope.cli.steer import describe
+    from scope.steer import Steer
+
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    assert describe(Steer(sae, 3, strength=4, unit="max")) == "add 4x max"
+    assert describe(Steer(sae, 3, strength=0.5, unit="norm")) == "add 0.5x norm"
+    assert describe(Steer(sae, 3, strength=30, mode="clamp")) == "clamp 30"
+    assert describe(Steer(sae, 3, mode="ablate")) == "ablate"
+
+
+def test_progress_without_a_terminal_prints_lines(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from scope.cli import record as cli_record
+    from scope.record import RecordProgress
+
+    text = io.StringIO()
+    console = Console(file=text, force_terminal=False, width=200)
+    monkeypatch.setattr(cli_record, "LOG_SECONDS", 3600.0)
+    with cli_record.progress_bar(console) as show:
+        show(RecordProgress(10, 100, 50.0, 1, 10))  # the first line comes at once
+        show(RecordProgress(50, 100, 50.0, 5, 10))  # then not before LOG_SECONDS
+        show(RecordProgress(100, 100, 50.0, 10, 10))  # and always at the end
+    lines = text.getvalue().splitlines()
+    assert lines == [
+        "recorded 10/100 tokens (10%), 50 tok/s, ETA 0:00:02",
+        "recorded 100/100 tokens (100%), 50 tok/s, ETA 0:00:00",
+    ]

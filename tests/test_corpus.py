@@ -78,7 +78,7 @@ def test_jsonl_parquet_and_saved_dataset(tmp_path, tiny_model):
         ("missing", r"corpus path .* does not exist"),
         ("jsonl_field", r"the first row has no field 'text' \(fields: body\): pass --field"),
         ("parquet_column", r"has no column 'text' \(columns: content\): pass --field"),
-        ("only_binary", r"has no text to record \(1 .txt files that are not UTF-8\)"),
+        ("only_binary", r"has no text to record \(1 .txt files that are not UTF-8 \(.*\.txt\)\)"),
     ],
 )
 def test_bad_corpus(tmp_path, tiny_model, case, pattern):
@@ -107,6 +107,11 @@ def test_undecodable_files_are_skipped_and_counted(tmp_path, tiny_model):
         ".jsonl lines that are not JSON": 1,
         ".jsonl rows without 'text'": 1,
     }
+    assert w.report.summary() == (  # the summary names what was skipped
+        f"1 .txt files that are not UTF-8 ({tmp_path / 'bad.txt'}); "
+        f"1 .jsonl lines that are not JSON ({tmp_path / 'rows.jsonl'}:2); "
+        f"1 .jsonl rows without 'text' ({tmp_path / 'rows.jsonl'}:3)"
+    )
 
 
 def test_settings_validation():

@@ -197,7 +197,7 @@ def _print_summary(summary: RecordSummary) -> None:
         )
     out.print(table)
     if summary.skipped:
-        out.print("skipped: " + "; ".join(f"{n} {why}" for why, n in summary.skipped.items()))
+        out.print(f"skipped: {summary.skipped}", markup=False, highlight=False)
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -206,9 +208,11 @@ def sweep(
     mode_list = [m.strip() for m in modes.split(",")] if modes else None
     total = len(values) * len(saes) * len(mode_list or [mode])
     with out.status(f"sweeping: 0/{total} points") as status:
+        started = time.monotonic()
 
         def done(_point: Any, index: int, n: int) -> None:
-            status.update(f"sweeping: {index + 1}/{n} points")
+            left = (time.monotonic() - started) / (index + 1) * (n - index - 1)
+            status.update(f"sweeping: {index + 1}/{n} points, ETA {timedelta(seconds=round(left))}")
 
         result = run_sweep(loaded, prompt, base, values, modes=mode_list, saes=saes, sampling=sampling,
                            store=opened, save_to=out_dir, on_point=done)  # fmt: skip

@@ -224,7 +224,7 @@ def record(
         if resume and current_part(manifest) is None and written.fingerprint in finished:
             written.path.unlink()  # a retried job: this corpus is in the store already
             return RecordSummary(store=str(root), tokens=0, windows=0, seconds=0.0,
-                                 skipped=written.report.skipped, already_recorded=True)  # fmt: skip
+                                 skipped=written.report.summary(), already_recorded=True)  # fmt: skip
         try:
             part, windows = open_part(writer, written, corpus, resume, batch)
         except BaseException:
@@ -265,5 +265,5 @@ def record(
         windows=len(windows),
         seconds=elapsed,
         saes=[sae_summary(k, st, settings.dense_threshold) for k, st in states.items()],
-        skipped=windows.report.skipped,
+        skipped=windows.report.summary(),
     )

@@ -46,6 +46,7 @@ class RecordSummary:
     windows: int
     seconds: float
     saes: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: str = ""
+    """What the corpus reader skipped, with the first few files or rows named."""
     already_recorded: bool = False
     """``--resume`` of a run that had finished: nothing was done."""
