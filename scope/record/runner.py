@@ -130,7 +130,8 @@ def open_part(
     if interrupted is not None:
         if not resume:
             raise ScopeError(
-                f"{root} holds an interrupted run: add --resume to continue it (nothing recorded is lost)"
+                f"{root} holds an interrupted run of {', '.join(interrupted.corpus)} "
+                f"({interrupted.next:,} windows recorded and kept): add --resume to continue it"
             )
         if interrupted.fingerprint != windows.fingerprint:
             raise ScopeError(
