@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from scope.errors import ScopeError
 
+T = TypeVar("T")
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 TABLE_SUFFIXES = {".jsonl", ".parquet"}
 TOKENIZE_BATCH = 256  # documents per tokenizer call
@@ -56,6 +57,11 @@ class ReadReport:
     """What was read and what was skipped, for the end-of-run summary."""
 
     documents: int = 0
+    """Documents windowed (this shard's, when sharded)."""
+    read: int = 0
+    """Documents of the corpus up to the --tokens cut, every shard's: the same for all."""
+    text_hash: Any = field(default_factory=hashlib.sha256)
+    """sha256 over those documents' texts: the corpus fingerprint, the same for all shards."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Reason -> how many."""
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -85,6 +91,7 @@ class Windows:
     offset: np.ndarray  # [n] int32, token offset of the window's first text token in its doc
     doc_names: list[str]
     report: ReadReport
+    ids: np.ndarray  # [n] int64, window ids: window_id(document index, chunk), increasing
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -95,12 +102,9 @@ class Windows:
         return int(self.lengths.sum() - len(self.lengths))
 
     def fingerprint(self) -> str:
-        """sha256 of the windows' tokens and lengths: same corpus + settings -> same value."""
-        h = hashlib.sha256()
-        h.update(self.lengths.tobytes())
-        inside = np.arange(self.tokens.shape[1]) < self.lengths[:, None]
-        h.update(self.tokens[inside].tobytes())  # each window's own tokens, row after row
-        return h.hexdigest()
+        """sha256 of the settings and of every document's text up to the --tokens cut: the same
+        corpus and settings give the same value, whichever shard computes it."""
+        return str(self.report.text_hash.hexdigest())
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
@@ -230,8 +234,8 @@ def iter_documents(spec: CorpusSpec, report: ReadReport) -> Iterator[tuple[str, 
             yield from _read_text(path, report)
 
 
-def _batches(items: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
-    batch: list[tuple[str, str]] = []
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -241,63 +245,90 @@ def _batches(items: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple
         yield batch
 
 
-def iter_windows(spec: CorpusSpec, tokenizer: Any, report: ReadReport) -> Iterator[Windows]:
+CHUNK_BITS = 20
+"""A window's id is (document index << CHUNK_BITS) | its chunk in the document: known from the
+document's place in the corpus alone, so a shard can number its windows without tokenizing
+anyone else's documents, and ids still increase in reading order."""
+
+
+def window_ids(doc_index: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """Global window ids of (document index, chunk within the document)."""
+    return (doc_index.astype(np.int64) << CHUNK_BITS) | chunk.astype(np.int64)
+
+
+def iter_windows(
+    spec: CorpusSpec,
+    tokenizer: Any,
+    report: ReadReport,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    first_doc: int = 0,
+) -> Iterator[Windows]:
     """The corpus as BOS-first windows of ``spec.ctx`` tokens, a block at a time (one block per
-    tokenizer call of TOKENIZE_BATCH documents), so no caller needs the whole corpus in memory.
-    ``report`` counts documents and skips as it goes. An empty corpus is an error."""
+    tokenizer call of up to TOKENIZE_BATCH documents), so no caller needs the whole corpus in
+    memory. ``shard=(i, N)`` keeps documents whose index % N == i and tokenizes only those
+    (with a --tokens budget every document is tokenized, to find where the budget ends).
+    Documents are numbered from ``first_doc``. ``report`` counts and fingerprints as it goes;
+    a corpus with no text is an error."""
     bos = tokenizer.bos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if bos is None:
         raise ScopeError("the model's tokenizer has no BOS token; Gemma's always does")
     step = spec.ctx - 1
     budget = spec.max_tokens
-    total = n_windows = 0
-    for batch in _batches(iter_documents(spec, report), TOKENIZE_BATCH):
+    shard_i, shard_n = shard
+    report.text_hash.update(f"ctx={spec.ctx};tokens={budget};".encode())
+    total = 0
+    for batch in _batches(enumerate(iter_documents(spec, report)), TOKENIZE_BATCH):
+        # with a budget every document counts towards it; without, only ours are tokenized
+        wanted = [d for d in batch if budget is not None or d[0] % shard_n == shard_i]
         # one call per batch of documents: the fast tokenizer spreads it over all cores
-        encoded = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+        texts = [text for _, (_, text) in wanted]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        by_index = dict(zip((i for i, _ in wanted), encoded, strict=True))
         chunks: list[list[int]] = []
         docs: list[int] = []
         offsets: list[int] = []
+        ids: list[int] = []
         names: list[str] = []
-        for (name, _), ids in zip(batch, encoded, strict=True):
+        for index, (name, text) in batch:
             if budget is not None and total >= budget:
                 break
-            if not ids:
-                report.skip("documents with no tokens", name)
+            report.read += 1
+            report.text_hash.update(text.encode("utf-8", "surrogatepass") + b"\0")
+            mine = index % shard_n == shard_i
+            tokens = by_index.get(index)
+            if tokens is None:  # another shard's document, not tokenized
                 continue
-            report.documents += 1
-            names.append(name)
-            for start in range(0, len(ids), step):
-                chunk = ids[start : start + step]
+            if not tokens:
+                if mine:
+                    report.skip("documents with no tokens", name)
+                continue
+            if mine:
+                report.documents += 1
+                names.append(name)
+            if len(tokens) > step << CHUNK_BITS:
+                raise ScopeError(
+                    f"{name} is {len(tokens):,} tokens: split documents longer than "
+                    f"{step << CHUNK_BITS:,} tokens (at --ctx {spec.ctx})"
+                )
+            for n_chunk, start in enumerate(range(0, len(tokens), step)):
+                chunk = tokens[start : start + step]
                 if budget is not None:
                     chunk = chunk[: budget - total]
-                chunks.append(chunk)
-                docs.append(len(names) - 1)
-                offsets.append(start)
                 total += len(chunk)
+                if mine:
+                    chunks.append(chunk)
+                    docs.append(len(names) - 1)
+                    offsets.append(start)
+                    ids.append(((first_doc + index) << CHUNK_BITS) | n_chunk)
                 if budget is not None and total >= budget:
                     break
         if chunks:
-            lengths = np.asarray([1 + len(c) for c in chunks], dtype=np.int32)
-            tokens = np.full((len(chunks), spec.ctx), pad, dtype=np.int32)
-            tokens[:, 0] = bos
-            inside = np.arange(spec.ctx) < lengths[:, None]
-            inside[:, 0] = False
-            tokens[inside] = np.fromiter(
-                (t for c in chunks for t in c), np.int32, lengths.sum() - len(chunks)
-            )
-            n_windows += len(chunks)
-            yield Windows(
-                tokens=tokens,
-                lengths=lengths,
-                doc=np.asarray(docs, dtype=np.int32),
-                offset=np.asarray(offsets, dtype=np.int32),
-                doc_names=names,
-                report=report,
-            )
+            yield _block(chunks, docs, offsets, ids, names, report, spec.ctx, bos, pad)
         if budget is not None and total >= budget:
-            return
-    if n_windows == 0:
+            break
+    if report.read == 0:
         skipped = report.summary() or "no files"
         raise ScopeError(
             f"the corpus {', '.join(spec.paths)} has no text to record ({skipped}): give UTF-8 "
@@ -305,10 +336,45 @@ def iter_windows(spec: CorpusSpec, tokenizer: Any, report: ReadReport) -> Iterat
         )
 
 
+def _block(
+    chunks: list[list[int]],
+    docs: list[int],
+    offsets: list[int],
+    ids: list[int],
+    names: list[str],
+    report: ReadReport,
+    ctx: int,
+    bos: int,
+    pad: int,
+) -> Windows:
+    """Chunks of token ids as BOS-first windows, right-padded to ``ctx``."""
+    lengths = np.asarray([1 + len(c) for c in chunks], dtype=np.int32)
+    tokens = np.full((len(chunks), ctx), pad, dtype=np.int32)
+    tokens[:, 0] = bos
+    inside = np.arange(ctx) < lengths[:, None]
+    inside[:, 0] = False
+    tokens[inside] = np.fromiter(
+        (t for c in chunks for t in c), np.int32, lengths.sum() - len(chunks)
+    )
+    return Windows(
+        tokens=tokens,
+        lengths=lengths,
+        doc=np.asarray(docs, dtype=np.int32),
+        offset=np.asarray(offsets, dtype=np.int32),
+        doc_names=names,
+        report=report,
+        ids=np.asarray(ids, dtype=np.int64),
+    )
+
+
 def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
     """The whole corpus as one set of windows (``iter_windows`` streams it instead)."""
     report = ReadReport()
     blocks = list(iter_windows(spec, tokenizer, report))
+    if not blocks:
+        raise ScopeError(
+            f"the corpus {', '.join(spec.paths)} has no text to record ({report.summary()})"
+        )
     names: list[str] = []
     docs = []
     for block in blocks:
@@ -321,6 +387,7 @@ def build_windows(spec: CorpusSpec, tokenizer: Any) -> Windows:
         offset=np.concatenate([b.offset for b in blocks]),
         doc_names=names,
         report=report,
+        ids=np.concatenate([b.ids for b in blocks]),
     )
 
 

@@ -27,7 +27,7 @@ class Reference:
     )  # (f, bin) -> [(key, window)]
 
 
-def reference(model, sae, windows: Windows, k: int, m: int, first_window: int = 0) -> Reference:
+def reference(model, sae, windows: Windows, k: int, m: int) -> Reference:
     d = sae.cfg.d_sae
     hook = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
     special = set(model.tokenizer.all_special_ids)
@@ -57,7 +57,7 @@ def reference(model, sae, windows: Windows, k: int, m: int, first_window: int = 
                 ref.act_max[f] = max(ref.act_max[f], v)
                 b = int(np.searchsorted(hist_edges, v, side="right"))
                 ref.hist[(f, b)] = ref.hist.get((f, b), 0) + 1
-        wid = first_window + w
+        wid = int(windows.ids[w])  # (document index << 20) | chunk
         for f in np.nonzero(acts.max(0) > 0)[0]:
             pos = int(acts[:, f].argmax())
             cands[f].append((float(acts[pos, f]), wid, pos, acts[:, f].copy()))

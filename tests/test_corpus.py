@@ -128,53 +128,79 @@ def test_settings_validation():
         parse_tokens("lots")
 
 
-def brute_fingerprint(w) -> str:
-    """The fingerprint's definition, a row at a time."""
-    import hashlib
-
-    h = hashlib.sha256(w.lengths.tobytes())
-    for row, n in zip(w.tokens, w.lengths, strict=True):
-        h.update(row[:n].tobytes())
-    return h.hexdigest()
-
-
 def test_streamed_windows_equal_the_whole(tmp_path, tiny_model, monkeypatch):
     """Blocks of a few documents at a time, written to disk and read back in any read size,
-    give exactly the windows, fingerprint and batches of the whole corpus at once."""
+    give exactly the windows and batches of the whole corpus at once; window ids are
+    (document << 20) | chunk."""
     import scope.corpus as corpus
     from scope.corpus import ReadReport, iter_windows
     from scope.record import windows as part_windows
 
-    docs = [f"{t} Document {i}." for i in range(11) for t in TEXTS[i % 3 : i % 3 + 1]]
+    docs = [f"{TEXTS[i % 3]} Document {i}." for i in range(11)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok = tiny_model.tokenizer
     everything = build_windows(spec(tmp_path / "c.jsonl"), tok).n_tokens
     budget = everything - 7  # the budget ends inside the last block
     whole = build_windows(spec(tmp_path / "c.jsonl", max_tokens=budget), tok)
-    assert whole.fingerprint() == brute_fingerprint(whole)
+    np.testing.assert_array_equal(whole.ids, (whole.doc.astype(np.int64) << 20) | chunks(whole))
     monkeypatch.setattr(corpus, "TOKENIZE_BATCH", 4)
     blocks = list(iter_windows(spec(tmp_path / "c.jsonl", max_tokens=budget), tok, ReadReport()))
     assert len(blocks) > 1
     np.testing.assert_array_equal(np.concatenate([b.tokens for b in blocks]), whole.tokens)
     monkeypatch.setattr(part_windows, "READ_ROWS", 3)
     written = part_windows.write_windows(
-        spec(tmp_path / "c.jsonl", max_tokens=budget), tok, tmp_path / "out", 100, 0
+        spec(tmp_path / "c.jsonl", max_tokens=budget), tok, tmp_path / "out", 0
     )
     assert (
         written.fingerprint == whole.fingerprint() and written.n_tokens == whole.n_tokens == budget
     )
     np.testing.assert_array_equal(written.lengths, whole.lengths)
-    ids = np.arange(100, 100 + len(whole))
-    for shard, batch, start in [((0, 1), 4, 0), ((1, 3), 2, 1), ((2, 3), 5, 0)]:
-        mine = np.nonzero(ids % shard[1] == shard[0])[0][start:]
-        got = list(part_windows.read_batches(written.path, 0, shard, batch, start))
+    for batch, start in [(4, 0), (2, 1), (5, 3)]:
+        got = list(part_windows.read_batches(written.path, 0, batch, start))
+        rows = np.arange(start, len(whole))
         assert [len(b.ids) for b in got] == [
-            len(mine[i : i + batch]) for i in range(0, len(mine), batch)
+            len(rows[i : i + batch]) for i in range(0, len(rows), batch)
         ]
-        for b, i in zip(got, range(0, len(mine), batch), strict=True):
-            rows = mine[i : i + batch]
-            np.testing.assert_array_equal(b.ids, ids[rows])
-            width = int(whole.lengths[rows].max())
-            expected = whole.tokens[rows, :width].copy()
-            expected[np.arange(width) >= whole.lengths[rows][:, None]] = 0  # pad id given: 0
+        for b, i in zip(got, range(0, len(rows), batch), strict=True):
+            sel = rows[i : i + batch]
+            np.testing.assert_array_equal(b.ids, whole.ids[sel])
+            width = int(whole.lengths[sel].max())
+            expected = whole.tokens[sel, :width].copy()
+            expected[np.arange(width) >= whole.lengths[sel][:, None]] = 0  # pad id given: 0
             np.testing.assert_array_equal(b.tokens, expected)
+
+
+def chunks(w) -> np.ndarray:
+    """Each window's chunk number within its document."""
+    out = np.zeros(len(w), np.int64)
+    for i in range(1, len(w)):
+        out[i] = out[i - 1] + 1 if w.doc[i] == w.doc[i - 1] else 0
+    return out
+
+
+def test_a_shard_tokenizes_only_its_own_documents(tmp_path, tiny_model):
+    """Shard i of N tokenizes documents i, i+N, ... only (no budget), numbers their windows as
+    the whole corpus does, and fingerprints the corpus as every other shard does."""
+    from scope.corpus import ReadReport, iter_windows
+
+    docs = [f"{TEXTS[i % 3]} Document {i}." for i in range(9)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = tiny_model.tokenizer
+    whole = build_windows(spec(tmp_path / "c.jsonl"), tok)
+    seen: list[str] = []
+
+    def counting(texts, **kw):
+        seen.extend(texts)
+        return tok(texts, **kw)
+
+    counting.bos_token_id, counting.pad_token_id = tok.bos_token_id, tok.pad_token_id
+    ids, prints = [], set()
+    for i in range(3):
+        seen.clear()
+        report = ReadReport()
+        blocks = list(iter_windows(spec(tmp_path / "c.jsonl"), counting, report, shard=(i, 3)))
+        assert seen == docs[i::3]  # only its own documents were tokenized
+        ids.append(np.concatenate([b.ids for b in blocks]))
+        prints.add(report.text_hash.hexdigest())
+    assert len(prints) == 1 and prints == {whole.fingerprint()}
+    np.testing.assert_array_equal(np.sort(np.concatenate(ids)), whole.ids)

@@ -214,6 +214,25 @@ def test_shards_merge_to_one_pass(tmp_path, one_pass, tiny_model, saes, spec):
         merge_stores(tmp_path / "m2", [tmp_path / "s0", tmp_path / "s1"])
 
 
+def test_shards_without_a_budget_tokenize_their_own_documents(tmp_path, tiny_model, saes):
+    """Without --tokens each shard reads only its own documents (here 4 documents over 5
+    shards, so one shard has none); the merge still equals one pass, windows table too."""
+    docs = [d[:300] for d in fixtures.training_text() if len(d) > 300][:4]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = CorpusSpec(paths=(str(tmp_path / "c.jsonl"),), ctx=CTX)
+    record(tiny_model, saes, spec, tmp_path / "one", settings())
+    for i in range(5):
+        record(tiny_model, saes, spec, tmp_path / f"s{i}", settings(shard=(i, 5)))
+        part = Store(tmp_path / f"s{i}").manifest.parts[0] if i < 4 else None
+        assert part is None or part.documents == 1
+    assert Store(tmp_path / "s4").sql("select count(*) from windows").fetchone() == (0,)
+    merge_stores(tmp_path / "merged", [tmp_path / f"s{i}" for i in range(5)])
+    assert_same_tables(tmp_path / "one", tmp_path / "merged")
+    assert table(tmp_path / "one", "windows", "window_id") == table(
+        tmp_path / "merged", "windows", "window_id"
+    )
+
+
 def test_add_corpus_equals_single_pass(tmp_path, tiny_model, saes, corpus_dir):
     a = CorpusSpec(paths=(str(corpus_dir / "a.txt"),), ctx=CTX)
     b = CorpusSpec(paths=(str(corpus_dir / "b.jsonl"),), ctx=CTX)

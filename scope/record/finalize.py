@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from scope.record import tables
 from scope.record.state import FeatureState
+from scope.record.tables import WindowLengths
 from scope.store.files import VersionBuilder
 from scope.store.manifest import Manifest
 
@@ -19,13 +20,13 @@ if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
 
 
-def window_lengths(root: Path) -> np.ndarray:
-    """n_tokens of every window recorded in the store, indexed by window id."""
+def window_lengths(root: Path) -> WindowLengths:
+    """n_tokens of every window recorded in the store, by window id."""
     parts = sorted((root / "windows").glob("part-*.parquet"))
     t = pa.concat_tables([pq.read_table(p, columns=["window_id", "n_tokens"]) for p in parts])
-    out = np.zeros(int(pa.compute.max(t["window_id"]).as_py()) + 1, dtype=np.int32)
-    out[t["window_id"].to_numpy()] = t["n_tokens"].to_numpy()
-    return out
+    ids = t["window_id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    return WindowLengths(ids[order], t["n_tokens"].to_numpy()[order])
 
 
 def finalize(

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from scope.acts import sae_acts
@@ -62,15 +61,12 @@ def run_batches(
     """Feed this shard's remaining windows of ``part``; return the tokens counted. A stop
     request is honoured between batches: the state is checkpointed and a ScopeError raised."""
     device = next(model.parameters()).device
-    shard_i, shard_n = settings.shard
-    first = part.first_window
-    mine = np.nonzero((np.arange(first, first + len(windows)) % shard_n) == shard_i)[0]
-    batch = int(part.batch_size)
-    total = int(windows.lengths[mine].sum() - len(mine))
-    done = int(windows.lengths[mine[: part.next]].sum() - part.next)
+    n_windows = len(windows)  # this shard's windows of the part
+    total = windows.n_tokens
+    done = int(windows.lengths[: part.next].sum() - part.next)
     counted_tokens = 0
     last = started = time.perf_counter()
-    for chunk in read_batches(windows.path, windows.pad, settings.shard, batch, part.next):
+    for chunk in read_batches(windows.path, windows.pad, int(part.batch_size), part.next):
         lengths = torch.from_numpy(chunk.lengths).to(device)
         tokens = torch.from_numpy(chunk.tokens).to(device=device, dtype=torch.long)
         ids = torch.from_numpy(chunk.ids).to(device)
@@ -83,14 +79,14 @@ def run_batches(
         done += n
         if on_progress is not None:
             rate = counted_tokens / max(time.perf_counter() - started, 1e-9)
-            on_progress(RecordProgress(done, total, rate, part.next, len(mine)))
-        if part.next >= len(mine):
+            on_progress(RecordProgress(done, total, rate, part.next, n_windows))
+        if part.next >= n_windows:
             break
         reason = should_stop() if should_stop is not None else None
         if reason:
             checkpoint(False)  # the batch is complete, so the state is consistent
             raise ScopeError(
-                f"stopped by {reason} after {part.next}/{len(mine)} windows; "
+                f"stopped by {reason} after {part.next}/{n_windows} windows; "
                 "everything so far is saved: run the same command with --resume to continue"
             )
         if time.perf_counter() - last >= settings.checkpoint_seconds:

@@ -8,13 +8,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from scope.errors import ScopeError
 from scope.record.finalize import finalize
 from scope.record.state import FeatureState, load_states, save_states
-from scope.store.files import VersionBuilder
-from scope.store.manifest import Manifest, read_manifest
+from scope.store.files import VersionBuilder, write_parquet_atomic
+from scope.store.manifest import Manifest, Part, read_manifest
 from scope.store.writer import StoreWriter
 
 
@@ -38,6 +40,25 @@ def _check_shards(paths: list[Path], manifests: list[Manifest]) -> None:
     got = sorted(m.shard[0] for m in manifests)
     if any(m.shard[1] != n for m in manifests) or got != list(range(n)):
         raise ScopeError(f"shards given are {got} of {n}: give each of 0..{n - 1} exactly once")
+
+
+def merged_part(parts: list[Part]) -> Part:
+    """One corpus part as the shards recorded it, as a single run would have: windows, tokens
+    and documents add up. Every shard reads every file, so skips found while reading are the
+    same in each; a document that tokenizes to nothing is seen by its own shard only."""
+    skipped = dict(parts[0].skipped)
+    no_tokens = "documents with no tokens"
+    if any(no_tokens in p.skipped for p in parts):
+        skipped[no_tokens] = sum(p.skipped.get(no_tokens, 0) for p in parts)
+    windows = sum(p.windows for p in parts)
+    return replace(
+        parts[0],
+        windows=windows,
+        tokens=sum(p.tokens for p in parts),
+        documents=sum(p.documents for p in parts),
+        skipped=skipped,
+        next=windows,
+    )
 
 
 def merge_stores(out: str | Path, shards: Sequence[str | Path]) -> Manifest:
@@ -66,12 +87,15 @@ def merge_stores(out: str | Path, shards: Sequence[str | Path]) -> Manifest:
             merged[key] = merged[key].merge(st) if key in merged else st
     lens_from = paths[0] / str(base.tables_version)
     with StoreWriter(root) as writer:
-        shutil.copytree(paths[0] / "windows", root / "windows")
+        for index in range(len(base.parts)):  # each shard holds its own documents' windows
+            name = f"windows/part-{index:03d}.parquet"
+            union = pa.concat_tables([pq.read_table(p / name) for p in paths])
+            write_parquet_atomic(root / name, union.sort_by("window_id"))
         shutil.copyfile(paths[0] / "vocab.parquet", root / "vocab.parquet")
         writer.manifest = manifest = replace(
             base,
             shard=[0, 1],
-            parts=[replace(part, next=part.windows) for part in base.parts],
+            parts=[merged_part([m.parts[i] for m in manifests]) for i in range(len(base.parts))],
             tokens_recorded=sum(m.tokens_recorded for m in manifests),
             seconds=sum(m.seconds for m in manifests),
             merged_from=[str(p) for p in paths],

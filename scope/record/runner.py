@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scope.corpus import CorpusSpec
+from scope.corpus import CHUNK_BITS, CorpusSpec
 from scope.errors import ScopeError
 from scope.fit import check_fit
 from scope.identity import sae_info, sae_keys
@@ -149,7 +149,8 @@ def open_part(
                 field=corpus.field,
                 max_tokens=corpus.max_tokens,
                 fingerprint=windows.fingerprint,
-                first_window=sum(p.windows for p in manifest.parts),
+                first_doc=next_doc(manifest),
+                docs=windows.report.read,
                 windows=len(windows),
                 tokens=windows.n_tokens,
                 documents=windows.report.documents,
@@ -164,12 +165,30 @@ def open_part(
     return manifest.parts[-1], replace(windows, path=path)
 
 
-def first_window(manifest: Manifest) -> int:
-    """The global id the next windows start at: the interrupted part's, or after every part."""
+def next_doc(manifest: Manifest) -> int:
+    """The document index a new part starts at: after every part's documents (and, for parts
+    of older stores with dense window ids, after all of their ids)."""
+    end = 0
+    for p in manifest.parts:
+        if p.first_doc is not None and p.docs is not None:
+            end = max(end, p.first_doc + p.docs)
+        else:
+            last_id = (p.first_window or 0) + p.windows - 1
+            end = max(end, (last_id >> CHUNK_BITS) + 1)
+    return end
+
+
+def part_first_doc(manifest: Manifest, root: Path) -> int:
+    """Where the windows of the part to record are numbered from."""
     interrupted = current_part(manifest)
-    if interrupted is not None:
-        return interrupted.first_window
-    return sum(p.windows for p in manifest.parts)
+    if interrupted is None:
+        return next_doc(manifest)
+    if interrupted.first_doc is None:
+        raise ScopeError(
+            f"{root} holds a run interrupted under an older version of the workbench, which "
+            "numbered windows differently: record that corpus into a new --store"
+        )
+    return interrupted.first_doc
 
 
 def record(
@@ -219,8 +238,9 @@ def record(
         batch = settings.batch_size or fit_batch_size(model, saes, settings.ctx)
         index = len(manifest.parts) - (current_part(manifest) is not None)
         written = write_windows(
-            corpus, model.tokenizer, root / "windows", first_window(manifest), index
-        )
+            corpus, model.tokenizer, root / "windows", index, shard=settings.shard,
+            first_doc=part_first_doc(manifest, root),
+        )  # fmt: skip
         finished = [p.fingerprint for p in manifest.parts if p is not current_part(manifest)]
         if resume and current_part(manifest) is None and written.fingerprint in finished:
             written.path.unlink()  # a retried job: this corpus is in the store already

@@ -23,7 +23,8 @@ class RecordSettings:
     batch_size: int | None = None
     """Windows per forward pass; None fits it to free memory."""
     shard: tuple[int, int] = (0, 1)
-    """(i, N): record only windows whose id % N == i; `scope merge` combines the N stores."""
+    """(i, N): record only documents whose index % N == i (only those are tokenized, unless
+    a --tokens budget needs every document counted); `scope merge` combines the N stores."""
     checkpoint_seconds: float = 60.0
     """Save resumable state at most this often (and at the end)."""
 

@@ -3,6 +3,7 @@ on the SAE and the model (logit lens, decoder neighbours)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,7 +49,21 @@ def feature_table(sae: str, st: FeatureState, dense_threshold: float) -> pa.Tabl
     )
 
 
-def topk_table(sae: str, st: FeatureState, lengths: np.ndarray) -> pa.Table:
+@dataclass(frozen=True)
+class WindowLengths:
+    """Each recorded window's length, by id (ids are sparse: document << 20 | chunk)."""
+
+    ids: np.ndarray
+    """[n] int64, sorted."""
+    lengths: np.ndarray
+    """[n] int32."""
+
+    def of(self, window: np.ndarray) -> np.ndarray:
+        """The lengths of the windows ``window`` (ids that are in the store)."""
+        return self.lengths[np.searchsorted(self.ids, window)]
+
+
+def topk_table(sae: str, st: FeatureState, lengths: WindowLengths) -> pa.Table:
     """One row per (feature, rank): the window, its max, where, and the per-token acts. Ranks
     order each feature's slots by max activation, then by window id (lower first)."""
     win = st.top_win.cpu().numpy()
@@ -60,7 +75,7 @@ def topk_table(sae: str, st: FeatureState, lengths: np.ndarray) -> pa.Table:
     rank = np.arange(len(f)) - starts
     w = win[f, j]
     acts = st.top_acts.cpu().numpy()[f, j]  # [n, T]
-    n = lengths[w]
+    n = lengths.of(w)
     flat = acts[np.arange(acts.shape[1]) < n[:, None]]  # each window's own tokens, row by row
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
     return pa.table(

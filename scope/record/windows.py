@@ -5,7 +5,6 @@ window's length (4 bytes a window) is kept.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -24,14 +23,14 @@ READ_ROWS = 4096
 """Windows read from disk at a time."""
 
 
-def windows_table(w: Windows, first: int, part: int) -> pa.Table:
+def windows_table(w: Windows, part: int) -> pa.Table:
     """One row per window: its global id, part, document, offset and tokens (BOS first)."""
     n = w.lengths
     flat = w.tokens[np.arange(w.tokens.shape[1]) < n[:, None]]
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
     return pa.table(
         {
-            "window_id": np.arange(first, first + len(w), dtype=np.int64),
+            "window_id": w.ids,
             "part": np.full(len(w), part, dtype=np.int32),
             "doc": pa.array([w.doc_names[d] for d in w.doc], pa.string()),
             "offset": w.offset,
@@ -43,15 +42,13 @@ def windows_table(w: Windows, first: int, part: int) -> pa.Table:
 
 @dataclass(frozen=True)
 class PartWindows:
-    """A corpus part's windows, written to ``path``."""
+    """A corpus part's windows (this shard's), written to ``path``."""
 
     path: Path
     lengths: np.ndarray
     """[n] int32, BOS included, in window order."""
-    fingerprint: str
-    """sha256 of the lengths, then of every window's tokens: the same corpus and settings
-    always give the same value (``Windows.fingerprint`` of the same windows)."""
     report: ReadReport
+    """What was read; its fingerprint is the corpus's (the same for every shard)."""
     pad: int
     """The token id batches are padded with (never counted)."""
 
@@ -63,39 +60,45 @@ class PartWindows:
         """Corpus tokens (BOS and padding excluded)."""
         return int(self.lengths.sum() - len(self.lengths))
 
+    @property
+    def fingerprint(self) -> str:
+        return str(self.report.text_hash.hexdigest())
+
+
+WINDOWS_SCHEMA = pa.schema(
+    [("window_id", pa.int64()), ("part", pa.int32()), ("doc", pa.string()),
+     ("offset", pa.int32()), ("n_tokens", pa.int32()), ("tokens", pa.list_(pa.int32()))]
+)  # fmt: skip
+
 
 def write_windows(
-    spec: CorpusSpec, tokenizer: Any, folder: Path, first_window: int, part: int
+    spec: CorpusSpec,
+    tokenizer: Any,
+    folder: Path,
+    part: int,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    first_doc: int = 0,
 ) -> PartWindows:
-    """Tokenize the corpus into a hidden file in ``folder`` (``rename`` it into place once the
-    part is accepted); the fingerprint is read back from the file, a block at a time."""
+    """Tokenize this shard's documents of the corpus into a hidden file in ``folder`` (moved
+    into place once the part is accepted), a block at a time."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".windows-", suffix=".parquet")
     os.close(fd)
     as_created(tmp)
     report = ReadReport()
-    lengths: list[np.ndarray] = []
-    writer: pq.ParquetWriter | None = None
+    lengths: list[np.ndarray] = [np.zeros(0, np.int32)]
     try:
-        for block in iter_windows(spec, tokenizer, report):
-            table = windows_table(block, first_window + sum(map(len, lengths)), part)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            writer.write_table(table, row_group_size=READ_ROWS)
-            lengths.append(block.lengths)
+        with pq.ParquetWriter(tmp, WINDOWS_SCHEMA, compression="zstd") as writer:
+            for block in iter_windows(spec, tokenizer, report, shard=shard, first_doc=first_doc):
+                table = windows_table(block, part).cast(WINDOWS_SCHEMA)
+                writer.write_table(table, row_group_size=READ_ROWS)
+                lengths.append(block.lengths)
     except BaseException:
-        if writer is not None:
-            writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
-    assert writer is not None  # iter_windows refuses an empty corpus
-    writer.close()
-    all_lengths = np.concatenate(lengths)
-    h = hashlib.sha256(all_lengths.tobytes())
-    for batch in pq.ParquetFile(tmp).iter_batches(batch_size=READ_ROWS, columns=["tokens"]):
-        h.update(batch.column(0).values.to_numpy().astype(np.int32).tobytes())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PartWindows(Path(tmp), all_lengths, h.hexdigest(), report, pad)
+    return PartWindows(Path(tmp), np.concatenate(lengths), report, pad)
 
 
 class Batch(NamedTuple):
@@ -109,12 +112,9 @@ class Batch(NamedTuple):
     """[batch] int32."""
 
 
-def read_batches(
-    path: Path, pad: int, shard: tuple[int, int], batch: int, start: int
-) -> Iterator[Batch]:
-    """This shard's windows (id % N == i) of the part file, ``batch`` at a time, skipping the
-    first ``start`` of them (already recorded). Batches are the same whatever the read size."""
-    shard_i, shard_n = shard
+def read_batches(path: Path, pad: int, batch: int, start: int) -> Iterator[Batch]:
+    """The part file's windows, ``batch`` at a time, skipping the first ``start`` (already
+    recorded). Batches are the same whatever the read size."""
     seen = 0
     pending: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
     count = 0
@@ -124,13 +124,11 @@ def read_batches(
         lengths = rb.column(1).to_numpy()
         offsets = rb.column(2).offsets.to_numpy()
         values = rb.column(2).values.to_numpy()
-        mine = np.nonzero(ids % shard_n == shard_i)[0]
-        skip = min(len(mine), max(0, start - seen))
-        seen += len(mine)
-        mine = mine[skip:]
-        rows = [values[offsets[j] : offsets[j + 1]] for j in mine]
-        pending.append((ids[mine], lengths[mine], rows))
-        count += len(mine)
+        skip = min(len(ids), max(0, start - seen))
+        seen += len(ids)
+        rows = [values[offsets[j] : offsets[j + 1]] for j in range(skip, len(ids))]
+        pending.append((ids[skip:], lengths[skip:], rows))
+        count += len(ids) - skip
         while count >= batch:
             yield _take(pending, batch, pad)
             count -= batch

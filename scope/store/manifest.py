@@ -60,18 +60,25 @@ class Part:
     max_tokens: int | None
     fingerprint: str
     """sha256 of the part's windows: the same corpus and settings give the same value."""
-    first_window: int
-    """Global id of the part's first window."""
     windows: int
+    """Windows of the part in this store (this shard's, for a shard's store)."""
     tokens: int
-    """Corpus tokens in the part (BOS and padding excluded)."""
+    """Corpus tokens in those windows (BOS and padding excluded)."""
     documents: int
+    """Documents windowed (this shard's, for a shard's store)."""
     skipped: dict[str, int]
     """Why documents or files were skipped, and how many."""
     next: int
     """How many of this shard's windows of the part are recorded (resume point)."""
     batch_size: int
     """Windows per forward pass (kept, so a resumed run batches identically)."""
+    first_doc: int | None = None
+    """Index of the part's first document: window ids are (document index << 20) | chunk.
+    None in stores written before ids were keyed by document (dense ids from first_window)."""
+    docs: int | None = None
+    """Documents of the corpus up to the --tokens cut (every shard's)."""
+    first_window: int | None = None
+    """Stores written before ids were keyed by document: the part's first (dense) window id."""
 
 
 @dataclass(kw_only=True)
@@ -83,7 +90,7 @@ class Manifest:
     """Store key (``L12.res.16k``) -> the SAE's identity (``scope.sae.SAEInfo`` as a dict)."""
     settings: StoreSettings
     shard: list[int]
-    """[i, N]: this store holds windows whose id % N == i."""
+    """[i, N]: this store holds the windows of documents whose index % N == i."""
     parts: list[Part] = field(default_factory=list)
     state: str = "recording"
     """"recording" while a part is unfinished, "complete" once its tables are written."""
