@@ -1,9 +1,7 @@
 """Corpus -> BOS-first token windows, with the source document and offset of every window.
 
-Sources: text files and folders of them, .jsonl (one JSON object a line; choose the field),
-.parquet (choose the column), and Hugging Face datasets saved with ``save_to_disk`` (read
-with pyarrow, no ``datasets`` needed). Documents are read in a fixed order (sorted paths, file
-order within a file), so the same corpus and settings always give the same windows.
+Documents come from ``scope.documents`` (text, .jsonl, .parquet, saved datasets) in a fixed
+order, so the same corpus and settings always give the same windows.
 
 Each document is tokenized on its own and cut into chunks of ``ctx - 1`` tokens; each window
 is BOS + one chunk, so no window mixes documents. A final short chunk makes a shorter window
@@ -12,22 +10,17 @@ is BOS + one chunk, so no window mixes documents. A final short chunk makes a sh
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
+from scope.documents import ReadReport, iter_documents
 from scope.errors import ScopeError
 
 T = TypeVar("T")
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
-TABLE_SUFFIXES = {".jsonl", ".parquet"}
 TOKENIZE_BATCH = 256  # documents per tokenizer call
-SKIP_EXAMPLES = 3  # skipped files or rows named per reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,35 +43,6 @@ class CorpusSpec:
             raise ScopeError(f"--ctx {self.ctx} is too small: a window needs BOS and a token")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ScopeError(f"--tokens {self.max_tokens} must be positive")
-
-
-@dataclass
-class ReadReport:
-    """What was read and what was skipped, for the end-of-run summary."""
-
-    documents: int = 0
-    """Documents windowed (this shard's, when sharded)."""
-    read: int = 0
-    """Documents of the corpus up to the --tokens cut, every shard's: the same for all."""
-    text_hash: Any = field(default_factory=hashlib.sha256)
-    """sha256 over those documents' texts: the corpus fingerprint, the same for all shards."""
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Reason -> how many."""
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    """Reason -> the first few files or rows skipped for it."""
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        names = self.examples.setdefault(reason, [])
-        if len(names) < SKIP_EXAMPLES:
-            names.append(where)
-
-    def summary(self) -> str:
-        """ "2 .txt files that are not UTF-8 (a.txt, b.txt); 1 empty documents (c.jsonl:3)" """
-        return "; ".join(
-            f"{n} {why} ({', '.join(self.examples.get(why, []))}{', ...' if n > SKIP_EXAMPLES else ''})"
-            for why, n in self.skipped.items()
-        )
 
 
 @dataclass(frozen=True)
@@ -107,133 +71,6 @@ class Windows:
         return str(self.report.text_hash.hexdigest())
 
 
-def _files(paths: Sequence[str]) -> list[Path]:
-    out: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise ScopeError(f"corpus path {raw} does not exist: check --corpus")
-        if _is_saved_dataset(path):
-            out.append(path)
-        elif path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and (p.suffix.lower() in TEXT_SUFFIXES | TABLE_SUFFIXES)
-            )
-            datasets = sorted(p for p in path.rglob("state.json") if _is_saved_dataset(p.parent))
-            skip_under = [d.parent for d in datasets]
-            found = [p for p in found if not any(d in p.parents for d in skip_under)]
-            out += found + [d.parent for d in datasets]
-        else:
-            out.append(path)
-    return out
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (
-        path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").exists()
-    )
-
-
-def _read_text(path: Path, report: ReadReport) -> Iterator[tuple[str, str]]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        report.skip(f"{path.suffix or 'text'} files that are not UTF-8", str(path))
-        return
-    if text.strip():
-        yield str(path), text
-    else:
-        report.skip("empty documents", str(path))
-
-
-def _read_jsonl(path: Path, column: str, report: ReadReport) -> Iterator[tuple[str, str]]:
-    seen_field = False
-    with path.open("rb") as f:
-        for i, raw in enumerate(f):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                report.skip(".jsonl lines that are not UTF-8", f"{path}:{i + 1}")
-                continue
-            except json.JSONDecodeError:
-                report.skip(".jsonl lines that are not JSON", f"{path}:{i + 1}")
-                continue
-            if not isinstance(row, dict) or column not in row:
-                if i == 0 and isinstance(row, dict):
-                    raise ScopeError(
-                        f"{path}: the first row has no field {column!r} (fields: "
-                        f"{', '.join(sorted(row))}): pass --field with one of them"
-                    )
-                report.skip(f".jsonl rows without {column!r}", f"{path}:{i + 1}")
-                continue
-            seen_field = True
-            text = row[column]
-            if isinstance(text, str) and text.strip():
-                yield f"{path}:{i + 1}", text
-            else:
-                report.skip("empty documents", f"{path}:{i + 1}")
-    if not seen_field:
-        report.skip(f"files with no rows with {column!r}", str(path))
-
-
-def _read_table(
-    table: Any, name: str, column: str, report: ReadReport
-) -> Iterator[tuple[str, str]]:
-    if column not in table.column_names:
-        raise ScopeError(
-            f"{name} has no column {column!r} (columns: {', '.join(table.column_names)}): "
-            "pass --field with one of them"
-        )
-    for i, text in enumerate(table.column(column).to_pylist()):
-        if isinstance(text, str) and text.strip():
-            yield f"{name}:{i}", text
-        else:
-            report.skip("empty documents", f"{name}:{i}")
-
-
-def _read_dataset(path: Path, column: str, report: ReadReport) -> Iterator[tuple[str, str]]:
-    import pyarrow as pa
-
-    state = json.loads((path / "state.json").read_text())
-    files = [path / f["filename"] for f in state.get("_data_files", [])]
-    if not files:
-        raise ScopeError(f"{path} looks like a saved dataset but lists no data files in state.json")
-    offset = 0
-    for file in files:
-        with pa.memory_map(str(file)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        for name, text in _read_table(table, str(path), column, report):
-            index = int(name.rsplit(":", 1)[1]) + offset
-            yield f"{path}:{index}", text
-        offset += table.num_rows
-
-
-def iter_documents(spec: CorpusSpec, report: ReadReport) -> Iterator[tuple[str, str]]:
-    """(name, text) for every document, in a fixed order."""
-    for path in _files(spec.paths):
-        suffix = path.suffix.lower()
-        if _is_saved_dataset(path):
-            yield from _read_dataset(path, spec.field, report)
-        elif suffix == ".jsonl":
-            yield from _read_jsonl(path, spec.field, report)
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                table = pq.read_table(path)
-            except Exception as err:  # pyarrow raises several types for a bad file
-                raise ScopeError(f"{path} is not a readable Parquet file ({err})") from err
-            yield from _read_table(table, str(path), spec.field, report)
-        else:
-            yield from _read_text(path, report)
-
-
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     batch: list[T] = []
     for item in items:
@@ -249,11 +86,6 @@ CHUNK_BITS = 20
 """A window's id is (document index << CHUNK_BITS) | its chunk in the document: known from the
 document's place in the corpus alone, so a shard can number its windows without tokenizing
 anyone else's documents, and ids still increase in reading order."""
-
-
-def window_ids(doc_index: np.ndarray, chunk: np.ndarray) -> np.ndarray:
-    """Global window ids of (document index, chunk within the document)."""
-    return (doc_index.astype(np.int64) << CHUNK_BITS) | chunk.astype(np.int64)
 
 
 def iter_windows(
@@ -279,7 +111,9 @@ def iter_windows(
     shard_i, shard_n = shard
     report.text_hash.update(f"ctx={spec.ctx};tokens={budget};".encode())
     total = 0
-    for batch in _batches(enumerate(iter_documents(spec, report)), TOKENIZE_BATCH):
+    for batch in _batches(
+        enumerate(iter_documents(spec.paths, spec.field, report)), TOKENIZE_BATCH
+    ):
         # with a budget every document counts towards it; without, only ours are tokenized
         wanted = [d for d in batch if budget is not None or d[0] % shard_n == shard_i]
         # one call per batch of documents: the fast tokenizer spreads it over all cores
@@ -403,3 +237,14 @@ def parse_tokens(text: str | None) -> int | None:
         return int(t)
     except ValueError:
         raise ScopeError(f"--tokens {text!r} is not a count: use e.g. 2M, 500k or 100000") from None
+
+
+__all__ = [
+    "CHUNK_BITS",
+    "CorpusSpec",
+    "ReadReport",
+    "Windows",
+    "build_windows",
+    "iter_windows",
+    "parse_tokens",
+]
