@@ -194,6 +194,9 @@ def test_store_that_is_a_file(tiny_dir, tiny_sae_dir, corpus, tmp_path):
     result = runner.invoke(app, ["record", "--model", str(tiny_dir), "--sae", str(tiny_sae_dir),
                                  "--corpus", str(corpus), "--store", str(tmp_path / "f")])  # fmt: skip
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
+    under = runner.invoke(app, ["record", "--model", str(tiny_dir), "--sae", str(tiny_sae_dir),
+                                "--corpus", str(corpus), "--store", str(tmp_path / "f" / "s")])  # fmt: skip
+    assert under.exit_code == 2 and "cannot create the store folder" in under.output
 
 
 @pytest.mark.parametrize("hook", ["foo", "hook_embed"])

@@ -432,6 +432,8 @@ def test_bad_prompts_and_sampling(tiny_model, sae):
         Sampling(max_new_tokens=0)
     with pytest.raises(ScopeError, match="freq_penalty -1 must be 0"):
         Sampling(freq_penalty=-1)
+    with pytest.raises(ScopeError, match="freq_penalty nan must be 0"):
+        Sampling(freq_penalty=math.nan)
     with pytest.raises(ScopeError, match="not both"):
         compare(tiny_model, PROMPT, [], sampling=Sampling(), seed=2)
     with pytest.raises(ScopeError, match="unit 'max' needs a recorded store"):
