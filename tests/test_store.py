@@ -112,9 +112,14 @@ def test_refresh_moves_to_the_newest_snapshot(
     record(tiny_model, [sae], CorpusSpec(paths=(str(corpus / "b.txt"),), ctx=CTX, max_tokens=300),
            copy, settings())  # fmt: skip
     assert store.sql("select sum(tokens) from saes").fetchone() == before  # pinned snapshot
+    other: list[object] = []
+    worker = threading.Thread(target=lambda: other.append(store.con))  # another thread's
+    worker.start()
+    worker.join()
     assert store.refresh() is True
     after = store.sql("select sum(tokens) from saes").fetchone()
     assert after is not None and before is not None and after[0] > before[0]
+    assert other[0].execute("select 1").fetchone() == (1,)  # refresh closed no one else's
 
 
 def test_labels_survive_recordings_and_concurrent_edits(

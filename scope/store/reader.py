@@ -107,7 +107,8 @@ class Store:
         self.root = Path(path).expanduser().resolve()  # the views and the allowed folder agree
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[duckdb.DuckDBPyConnection] = []
+        self._connections: dict[int, duckdb.DuckDBPyConnection] = {}  # every thread's
+        self._generation = 0  # bumped by refresh() and close(): threads reconnect lazily
         self._vocab: list[str] | None = None
         self.manifest, self.version = self._open()
 
@@ -127,18 +128,23 @@ class Store:
         return manifest, self.root / manifest.tables_version
 
     def refresh(self) -> bool:
-        """Move to the newest snapshot (and side tables written since); True if it changed."""
+        """Move to the newest snapshot (and side tables written since); True if it changed.
+        Each thread moves at its next query: a query running meanwhile in another thread
+        finishes on the snapshot it started with."""
         manifest, version = self._open()
         changed = version != self.version
         with self._lock:
             self.manifest, self.version = manifest, version
-            self._drop_connections()
+            self._generation += 1
         return changed
 
     def close(self) -> None:
         """Close every thread's connection; the next query opens a fresh one."""
         with self._lock:
-            self._drop_connections()
+            for con in self._connections.values():
+                con.close()
+            self._connections.clear()
+            self._generation += 1
 
     def __enter__(self) -> Store:
         return self
@@ -146,21 +152,21 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _drop_connections(self) -> None:
-        for con in self._connections:
-            con.close()
-        self._connections.clear()
-        self._local = threading.local()
-
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
-        """This thread's connection, with the views defined."""
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = self._connect()
-            self._local.con = con
-            with self._lock:
-                self._connections.append(con)
+        """This thread's connection, with the views of the current snapshot."""
+        mine = getattr(self._local, "con", None)
+        if mine is not None and self._local.generation == self._generation:
+            return mine
+        with self._lock:
+            if mine is not None:  # made for an older snapshot: only this thread uses it
+                self._connections.pop(id(mine), None)
+                mine.close()
+            generation = self._generation
+        con = self._connect()
+        with self._lock:
+            self._connections[id(con)] = con
+        self._local.con, self._local.generation = con, generation
         return con
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
