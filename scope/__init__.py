@@ -25,13 +25,14 @@ from scope.errors import ScopeError
 if TYPE_CHECKING:
     from scope.acts import sae_acts
     from scope.corpus import CorpusSpec
+    from scope.evals import evaluate
     from scope.fit import check_fit, list_saes
     from scope.generate import Sampling, compare
     from scope.identity import sae_info
     from scope.model import load_model, model_info
     from scope.record import RecordSettings, record
     from scope.sae import load_sae
-    from scope.steer import Steer
+    from scope.steer import Steer, steering
     from scope.store import Store
     from scope.sweep import sweep
 
@@ -47,6 +48,8 @@ _HOMES = {
     "RecordSettings": "scope.record",
     "CorpusSpec": "scope.corpus",
     "Steer": "scope.steer",
+    "steering": "scope.steer",
+    "evaluate": "scope.evals",
     "compare": "scope.generate",
     "Sampling": "scope.generate",
     "sweep": "scope.sweep",
@@ -63,6 +66,7 @@ __all__ = [
     "Store",
     "check_fit",
     "compare",
+    "evaluate",
     "list_saes",
     "load_model",
     "load_sae",
@@ -70,6 +74,7 @@ __all__ = [
     "record",
     "sae_acts",
     "sae_info",
+    "steering",
     "sweep",
 ]
 __version__ = "0.1.0"

@@ -71,7 +71,8 @@ def encode(sae: SAE, x: torch.Tensor) -> Float[torch.Tensor, "... d_sae"]:
 
 def site_input(act: torch.Tensor) -> Float[torch.Tensor, "batch pos d_in"]:
     """A hook's activation as an SAE reads it: attn.hook_z [batch, pos, heads, d_head] with the
-    heads flattened (a view, so writes reach the activation); others as they are."""
+    heads flattened; others as they are. For a non-contiguous hook_z this is a copy: a hook
+    that edits it must return ``x.reshape(act.shape)``, not ``act``."""
     return act.flatten(-2) if act.dim() == 4 else act
 
 
