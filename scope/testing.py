@@ -9,7 +9,9 @@ Used by the tests, the benchmarks and anyone trying the CLI without downloads:
 from __future__ import annotations
 
 import inspect
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -275,20 +277,54 @@ def seed_hf_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:
     return snapshot
 
 
-def main(out_dir: str) -> None:
-    """Write a tiny Gemma 2 model and a res SAE at its layer 2, for trying the CLI."""
+@dataclass(frozen=True, kw_only=True)
+class TinyWorkbench:
+    """Paths to a tiny random-weight Gemma 2, SAEs for it and a corpus: everything the CLI,
+    the notebooks and the examples need, offline."""
+
+    model: str
+    """A Hugging Face checkpoint folder (4 layers, d_model 64)."""
+    saes: list[str]
+    """SAE folders in Gemma Scope's layout: two L0 variants of a res SAE at layer 2 (1k wide)
+    and a res SAE at layer 1."""
+    corpus: str
+    """A .jsonl of English prose (Python's own docstrings)."""
+
+
+def tiny_workbench(out_dir: str | Path) -> TinyWorkbench:
+    """Build (once; later calls reuse it) a tiny model, SAEs and a corpus under ``out_dir``."""
     from scope.model import load_model
 
-    out = Path(out_dir)
-    model_dir = build_gemma2(out / "tiny-gemma2")
-    model = load_model(model_dir, device="cpu")
-    _, cache = model.run_with_cache(
-        "The quick brown fox jumps over the lazy dog. " * 4, names_filter="blocks.2.hook_resid_post"
-    )
-    acts = cache["blocks.2.hook_resid_post"][0, 1:]
-    folder = out / "saes" / "tiny-scope-res" / "layer_2" / "width_1k" / "average_l0_50"
-    write_params(folder, gemma_scope_params(acts, 1024))
-    print(f"model: {model_dir}\nsae:   {folder}")
+    out = Path(out_dir).expanduser()
+    model_dir = out / "tiny-gemma2"
+    root = out / "saes" / "tiny-scope-res"
+    saes = [root / "layer_2/width_1k/average_l0_50", root / "layer_2/width_1k/average_l0_10",
+            root / "layer_1/width_1k/average_l0_50"]  # fmt: skip
+    corpus = out / "corpus.jsonl"
+    if not all((s / "params.npz").is_file() for s in saes) or not corpus.is_file():
+        build_gemma2(model_dir)
+        model = load_model(model_dir, device="cpu")
+        text = " ".join(training_text()[:40])
+        hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+        _, cache = model.run_with_cache(text[:4000], names_filter=lambda n: n in hooks)
+        for folder, hook, rate, seed in zip(
+            saes, [hooks[1], hooks[1], hooks[0]], (0.05, 0.01, 0.05), (0, 1, 2), strict=True
+        ):
+            write_params(
+                folder, gemma_scope_params(cache[hook][0, 1:], 1024, firing_rate=rate, seed=seed)
+            )
+        docs = [d for d in training_text() if len(d) > 120]
+        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return TinyWorkbench(model=str(model_dir), saes=[str(s) for s in saes], corpus=str(corpus))
+
+
+def main(out_dir: str) -> None:
+    """Write a tiny model, SAEs for it and a corpus, for trying the CLI."""
+    bench = tiny_workbench(out_dir)
+    print(f"model:  {bench.model}")
+    for sae in bench.saes:
+        print(f"sae:    {sae}")
+    print(f"corpus: {bench.corpus}")
 
 
 if __name__ == "__main__":
