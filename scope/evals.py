@@ -257,15 +257,19 @@ class EvalReport:
     def df(self) -> Any:
         return self.table().to_pandas()
 
-    def save(self, folder: Any) -> Any:
-        """Add the rows to the ``evals`` side table of ``folder`` (a store)."""
-        import time
-        import uuid
+    def save(self, folder: Any) -> list[Any]:
+        """Add the rows to the ``evals`` side table of ``folder`` (a store), one file per SAE
+        (weights and hook) and corpus: evaluating the same SAE on the same corpus again
+        replaces its row instead of adding a second one."""
+        import hashlib
 
         from scope.store.writer import add_side_table
 
-        name = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        return add_side_table(folder, "evals", name, self.table(), {"corpus": self.corpus})
+        table, saved = self.table(), []
+        for i, row in enumerate(self.rows):
+            name = hashlib.sha256(f"{row.sha256}|{row.hook}|{self.corpus}".encode()).hexdigest()
+            saved.append(add_side_table(folder, "evals", name[:24], table.slice(i, 1)))
+        return saved
 
     def figure(self) -> Any:
         """Delta loss against L0, a point per SAE: the frontier users pick from."""

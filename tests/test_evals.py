@@ -126,6 +126,21 @@ def test_an_exact_sae_costs_nothing(tiny_model, corpus, tmp_path):
     assert row.l0 == pytest.approx(d, abs=1)  # one of each +/- pair fires (both off at 0)
 
 
+def test_a_zero_sae_costs_what_zero_ablation_costs(tiny_model, corpus, tmp_path):
+    d = tiny_model.cfg.d_model
+    folder = tmp_path / "zero-res" / "layer_2" / "width_32" / "average_l0_0"
+    fixtures.write_params(folder, {
+        "W_enc": np.zeros((d, 32), np.float32), "W_dec": np.zeros((32, d), np.float32),
+        "b_enc": np.zeros(32, np.float32), "b_dec": np.zeros(d, np.float32),
+        "threshold": np.ones(32, np.float32)})  # fmt: skip
+    report = evaluate(tiny_model, [load_sae(folder, device="cpu")],
+                      CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=200))  # fmt: skip
+    (row,) = report.rows
+    assert row.ce_loss_with_sae == pytest.approx(row.ce_loss_with_ablation, abs=1e-9)
+    assert row.ce_loss_score == pytest.approx(0, abs=1e-9) and row.fvu > 1 - 1e-9
+    assert (row.l0, row.dead, row.dense) == (0, 32, 0)
+
+
 def test_eval_command_saves_to_the_store(tiny_dir, tiny_sae_dir, tiny_model, corpus, tmp_path):
     from scope.record import RecordSettings, record
     from scope.store import Store
@@ -142,3 +157,8 @@ def test_eval_command_saves_to_the_store(tiny_dir, tiny_sae_dir, tiny_model, cor
     rows = Store(tmp_path / "s").sql("select sae, sha256, fvu, corpus from evals").fetchall()
     assert len(rows) == 1 and rows[0][0] == "L2.res.256" and rows[0][2] > 0
     assert (tmp_path / "e.html").stat().st_size > 1000
+    again = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--sae", str(tiny_sae_dir),
+                                     "--corpus", str(corpus), "--tokens", "200", "--ctx", str(CTX),
+                                     "--store", str(tmp_path / "s")])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert Store(tmp_path / "s").sql("select count(*) from evals").fetchone() == (1,)  # replaced
