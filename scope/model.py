@@ -10,6 +10,7 @@ applied: hooks see the raw residual stream, exactly what Gemma Scope was trained
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -56,6 +57,27 @@ class ModelInfo:
     n_params: int
     dtype: str
     device: str
+
+
+@functools.cache
+def hub_online(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers, asked once per process with one short request.
+    When it does not (no network, HF_HUB_OFFLINE set), loads use the local cache only, so an
+    offline machine fails in seconds with one clear error instead of retrying for half a minute."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {
+        "1",
+        "true",
+        "yes",
+    }:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # any transport error means "not reachable now"
+        return False
+    return True
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -242,8 +264,9 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     token = os.environ.get("HF_TOKEN") or None
+    offline = not is_local and not hub_online()  # then the local cache only, no retries
     try:
-        hf_config = AutoConfig.from_pretrained(source, token=token)
+        hf_config = AutoConfig.from_pretrained(source, token=token, local_files_only=offline)
     except (OSError, ValueError) as err:
         if is_local:
             raise ScopeError(f"{source}/config.json could not be read: {err}") from err
@@ -255,9 +278,13 @@ def load_model(
             f"(model_type one of {sorted(TEMPLATES)})"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=token)
+        tokenizer = AutoTokenizer.from_pretrained(source, token=token, local_files_only=offline)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation="eager", token=token
+            source,
+            dtype=torch_dtype,
+            attn_implementation="eager",
+            token=token,
+            local_files_only=offline,
         )
     except OSError as err:
         if is_local:

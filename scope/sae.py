@@ -108,6 +108,8 @@ def _gemma_scope_converter(release: str, sae_id: str) -> Any:
 def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
     from huggingface_hub import hf_hub_download
 
+    from scope.model import hub_online
+
     try:
         return Path(
             hf_hub_download(
@@ -116,6 +118,7 @@ def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
                 subfolder=folder,
                 force_download=force,
                 token=os.environ.get("HF_TOKEN") or None,
+                local_files_only=not hub_online(),  # offline: the cache only, no retries
             )
         )
     except Exception as err:  # hub errors come in many types; all mean "not reachable"

@@ -189,6 +189,30 @@ def test_unreachable_hub_says_how_to_fix(tmp_path):
     assert "HF_TOKEN" in result.stdout and "--model DIR" in result.stdout
 
 
+def test_no_network_fails_fast_and_quietly(tmp_path):
+    """No HF_HUB_OFFLINE, and every request goes to a closed port on this machine (a proxy that
+    is not there): one short probe, then the cache only, the clear error in seconds, no retries."""
+    dead = "http://127.0.0.1:9"
+    result = run_offline(
+        """
+        import time
+        from scope import load_model, ScopeError
+        start = time.perf_counter()
+        try:
+            load_model("google/gemma-2-2b", device="cpu")
+        except ScopeError as err:
+            print("ERR", err)
+        print("SECONDS", time.perf_counter() - start)
+    """,
+        tmp_path / "hf",
+        HF_HUB_OFFLINE="0", HTTPS_PROXY=dead, HTTP_PROXY=dead, ALL_PROXY=dead, NO_PROXY="",
+    )  # fmt: skip
+    assert "ERR could not load google/gemma-2-2b" in result.stdout, result.stderr[-2000:]
+    seconds = float(result.stdout.split("SECONDS")[1])
+    assert seconds < 10, seconds
+    assert "retry" not in result.stderr.lower(), result.stderr[-2000:]
+
+
 def test_gated_hub_says_how_to_get_access(monkeypatch):
     from transformers import AutoConfig
 
