@@ -55,6 +55,12 @@ HookOpt = Annotated[
     ),
 ]
 RecordedStoreOpt = Annotated[str, typer.Option(help="A recorded store folder.")]
+CorpusOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Text file, folder, .jsonl, .parquet or saved dataset. Repeat for several."),
+]
+FieldOpt = Annotated[str, typer.Option(help="The .jsonl field / .parquet column with the text.")]
+CtxOpt = Annotated[int, typer.Option(help="Window length in tokens, BOS included.")]
 
 _QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 

@@ -8,8 +8,11 @@ import typer
 from rich.table import Table
 
 from scope.cli.common import (
+    CorpusOpt,
+    CtxOpt,
     DeviceOpt,
     DtypeOpt,
+    FieldOpt,
     HookOpt,
     RequiredModelOpt,
     SaeOpt,
@@ -26,15 +29,10 @@ from scope.errors import ScopeError
 def eval_(
     model: RequiredModelOpt,
     sae: SaeOpt = None,
-    corpus: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Text file, folder, .jsonl, .parquet or saved dataset. Repeat for several."
-        ),
-    ] = None,
-    field: Annotated[str, typer.Option(help="The .jsonl field / .parquet column.")] = "text",
+    corpus: CorpusOpt = None,
+    field: FieldOpt = "text",
     tokens: Annotated[str, typer.Option(help="Corpus tokens to evaluate on, e.g. 200k.")] = "100k",
-    ctx: Annotated[int, typer.Option(help="Window length in tokens, BOS included.")] = 128,
+    ctx: CtxOpt = 128,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 8,
     store: Annotated[
         str | None, typer.Option(help="A recorded store: name SAEs by its keys, save the rows.")

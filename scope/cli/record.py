@@ -17,8 +17,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from scope.cli.common import (
+    CorpusOpt,
+    CtxOpt,
     DeviceOpt,
     DtypeOpt,
+    FieldOpt,
     HookOpt,
     RecordedStoreOpt,
     RequiredModelOpt,
@@ -107,20 +110,13 @@ def log_lines(console: Console) -> Callable[[RecordProgress], None]:
 def record(
     model: RequiredModelOpt,
     sae: SaeOpt = None,
-    corpus: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Text file, folder, .jsonl, .parquet or saved dataset. Repeat for several."
-        ),
-    ] = None,
+    corpus: CorpusOpt = None,
     store: Annotated[str, typer.Option(help="Store folder to create, add to or resume.")] = "",
-    field: Annotated[
-        str, typer.Option(help="The .jsonl field / .parquet column with the text.")
-    ] = "text",
+    field: FieldOpt = "text",
     tokens: Annotated[
         str | None, typer.Option(help="Token budget, e.g. 2M or 500k (default: all).")
     ] = None,
-    ctx: Annotated[int, typer.Option(help="Window length in tokens, BOS included.")] = 128,
+    ctx: CtxOpt = 128,
     k: Annotated[int, typer.Option(help="Top windows kept per feature.")] = 20,
     samples: Annotated[int, typer.Option(help="Interval samples per activation bin.")] = 5,
     batch_size: Annotated[
