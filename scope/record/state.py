@@ -2,7 +2,8 @@
 mergeable, so shards recorded anywhere combine into exactly what one pass gives.
 
 What is kept per feature (F = d_sae, k = top-k, T = ctx, m = samples per bin):
-- count, sum, sum of squares and max of its activations over counted tokens;
+- count, sum, sum of squares and max of its activations over counted tokens (the sums exact
+  and order-free, ``scope.record.exact``, so a merge equals one pass to the bit);
 - a histogram over fixed log-spaced bins (fixed, so histograms of shards add);
 - the exact top-k windows by the window's max activation (ties: lower window id first),
   with the activation at every token of the window;
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from scope.errors import ScopeError
+from scope.record import exact
 from scope.store.files import VersionBuilder, as_created
 
 # Activation histogram: 16 bins a decade over [1e-3, 1e4), plus under/overflow bins.
@@ -67,8 +69,8 @@ class FeatureState:
     """The mergeable state of one SAE. Create with ``FeatureState.empty``."""
 
     count: torch.Tensor  # [F] int64, counted tokens where the feature fired
-    act_sum: torch.Tensor  # [F] float64
-    act_sumsq: torch.Tensor  # [F] float64
+    act_sum_fx: torch.Tensor  # [F, 2] int64, sum of activations in fixed point (exact.py)
+    act_sumsq_fx: torch.Tensor  # [F, 2] int64, sum of squares, the same way
     act_max: torch.Tensor  # [F] float32, 0 if never fired
     hist: torch.Tensor  # [F, len(HIST_EDGES) + 1] int64
     l0_hist: torch.Tensor  # [F + 1] int64, counted tokens by number of firing features
@@ -85,15 +87,14 @@ class FeatureState:
     @classmethod
     def empty(cls, d_sae: int, *, k: int, ctx: int, m: int, device: torch.device) -> FeatureState:
         f, s = d_sae, len(SAMPLE_EDGES) + 1
-        acc = torch.float64 if device.type != "mps" else torch.float32
 
         def z(*shape: int, dtype: torch.dtype = torch.int64, fill: float = 0) -> torch.Tensor:
             return torch.full(shape, fill, dtype=dtype, device=device)
 
         return cls(
             count=z(f),
-            act_sum=z(f, dtype=acc),
-            act_sumsq=z(f, dtype=acc),
+            act_sum_fx=exact.fixed_zeros(f, device),
+            act_sumsq_fx=exact.fixed_zeros(f, device),
             act_max=z(f, dtype=torch.float32),
             hist=z(f, len(HIST_EDGES) + 1),
             l0_hist=z(f + 1),
@@ -116,11 +117,25 @@ class FeatureState:
     def k(self) -> int:
         return self.top_act.shape[1]
 
+    @property
+    def act_sum(self) -> Float[Tensor, " d_sae"]:
+        """Sum of each feature's activations, float64 on the CPU."""
+        return exact.to_float(self.act_sum_fx)
+
+    @property
+    def act_sumsq(self) -> Float[Tensor, " d_sae"]:
+        """Sum of each feature's squared activations, float64 on the CPU."""
+        return exact.to_float(self.act_sumsq_fx)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> FeatureState:
+        tensors = dict(tensors)
+        for name in ("act_sum", "act_sumsq"):  # states saved before the sums were exact
+            if name in tensors and f"{name}_fx" not in tensors:
+                tensors[f"{name}_fx"] = exact.to_limbs(tensors.pop(name))
         return cls(**{f.name: tensors[f.name] for f in fields(cls)})
 
     def to(self, device: torch.device | str) -> FeatureState:
@@ -146,10 +161,10 @@ class FeatureState:
         n_b, n_t, n_f = acts.shape
         b, t, f = acts.nonzero(as_tuple=True)
         v = acts[b, t, f].float()
-        acc = self.act_sum.dtype
+        acc = _wide(v.device)
         self.count += torch.bincount(f, minlength=n_f)
-        self.act_sum.index_add_(0, f, v.to(acc))
-        self.act_sumsq.index_add_(0, f, v.to(acc) ** 2)
+        exact.add_at(self.act_sum_fx, f, v.to(acc))
+        exact.add_at(self.act_sumsq_fx, f, v.to(acc) ** 2)  # exact in float64
         self.act_max.scatter_reduce_(0, f, v, reduce="amax")
         n_bins = self.hist.shape[1]
         bins = torch.bucketize(v.to(acc), HIST_EDGES.to(v.device, acc), right=True)
@@ -218,7 +233,7 @@ class FeatureState:
             return
         val = wmax[pb, pf]
         key = sample_key(windows[pb], pf)
-        acc = self.act_sum.dtype
+        acc = _wide(val.device)
         sbin = torch.bucketize(val.to(acc), SAMPLE_EDGES.to(val.device, acc), right=True)
         go = key < self.smp_key[pf, sbin, -1]
         pb, pf, val, key, sbin = pb[go], pf[go], val[go], key[go], sbin[go]
@@ -293,8 +308,8 @@ class FeatureState:
         )
         return FeatureState(
             count=self.count + o.count,
-            act_sum=self.act_sum + o.act_sum,
-            act_sumsq=self.act_sumsq + o.act_sumsq,
+            act_sum_fx=exact.added(self.act_sum_fx, o.act_sum_fx),
+            act_sumsq_fx=exact.added(self.act_sumsq_fx, o.act_sumsq_fx),
             act_max=torch.maximum(self.act_max, o.act_max),
             hist=self.hist + o.hist,
             l0_hist=self.l0_hist + o.l0_hist,
@@ -308,6 +323,11 @@ class FeatureState:
             smp_pos=smp[2].reshape(shape),
             smp_act=smp[3].reshape(shape),
         )
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (MPS has not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _merge_rows(
