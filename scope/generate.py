@@ -1,11 +1,14 @@
 """Generation, plain or steered: the prompt as tokens, a seeded sampler, tokens as a stream.
 
 - ``prompt_tokens`` formats a prompt (Gemma's chat template for -it models, or raw text);
-- ``sample_token`` picks the next token from logits and one uniform draw;
+- ``sample_token`` picks the next token from logits and one uniform draw (``sample_rows``: a
+  batch of rows at once, each with its own draw);
 - ``generate`` yields continuation tokens one at a time (KV cache on) with steers active, with
   every random number from a ``torch.Generator`` seeded from ``Sampling.seed``: the global
   torch RNG is never touched, and two runs with the same seed draw the same numbers whatever
   their steers, so a baseline and a steered run differ only by the steering;
+- ``generate_rows`` makes many such runs as one batch (a row per run, each with its own steers
+  and its own generator), as a strength sweep does;
 - ``text_stream`` turns a token stream into text pieces (``st.write_stream``, a terminal);
 - ``compare`` generates the baseline and the steered continuation of one prompt.
 """
@@ -18,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from scope.errors import ScopeError
 from scope.fit import check_fit
-from scope.steer import Steer, attach, build_hooks, check_steers
+from scope.steer import Steer, attach, build_hooks, build_row_hooks, check_steers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,27 +99,45 @@ def sample_token(
     """The next token: the argmax at temperature 0, else the token where ``u`` (uniform in
     [0, 1)) falls in the cumulative distribution of softmax(logits / temperature - freq_penalty
     * counts), cut to ``top_p``. One draw per token, whatever the distribution."""
+    draws = torch.tensor([u], dtype=torch.float64)
+    return int(
+        sample_rows(logits[None], sampling, draws, None if counts is None else counts[None])[0]
+    )
+
+
+def sample_rows(
+    logits: Float[torch.Tensor, "batch d_vocab"],
+    sampling: Sampling,
+    u: Float[torch.Tensor, " batch"],
+    counts: Float[torch.Tensor, "batch d_vocab"] | None = None,
+) -> Int[torch.Tensor, " batch"]:
+    """``sample_token`` for every row of a batch at once, row i with its own draw ``u[i]``."""
     if sampling.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     scaled = logits.float() / sampling.temperature
     if sampling.freq_penalty and counts is not None:
         scaled = scaled - sampling.freq_penalty * counts
     probs = scaled.softmax(-1)
     order = None
     if sampling.top_p is not None and sampling.top_p < 1:
-        probs, order = probs.sort(descending=True)
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
         before = probs.cumsum(-1) - probs  # mass of the more likely tokens
         probs = probs.masked_fill(before > sampling.top_p, 0)
     cdf = probs.cumsum(-1)
-    target = cdf[-1:] * u
-    last = (cdf < cdf[-1]).sum()  # the last token with any probability
-    index = torch.searchsorted(cdf, target, right=True).clamp(max=last)
-    return int(order[index] if order is not None else index)
+    target = cdf[:, -1:] * u.to(cdf.device, cdf.dtype)[:, None]
+    last = (cdf < cdf[:, -1:]).sum(-1)  # the last token with any probability
+    index = torch.minimum(torch.searchsorted(cdf, target, right=True)[:, 0], last)
+    return order.gather(-1, index[:, None])[:, 0] if order is not None else index
 
 
 def _end_tokens(tokenizer: Any) -> set[int]:
     ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
     return {int(t) for t in ends - {None, tokenizer.unk_token_id}}
+
+
+def _draws(seed: int, n: int) -> Float[torch.Tensor, " n"]:
+    """The ``n`` uniform draws of a run seeded with ``seed``: its own generator, float64."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def generate(
@@ -135,40 +156,78 @@ def generate(
     for s in steers:
         check_fit(model, s.sae)
     hooks = build_hooks(steers, tokens.shape[1], store)
-    generator = torch.Generator().manual_seed(sampling.seed)
-    draws = torch.rand(sampling.max_new_tokens, generator=generator, dtype=torch.float64)
-    return _tokens(model, tokens, sampling, hooks, draws.tolist())
+    draws = _draws(sampling.seed, sampling.max_new_tokens)[None]
+    return (int(step[0]) for step, _ in _steps(model, tokens, sampling, hooks, draws))
+
+
+def generate_rows(
+    model: Any,
+    tokens: Int[torch.Tensor, "1 pos"],
+    sampling: Sampling,
+    rows: Sequence[Sequence[Steer]],
+    *,
+    seeds: Sequence[int] | None = None,
+    store: Any = None,
+) -> list[list[int]]:
+    """The continuations of ``tokens`` for a batch of ``len(rows)`` runs made together (one
+    forward per token, KV cache on): row i runs with the steers ``rows[i]`` and draws its random
+    numbers from its own generator seeded with ``seeds[i]`` (default ``sampling.seed``), so it
+    gives what ``generate(model, tokens, sampling, rows[i])`` with that seed gives, up to
+    rounding (a batch may pick other kernels than one row). A row that reaches an end token
+    stops there; the batch ends when every row has."""
+    if not rows:
+        raise ScopeError("no rows to generate: give at least one list of steers (empty: unsteered)")
+    seeds = [sampling.seed] * len(rows) if seeds is None else list(seeds)
+    if len(seeds) != len(rows):
+        raise ScopeError(f"{len(seeds)} seeds for {len(rows)} rows: give one seed per row")
+    for row in rows:
+        for s in row:
+            check_fit(model, s.sae)
+    hooks = build_row_hooks(rows, tokens.shape[1], store)
+    draws = torch.stack([_draws(seed, sampling.max_new_tokens) for seed in seeds])
+    out: list[list[int]] = [[] for _ in rows]
+    for step, live in _steps(model, tokens, sampling, hooks, draws):
+        for i, (token, alive) in enumerate(zip(step.tolist(), live.tolist(), strict=True)):
+            if alive:
+                out[i].append(token)
+    return out
 
 
 @torch.inference_mode()
-def _tokens(
+def _steps(
     model: Any,
     tokens: Int[torch.Tensor, "1 pos"],
     sampling: Sampling,
     hooks: list[tuple[str, Any]],
-    draws: list[float],
-) -> Iterator[int]:
+    draws: Float[torch.Tensor, "batch steps"],
+) -> Iterator[tuple[Int[torch.Tensor, " batch"], Bool[torch.Tensor, " batch"]]]:
+    """Each step's next token of every row, and which rows were still going (had not yet made
+    an end token) when it was drawn. Rows that ended run on, unread: rows never mix."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+    n_rows, device = draws.shape[0], tokens.device
     ends = _end_tokens(model.tokenizer) if sampling.stop_at_eos else set()
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
 
     def next_logits(step: torch.Tensor) -> torch.Tensor:
         with attach(model, hooks):
-            return model(step, past_kv_cache=cache)[0, -1]
+            return model(step, past_kv_cache=cache)[:, -1]
 
-    logits = next_logits(tokens)
+    logits = next_logits(tokens.expand(n_rows, -1).contiguous())
     counts = None
     if sampling.freq_penalty and sampling.temperature > 0:
-        counts = torch.bincount(tokens[0], minlength=logits.shape[-1]).float()
-    for i, u in enumerate(draws):
-        token = sample_token(logits, sampling, u, counts)
-        yield token
-        if token in ends or i + 1 == len(draws):
+        counts = torch.bincount(tokens[0], minlength=logits.shape[-1]).float().repeat(n_rows, 1)
+    live = torch.ones(n_rows, dtype=torch.bool, device=device)
+    for i in range(draws.shape[1]):
+        step = sample_rows(logits, sampling, draws[:, i], counts)
+        yield step, live
+        live = live & ~torch.isin(step, end_ids)
+        if i + 1 == draws.shape[1] or not bool(live.any()):
             return
         if counts is not None:
-            counts[token] += 1
-        logits = next_logits(torch.tensor([[token]], device=tokens.device))
+            counts[torch.arange(n_rows, device=device), step] += 1
+        logits = next_logits(step[:, None])
 
 
 def text_stream(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
@@ -254,7 +313,9 @@ __all__ = [
     "Sampling",
     "compare",
     "generate",
+    "generate_rows",
     "prompt_tokens",
+    "sample_rows",
     "sample_token",
     "text_stream",
 ]

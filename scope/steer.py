@@ -16,6 +16,10 @@ first forward pass of a run: one ``with steering(...)`` block, or one ``generate
 each later forward continues the sequence (a KV cache feeds one new token at a time). Every run
 builds fresh hooks, so positions never carry over from one run to the next, and the hooks are
 removed when the run ends, also after an exception.
+
+Batches: every row runs with the same steers (``build_hooks``), or row i with its own list
+(``build_row_hooks``). Steers that differ only in strength share one hook with a strength per
+row, so the points of a strength sweep run as one batch through the same steering math.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import KW_ONLY, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -131,20 +135,42 @@ def _max_activation(store: Any, steer: Steer) -> float:
     return top
 
 
+class RowSteer(NamedTuple):
+    """One steer on some rows of a batch, each row at its own strength."""
+
+    steer: Steer
+    """What is done and where; its own ``strength`` is the first row's."""
+    rows: slice | list[int]
+    """The batch rows it applies to: a slice when they are consecutive (every row: ``slice(None)``)."""
+    amounts: torch.Tensor
+    """[len(rows)] float64: per row, add's strength times its unit scale, or clamp's value."""
+
+
 class Intervention:
     """The hook for all steers at one hook point, for one run. It counts the positions it has
     seen, so with a KV cache it sees the prompt first and then one generated token per call;
-    a second forward of several positions is a new sequence and is refused (build new hooks)."""
+    a second forward of several positions is a new sequence and is refused (build new hooks).
+    Each steer applies to its rows of the batch at its row's strength (``build_row_hooks``)."""
 
-    def __init__(self, steers: list[Steer], prompt_len: int, scales: dict[int, float]) -> None:
-        self.steers = steers
-        """The steers at this hook point, applied in order."""
+    def __init__(
+        self, groups: list[RowSteer], prompt_len: int, scales: dict[int, float], batch: int | None
+    ) -> None:
+        self.groups = groups
+        """The steers at this hook point with their rows, applied in order."""
         self.prompt_len = prompt_len
         """Positions before this are the prompt; from it on, generated tokens."""
         self.scales = scales
         """id(steer) -> its recorded max, for unit "max"."""
+        self.batch = batch
+        """The batch size the rows were built for; None: any (every steer on every row)."""
         self.seen = 0
         """Positions seen so far in this run."""
+        self._placed: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def steers(self) -> list[Steer]:
+        """The steers at this hook point, in the order they apply."""
+        return [g.steer for g in self.groups]
 
     def span(self, steer: Steer, start: int, stop: int) -> slice:
         """The positions of ``start .. stop - 1`` that ``steer`` touches, relative to ``start``."""
@@ -155,6 +181,14 @@ class Intervention:
             lo = max(lo, self.prompt_len)
         return slice(lo - start, max(hi, lo) - start)
 
+    def amount(self, i: int, like: torch.Tensor) -> Float[torch.Tensor, "rows 1 1"]:
+        """Group ``i``'s amounts [rows, 1, 1] on ``like``'s device and dtype (once per run)."""
+        key = (i, like.device, like.dtype)
+        if key not in self._placed:
+            amounts = self.groups[i].amounts.to(like.dtype)  # rounded once, as a Python float is
+            self._placed[key] = amounts.to(like.device).view(-1, 1, 1)
+        return self._placed[key]
+
     def __call__(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
         start, n = self.seen, act.shape[1]
         if start and n > 1:
@@ -163,46 +197,111 @@ class Intervention:
                 f"get {n} more at once: that is a new sequence. Steer each run in its own "
                 "`with steering(...)` (or generate call) so positions start at 0"
             )
+        if self.batch is not None and act.shape[0] != self.batch:
+            raise ScopeError(
+                f"the steering hooks at {hook.name} were built for {self.batch} rows but the "
+                f"batch has {act.shape[0]}: build them for this batch's rows"
+            )
         self.seen += n
         x = site_input(act)  # attn.hook_z: heads flattened, a view
-        for steer in self.steers:
-            where = self.span(steer, start, start + n)
-            if where.start < where.stop:
-                _apply(steer, x[:, where], self.scales.get(id(steer), 1.0))
+        for i, g in enumerate(self.groups):
+            where = self.span(g.steer, start, start + n)
+            if where.start >= where.stop:
+                continue
+            # add works in x's dtype; clamp's value meets the SAE's codes in theirs
+            amount = self.amount(i, x if g.steer.mode == "add" else g.steer.sae.W_enc)
+            if isinstance(g.rows, slice):
+                _apply(g.steer, x[g.rows, where], amount)  # a view: in place
+            else:
+                rows = torch.tensor(g.rows, device=x.device)
+                xs = x[rows, where]  # a copy: written back
+                _apply(g.steer, xs, amount)
+                x[rows, where] = xs
         return x.reshape(act.shape)
 
 
-def _apply(steer: Steer, xs: Float[torch.Tensor, "batch pos d_in"], scale: float) -> None:
-    """Steer ``xs`` in place (a view of the hook's activation)."""
+def _apply(
+    steer: Steer, xs: Float[torch.Tensor, "rows pos d_in"], amount: Float[torch.Tensor, "rows 1 1"]
+) -> None:
+    """Steer ``xs`` in place (a view of the hook's activation), each row by its own amount."""
     w_dec = steer.sae.W_dec[steer.feature].to(xs.dtype)
     if steer.mode == "add":
         direction = w_dec / w_dec.float().norm().clamp(min=1e-12).to(xs.dtype)
-        amount = steer.strength * scale
         if steer.unit == "norm":
             xs += amount * xs.float().norm(dim=-1, keepdim=True).to(xs.dtype) * direction
         else:
             xs += amount * direction
         return
-    value = 0.0 if steer.mode == "ablate" else steer.strength
     current = encode(steer.sae, xs)[..., steer.feature : steer.feature + 1]
-    xs += (value - current).to(xs.dtype) * w_dec
+    xs += (amount - current).to(xs.dtype) * w_dec
 
 
 def build_hooks(
     steers: Sequence[Steer], prompt_len: int, store: Any = None
 ) -> list[tuple[str, Intervention]]:
-    """Fresh (hook name, Intervention) pairs for ONE run, one per hook point; positions count
-    from the first forward they see. ``steering`` and ``generate`` build their own per run."""
-    missing = [s for s in steers if s.unit == "max" and store is None]
+    """Fresh (hook name, Intervention) pairs for ONE run, one per hook point, that apply
+    ``steers`` to every row of any batch; positions count from the first forward they see.
+    ``steering`` and ``generate`` build their own per run."""
+    return _build([steers], prompt_len, store, every_row=True)
+
+
+def build_row_hooks(
+    rows: Sequence[Sequence[Steer]], prompt_len: int, store: Any = None
+) -> list[tuple[str, Intervention]]:
+    """Like ``build_hooks`` for a batch of ``len(rows)`` sequences where row i runs with the
+    steers ``rows[i]`` (none: unsteered). Steers that differ only in strength share one
+    hook: ``rows=[[Steer(sae, f, strength=s)] for s in (0, 4, 8)]`` is a strength sweep."""
+    return _build(rows, prompt_len, store, every_row=False)
+
+
+def _build(
+    rows: Sequence[Sequence[Steer]], prompt_len: int, store: Any, every_row: bool
+) -> list[tuple[str, Intervention]]:
+    flat = [s for row in rows for s in row]
+    missing = [s for s in flat if s.unit == "max" and store is None]
     if missing:
         raise ScopeError(
             f"{missing[0].key}/{missing[0].feature}: unit 'max' needs a recorded store (--store)"
         )
-    scales = {id(s): _max_activation(store, s) for s in steers if s.unit == "max"}
-    by_hook: dict[str, list[Steer]] = {}
-    for s in steers:
-        by_hook.setdefault(s.hook_name, []).append(s)
-    return [(h, Intervention(group, prompt_len, scales)) for h, group in by_hook.items()]
+    maxes: dict[tuple[int, int], float] = {}
+    for s in flat:
+        if s.unit == "max" and (id(s.sae), s.feature) not in maxes:
+            maxes[id(s.sae), s.feature] = _max_activation(store, s)
+    # per hook point: the j-th steer of a row at that hook, by everything but its strength
+    found: dict[str, dict[tuple[Any, ...], tuple[Steer, list[int], list[float]]]] = {}
+    for r, row in enumerate(rows):
+        count: dict[str, int] = {}
+        for s in row:
+            j = count[s.hook_name] = count.get(s.hook_name, -1) + 1
+            key = (j, id(s.sae), s.feature, s.mode, s.unit, s.positions)
+            _, where, strengths = found.setdefault(s.hook_name, {}).setdefault(key, (s, [], []))
+            where.append(r)
+            strengths.append(s.strength)
+    hooks = []
+    for hook, groups in found.items():
+        made, scales = [], {}
+        for key in sorted(groups, key=lambda k: k[0]):  # stable: each row keeps its order
+            s, where, strengths = groups[key]
+            scale = maxes.get((id(s.sae), s.feature), 1.0)
+            if s.unit == "max":
+                scales[id(s)] = scale
+            amounts = torch.tensor(strengths, dtype=torch.float64)
+            if s.mode == "add":
+                amounts = amounts * scale
+            elif s.mode == "ablate":
+                amounts = torch.zeros_like(amounts)
+            made.append(RowSteer(s, slice(None) if every_row else _rows(where), amounts))
+        hooks.append(
+            (hook, Intervention(made, prompt_len, scales, None if every_row else len(rows)))
+        )
+    return hooks
+
+
+def _rows(where: list[int]) -> slice | list[int]:
+    """Consecutive rows as a slice (steered through a view), others as they are."""
+    if where == list(range(where[0], where[-1] + 1)):
+        return slice(where[0], where[-1] + 1)
+    return where
 
 
 def check_steers(model: Any, steers: Sequence[Steer], store: Any = None) -> None:
@@ -261,7 +360,9 @@ __all__ = [
     "Intervention",
     "Steer",
     "attach",
+    "RowSteer",
     "build_hooks",
+    "build_row_hooks",
     "check_steers",
     "steering",
 ]

@@ -1,4 +1,6 @@
-"""Strength sweeps: one steered generation per point, with metrics, saved as an experiment.
+"""Strength sweeps: a steered continuation per point, with metrics, saved as an experiment.
+The baseline and the points generate as one batch (``generate_rows``: a row per point, each
+with its strength and the same seed) and are measured as one batch.
 
 For each point (strength, and optionally mode or SAE/layer):
 - ``target_act``: the target feature's activation at its hook, after the intervention, averaged
@@ -25,9 +27,9 @@ from jaxtyping import Int
 
 from scope.acts import encode, site_input
 from scope.errors import ScopeError
-from scope.generate import Sampling, generate, prompt_tokens
+from scope.generate import Sampling, generate_rows, prompt_tokens
 from scope.sae import sae_key
-from scope.steer import Steer, check_steers, steering
+from scope.steer import Steer, attach, build_row_hooks, check_steers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,33 +125,51 @@ def measure(
     model: Any, tokens: Int[torch.Tensor, "1 pos"], cont: list[int], steer: Steer, store: Any
 ) -> dict[str, float]:
     """Metrics of one steered continuation ``cont`` of ``tokens`` (see the module docstring)."""
-    n_prompt = tokens.shape[1]
-    seq = torch.cat([tokens, torch.tensor([cont], device=tokens.device)], dim=1)
-    hook = steer.hook_name
+    return measure_rows(model, tokens, [cont], [steer], store)[0]
+
+
+@torch.no_grad()
+def measure_rows(
+    model: Any,
+    tokens: Int[torch.Tensor, "1 pos"],
+    conts: Sequence[list[int]],
+    steers: Sequence[Steer],
+    store: Any,
+) -> list[dict[str, float]]:
+    """``measure`` of many continuations of ``tokens`` at once, continuation i steered by
+    ``steers[i]``: one steered and one plain forward over the batch (shorter continuations
+    padded at the end, where causal attention keeps the padding out of every metric)."""
+    n_prompt, longest = tokens.shape[1], max(len(c) for c in conts)
+    seq = tokens.repeat(len(conts), 1)
+    tail = torch.zeros(len(conts), longest, dtype=seq.dtype)
+    for i, cont in enumerate(conts):
+        tail[i, : len(cont)] = torch.tensor(cont, dtype=seq.dtype)
+    seq = torch.cat([seq, tail.to(seq.device)], dim=1)
+    hooks = sorted({s.hook_name for s in steers})
     got: dict[str, torch.Tensor] = {}
 
     def grab(act: torch.Tensor, hook: Any) -> None:
         got[hook.name] = act.detach().clone()
 
-    with (
-        steering(model, [steer], prompt_len=n_prompt, store=store),
-        model.hooks(fwd_hooks=[(hook, grab)]),
-    ):
-        steered_logits = model(seq)[0].float()
-    after = got.pop(hook)
-    with model.hooks(fwd_hooks=[(hook, grab)]):
-        base_logits = model(seq)[0].float()
-    before = got.pop(hook)
-    span = slice(n_prompt, seq.shape[1])  # the continuation
-    f = steer.feature
-    target = encode(steer.sae, site_input(after)[0, span])[..., f].float().mean().item()
-    text = encode(steer.sae, site_input(before)[0, span])[..., f].float().mean().item()
-    pred = slice(n_prompt - 1, seq.shape[1] - 1)  # positions that predict the continuation
-    logp_s = torch.log_softmax(steered_logits[pred], dim=-1)
-    logp_b = torch.log_softmax(base_logits[pred], dim=-1)
-    kl = (logp_s.exp() * (logp_s - logp_b)).sum(-1).mean().item()
-    loss = -logp_b.gather(-1, seq[0, span, None]).mean().item()
-    return {"target_act": target, "text_act": text, "kl": kl, "loss": loss}
+    steering = build_row_hooks([[s] for s in steers], n_prompt, store)
+    with attach(model, [*steering, *((h, grab) for h in hooks)]):  # grab sees the steered act
+        steered_logits = model(seq)
+    after = dict(got)
+    with attach(model, [(h, grab) for h in hooks]):
+        base_logits = model(seq)
+    out = []
+    for i, (cont, steer) in enumerate(zip(conts, steers, strict=True)):
+        span = slice(n_prompt, n_prompt + len(cont))  # the continuation
+        f, hook = steer.feature, steer.hook_name
+        target = encode(steer.sae, site_input(after[hook])[i, span])[..., f].float().mean().item()
+        text = encode(steer.sae, site_input(got[hook])[i, span])[..., f].float().mean().item()
+        pred = slice(n_prompt - 1, n_prompt + len(cont) - 1)  # positions that predict it
+        logp_s = torch.log_softmax(steered_logits[i, pred].float(), dim=-1)
+        logp_b = torch.log_softmax(base_logits[i, pred].float(), dim=-1)
+        kl = (logp_s.exp() * (logp_s - logp_b)).sum(-1).mean().item()
+        loss = -logp_b.gather(-1, seq[i, span, None]).mean().item()
+        out.append({"target_act": target, "text_act": text, "kl": kl, "loss": loss})
+    return out
 
 
 MAX_POINTS = 1000
@@ -177,6 +197,10 @@ def parse_strengths(text: str) -> list[float]:
         ) from None
 
 
+BATCH_ROWS = 32
+"""Rows per batch of a sweep by default: the baseline and up to 31 points generate together."""
+
+
 def sweep(
     model: Any,
     prompt: str,
@@ -189,14 +213,19 @@ def sweep(
     store: Any = None,
     save_to: str | Path | None = None,
     on_point: PointFn | None = None,
+    batch_size: int = BATCH_ROWS,
 ) -> Sweep:
     """Steer ``steer``'s feature at every strength (and mode, and SAE: other layers), measure
     each point, and save the sweep to ``save_to`` (default: the store's folder) if given.
+    The baseline and the points generate together, ``batch_size`` rows a batch (strengths
+    along the batch, every row with the same seed; 1 runs one generation at a time).
     ``on_point(point, index, total)`` is called as each point is done (a progress bar, a live
     plot); every point is checked before anything is generated."""
     sampling = sampling or Sampling()
     if not strengths:
         raise ScopeError("no strengths to sweep: give e.g. --strengths -20:80:10")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ScopeError(f"batch size {batch_size!r} must be a whole number of rows, at least 1")
     tokens = prompt_tokens(model, prompt, sampling.chat, sampling.max_new_tokens)
     plan = [
         replace(steer, sae=sae, mode=mode, strength=strength)
@@ -206,16 +235,29 @@ def sweep(
     ]
     check_steers(model, plan, store)
     recorded = store.saes if store is not None else None
-    baseline = list(generate(model, tokens, sampling))
+    rows: list[Steer | None] = [None, *plan]  # None: the baseline
+    baseline: list[int] = []
     points: list[SweepPoint] = []
-    for index, point in enumerate(plan):
-        cont = list(generate(model, tokens, sampling, [point], store=store))
-        done = SweepPoint(strength=point.strength, mode=point.mode, sae=sae_key(point.sae, recorded),
-                          hook=point.hook_name, text=model.tokenizer.decode(cont, skip_special_tokens=True),
-                          tokens=cont, **measure(model, tokens, cont, point, store))  # fmt: skip
-        points.append(done)
-        if on_point:
-            on_point(done, index, len(plan))
+    for lo in range(0, len(rows), batch_size):
+        batch = rows[lo : lo + batch_size]
+        conts = generate_rows(
+            model, tokens, sampling, [[p] if p is not None else [] for p in batch], store=store
+        )
+        steered = [(p, c) for p, c in zip(batch, conts, strict=True) if p is not None]
+        if batch[0] is None:
+            baseline = conts[0]
+        if not steered:
+            continue
+        metrics = measure_rows(
+            model, tokens, [c for _, c in steered], [p for p, _ in steered], store
+        )
+        for (point, cont), m in zip(steered, metrics, strict=True):
+            done = SweepPoint(strength=point.strength, mode=point.mode, sae=sae_key(point.sae, recorded),
+                              hook=point.hook_name, text=model.tokenizer.decode(cont, skip_special_tokens=True),
+                              tokens=cont, **m)  # fmt: skip
+            points.append(done)
+            if on_point:
+                on_point(done, len(points) - 1, len(plan))
     result = Sweep(prompt=prompt, feature=steer.feature, sampling=sampling,
                    baseline=model.tokenizer.decode(baseline, skip_special_tokens=True), points=points,
                    id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])  # fmt: skip

@@ -279,13 +279,13 @@ def test_baseline_and_steered_draw_the_same_numbers(tiny_model, sae, monkeypatch
     import scope.generate
 
     draws: list[float] = []
-    real = scope.generate.sample_token
+    real = scope.generate.sample_rows
 
     def spy(logits, sampling, u, counts=None):
-        draws.append(u)
+        draws.extend(u.tolist())
         return real(logits, sampling, u, counts)
 
-    monkeypatch.setattr(scope.generate, "sample_token", spy)
+    monkeypatch.setattr(scope.generate, "sample_rows", spy)
     sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=3, stop_at_eos=False)
     result = compare(tiny_model, PROMPT, [Steer(sae, 7, strength=40.0)], sampling=sampling)
     assert result.steered_tokens != result.baseline_tokens

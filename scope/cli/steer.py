@@ -187,6 +187,12 @@ def sweep(
     top_p: float = 0.9,
     freq_penalty: float = 0.0,
     seed: int = 0,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Generations run together: the baseline and the points, as rows of a batch; 1 runs one at a time."
+        ),
+    ] = 32,
     raw: RawOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -200,6 +206,10 @@ def sweep(
     from scope.sweep import sweep as run_sweep
 
     values = parse_strengths(strengths)
+    if batch_size < 1:
+        raise ScopeError(
+            f"--batch-size {batch_size} must be at least 1 (1 runs one generation at a time)"
+        )
     check_output(out_dir, "--out", folder=True)
     check_output(plot, "--plot", folder=False)
     loaded, saes, opened = _setup(model, sae, [feature] * len(sae), device, dtype, hook, store)
@@ -215,7 +225,7 @@ def sweep(
             status.update(f"sweeping: {index + 1}/{n} points, ETA {timedelta(seconds=round(left))}")
 
         result = run_sweep(loaded, prompt, base, values, modes=mode_list, saes=saes, sampling=sampling,
-                           store=opened, save_to=out_dir, on_point=done)  # fmt: skip
+                           store=opened, save_to=out_dir, on_point=done, batch_size=batch_size)  # fmt: skip
     table = Table(title=f"sweep {result.id}: feature {feature}")
     for col in ("SAE", "mode", "strength", "target act", "text act", "KL", "loss", "text"):
         table.add_column(col)
