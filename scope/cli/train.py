@@ -1,0 +1,243 @@
+"""`scope train`: JumpReLU SAEs trained with sae-lens on a model's hooks over a corpus, saved as
+a Gemma Scope release with cards."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from scope.cli.common import (
+    CorpusOpt,
+    CtxOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    RequiredModelOpt,
+    app,
+    err,
+    friendly,
+    out,
+)
+from scope.errors import ScopeError
+
+if TYPE_CHECKING:
+    from scope.train import CacheProgress, StepReport
+
+LOG_SECONDS = 10.0
+"""Without a terminal, a progress line at most this often."""
+
+
+def hooks_from(layers: list[int] | None, site: str, hooks: list[str] | None) -> tuple[str, ...]:
+    """--layer/--site or --hook as hook names."""
+    from scope.identity import SITE_HOOKS
+
+    if layers and hooks:
+        raise ScopeError("give --layer (with --site) or --hook, not both")
+    if hooks:
+        return tuple(hooks)
+    if site not in SITE_HOOKS:
+        raise ScopeError(f"--site {site!r} is not one of {', '.join(SITE_HOOKS)}")
+    return tuple(SITE_HOOKS[site].format(layer=layer) for layer in layers or [])
+
+
+def _short(hook: str) -> str:
+    from scope.identity import hook_site
+
+    layer, site = hook_site(hook)
+    return f"L{layer}.{site}"
+
+
+@contextmanager
+def progress(console: Console) -> Iterator[tuple[Callable[[Any], None], Callable[[Any], None]]]:
+    """(on_cache, on_step) callbacks showing a live bar: caching (tokens, tok/s), then training
+    (tokens, tok/s, each SAE's L0 and FVU on the latest batch). Plain lines without a terminal."""
+    if not console.is_terminal:
+        yield _log_lines(console)
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[tokens]} tokens {task.fields[rate]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[figures]}"),
+        console=console,
+    )
+    with bar:
+        tasks: dict[str, Any] = {}
+
+        def task(name: str) -> Any:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=None, tokens="-", rate="-", figures="")
+            return tasks[name]
+
+        def on_cache(p: CacheProgress) -> None:
+            rate = p.rows / p.seconds if p.seconds > 0 else 0
+            bar.update(task("caching"), tokens=f"{p.rows:,}", rate=f"{rate:,.0f}")
+
+        def on_step(r: StepReport) -> None:
+            rate = r.tokens / r.seconds if r.seconds > 0 else 0
+            figures = "  ".join(
+                f"{_short(h)} L0 {r.l0[h]:.0f} FVU {r.fvu[h]:.3f}" for h in sorted(r.l0)
+            )
+            bar.update(
+                task("training"),
+                total=r.steps,
+                completed=r.step,
+                tokens=f"{r.tokens:,}",
+                rate=f"{rate:,.0f}",
+                figures=figures,
+            )
+
+        yield on_cache, on_step
+
+
+def _log_lines(console: Console) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
+    last = [0.0]
+
+    def due() -> bool:
+        if time.monotonic() - last[0] < LOG_SECONDS:
+            return False
+        last[0] = time.monotonic()
+        return True
+
+    def on_cache(p: CacheProgress) -> None:
+        if due():
+            rate = p.rows / p.seconds if p.seconds > 0 else 0
+            console.print(f"cached {p.rows:,} tokens, {rate:,.0f} tok/s", highlight=False)
+
+    def on_step(r: StepReport) -> None:
+        if due() or r.step == r.steps:
+            figures = ", ".join(
+                f"{_short(h)} L0 {r.l0[h]:.1f} FVU {r.fvu[h]:.3f}" for h in sorted(r.l0)
+            )
+            console.print(
+                f"step {r.step}/{r.steps}, {r.tokens:,} tokens, "
+                f"{r.tokens / max(r.seconds, 1e-9):,.0f} tok/s: {figures}",
+                highlight=False,
+            )
+
+    return on_cache, on_step
+
+
+@app.command()
+@friendly
+def train(
+    model: RequiredModelOpt,
+    out_: Annotated[
+        str, typer.Option("--out", help="Release folder to write, e.g. saes/my-sae-release.")
+    ] = "",
+    layer: Annotated[
+        list[int] | None, typer.Option(help="Layer to train on; repeat for several.")
+    ] = None,
+    site: Annotated[str, typer.Option(help="res, mlp or att (with --layer).")] = "res",
+    hook: Annotated[
+        list[str] | None, typer.Option(help="Hook name instead of --layer/--site; repeatable.")
+    ] = None,
+    width: Annotated[int, typer.Option(help="Features per SAE.")] = 4096,
+    corpus: CorpusOpt = None,
+    field: FieldOpt = "text",
+    ctx: CtxOpt = 128,
+    tokens: Annotated[
+        str | None, typer.Option(help="Corpus tokens to cache and train on, e.g. 1M.")
+    ] = None,
+    target_l0: Annotated[float, typer.Option(help="Mean features per token to aim for.")] = 60.0,
+    l0_coefficient: Annotated[float, typer.Option(help="Weight of the L0 penalty.")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Passes over the cached tokens.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 4096,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Initialisation and batch-order seed.")] = 0,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            help="Activation cache folder (default: one under ~/.cache/gemma-scope-workbench)."
+        ),
+    ] = None,
+    eval_corpus: Annotated[
+        list[str] | None,
+        typer.Option(help="Held-out text for the cards (default: the corpus after --tokens)."),
+    ] = None,
+    eval_tokens: Annotated[str, typer.Option(help="Held-out tokens for the cards.")] = "20k",
+    save_dtype: Annotated[
+        str, typer.Option(help="float32, or float16 where it keeps the weights within 1e-3.")
+    ] = "float32",
+    forward_batch: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 8,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Train JumpReLU SAEs (sae-lens' own training) on hooks of a model over a corpus.
+
+    One forward pass caches every hook's activations once (half precision, on disk); the SAEs
+    then train for --epochs over them. Saved as a Gemma Scope release: --out/layer_L/width_W/
+    average_l0_N/ with params.npz, cfg.json and card.json (L0, FVU, delta loss on held-out
+    text). Ctrl-C saves a checkpoint; the same command again resumes."""
+    from scope.corpus import CorpusSpec, parse_tokens
+    from scope.model import load_model
+    from scope.train import TrainSettings, train_saes
+
+    if not out_:
+        raise ScopeError("give --out FOLDER: the release to write, e.g. saes/my-sae-release")
+    settings = TrainSettings(
+        hooks=hooks_from(layer, site, hook),
+        width=width,
+        target_l0=target_l0,
+        l0_coefficient=l0_coefficient,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    spec = CorpusSpec(
+        paths=tuple(corpus or ()), field=field, ctx=ctx, max_tokens=parse_tokens(tokens)
+    )
+    held_out = CorpusSpec(paths=tuple(eval_corpus), field=field, ctx=ctx) if eval_corpus else None
+    n_eval = parse_tokens(eval_tokens) or 0
+    with out.status(f"loading {model}"):
+        loaded = load_model(model, device=device, dtype=dtype)
+    with progress(err) as (on_cache, on_step):
+        try:
+            trained = train_saes(
+                loaded,
+                settings,
+                spec,
+                Path(out_),
+                cache=Path(cache) if cache else None,
+                eval_corpus=held_out,
+                eval_tokens=n_eval,
+                save_dtype=save_dtype,
+                forward_batch=forward_batch,
+                on_cache=on_cache,
+                on_step=on_step,
+            )
+        except KeyboardInterrupt:
+            err.print(
+                "interrupted: the cache and a checkpoint are saved; run the same command to resume"
+            )
+            raise typer.Exit(130) from None
+    table = Table(title=f"trained {len(trained)} SAEs into {escape(out_)}")
+    for col in ("SAE", "hook", "L0", "FVU", "delta loss", "tokens seen", "minutes"):
+        table.add_column(col, overflow="fold")
+    for t in trained:
+        ev = t.card["eval"]
+        table.add_row(
+            f"{t.release}/{t.sae_id}",
+            t.card["hook"],
+            f"{ev['l0']:.1f}",
+            f"{ev['fvu']:.3f}",
+            f"{ev['delta_loss']:.3f}",
+            f"{t.card['training']['tokens_seen']:,}",
+            f"{t.card['time']['total_seconds'] / 60:.1f}",
+        )
+    out.print(table)
+    for t in trained:
+        out.print(f"--sae {escape(str(t.folder))}", highlight=False, soft_wrap=True)

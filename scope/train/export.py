@@ -1,0 +1,160 @@
+"""Trained SAEs saved as Gemma Scope releases: ``<out>/layer_L/width_W/average_l0_N/`` with
+params.npz (the raw-activation convention), cfg.json (the hook) and card.json (how it was
+made and how well it does), plus one line per SAE in the library's README.md.
+
+Raw-activation convention, as Gemma Scope released its SAEs: ``pre = x @ W_enc + b_enc``,
+``acts = relu(pre) * (pre > threshold)``, ``x_hat = acts @ W_dec + b_dec``, with no input
+normalisation and no b_dec subtracted at the input. Training's normalisation is folded in by
+``loop.finish``; a b_dec applied at the input (sae-lens' ``apply_b_dec_to_input``) is folded
+into b_enc here: ``(x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from scope.errors import ScopeError
+from scope.identity import hook_site, width_label
+from scope.params import GEMMA_SCOPE_KEYS
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+HALF_TOLERANCE = 1e-3
+"""An array is stored in float16 only if that moves no value by more than this fraction of
+the array's largest magnitude (and nothing overflows)."""
+ALWAYS_FP32 = ("b_enc", "threshold")
+"""Kept in float32 whatever the dtype asked: which features fire depends on them exactly."""
+
+
+@torch.no_grad()
+def raw_params(sae: SAE) -> dict[str, np.ndarray]:
+    """The five Gemma Scope arrays (float32) of a trained sae-lens JumpReLU SAE, in the
+    raw-activation convention. Refuses an SAE whose normalisation is not folded yet."""
+    if sae.cfg.normalize_activations != "none":
+        raise ScopeError(
+            f"the SAE still normalises its input ({sae.cfg.normalize_activations}): fold it "
+            "first (scope.train.loop.finish does)"
+        )
+    w_enc = sae.W_enc.detach().float()
+    b_enc = sae.b_enc.detach().float()
+    b_dec = sae.b_dec.detach().float()
+    if sae.cfg.apply_b_dec_to_input:
+        b_enc = b_enc - b_dec @ w_enc
+    arrays = {
+        "W_enc": w_enc,
+        "W_dec": sae.W_dec.detach().float(),
+        "b_enc": b_enc,
+        "b_dec": b_dec,
+        "threshold": sae.threshold.detach().float(),
+    }
+    return {k: np.ascontiguousarray(v.cpu().numpy()) for k, v in arrays.items()}
+
+
+def storage_dtypes(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, str]:
+    """Per array, the dtype it is stored in: float32, or with ``dtype="float16"`` float16
+    wherever that keeps it within ``HALF_TOLERANCE`` (an encoder reading Gemma 3's huge
+    residual stream has entries below float16's normal range and stays float32)."""
+    if dtype not in ("float32", "float16"):
+        raise ScopeError(f"--save-dtype {dtype!r} is not float32 or float16")
+    out = {}
+    for key, arr in arrays.items():
+        keep = "float32"
+        if dtype == "float16" and key not in ALWAYS_FP32:
+            half = arr.astype(np.float16)
+            scale = float(np.abs(arr).max())
+            ok = bool(np.isfinite(half).all())
+            if ok and scale > 0:
+                ok = float(np.abs(half.astype(np.float32) - arr).max()) <= HALF_TOLERANCE * scale
+            keep = "float16" if ok else "float32"
+        out[key] = keep
+    return out
+
+
+def sae_id(hook: str, width: int, l0: float) -> str:
+    """Gemma Scope's id for an SAE: ``layer_9/width_4k/average_l0_57``."""
+    layer, _ = hook_site(hook)
+    if layer is None:
+        raise ScopeError(f"hook {hook} is not inside a block: give blocks.L.<hook>")
+    return f"layer_{layer}/width_{width_label(width)}/average_l0_{round(l0)}"
+
+
+def write_sae(
+    folder: Path, arrays: dict[str, np.ndarray], dtypes: dict[str, str], cfg: dict[str, Any]
+) -> None:
+    """params.npz and cfg.json into ``folder`` (each written to a temporary name first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "params.tmp.npz"
+    stored: dict[str, Any] = {k: arrays[k].astype(dtypes[k]) for k in GEMMA_SCOPE_KEYS}
+    np.savez(tmp, **stored)
+    os.replace(tmp, folder / "params.npz")
+    write_json(folder / "cfg.json", cfg)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def sae_cfg(hook: str, d_in: int, d_sae: int, model_name: str, ctx: int) -> dict[str, Any]:
+    """cfg.json beside params.npz: what ``scope.sae`` reads (the hook), in sae-lens' keys."""
+    return {
+        "architecture": "jumprelu",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "hook_name": hook,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": hook, "model_name": model_name, "context_size": ctx},
+    }
+
+
+def card_line(release: str, sae_id: str, card: dict[str, Any]) -> str:
+    """One Markdown table row of the SAE library's README."""
+    ev = card["eval"]
+    minutes = card["time"]["total_seconds"] / 60
+    return (
+        f"| `{release}/{sae_id}` | {card['model']} | `{card['hook']}` | {card['d_sae']} "
+        f"| {ev['l0']:.1f} | {ev['fvu']:.3f} | {ev['delta_loss']:.3f} "
+        f"| {card['training']['tokens_seen']:,} | {minutes:.0f} min, {card['time']['machine']} |"
+    )
+
+
+README_HEADER = (
+    "\n## SAEs trained here\n\n"
+    "Trained with `scope train`; L0, FVU and delta loss (next-token cross-entropy with the SAE "
+    "spliced in, minus without) measured on held-out text, as each SAE's card.json records.\n\n"
+    "| SAE | model | hook | width | L0 | FVU | delta loss | tokens seen | time |\n"
+    "|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def append_readme(readme: Path, line: str, key: str) -> None:
+    """Add ``line`` to the README's table of trained SAEs (replacing the row of the same SAE
+    ``key``, so retraining does not duplicate it); the table is made on first use."""
+    text = readme.read_text() if readme.is_file() else "# SAE library\n"
+    if "## SAEs trained here" not in text:
+        text = text.rstrip("\n") + "\n" + README_HEADER
+    lines = [ln for ln in text.splitlines() if not ln.startswith(f"| `{key}` |")]
+    text = "\n".join(lines).rstrip("\n") + "\n" + line + "\n"
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, readme)
+
+
+__all__ = [
+    "append_readme",
+    "card_line",
+    "raw_params",
+    "sae_cfg",
+    "sae_id",
+    "storage_dtypes",
+    "write_sae",
+]

@@ -1,0 +1,348 @@
+"""The training loop: sae-lens' own JumpReLU training, one SAE per hook, over cached rows.
+
+Each SAE is a ``sae_lens.JumpReLUTrainingSAE`` (Gemma Scope 2's quadratic L0 penalty around
+the target L0) driven by its own ``sae_lens.SAETrainer`` through the trainer's public seams
+(``step``, ``maybe_reset_sparsity``, ``save_checkpoint``, ``load_trainer_state``), in lockstep
+as sae-lens' ``MultiSAETrainer`` drives them: its loss, optimizer, schedules, gradient
+clipping and activation scaling are sae-lens'; this module chooses the batches, shows
+progress and writes resumable checkpoints.
+
+Inputs are scaled by sae-lens' ``expected_average_only_in`` factor (mean norm -> sqrt(d_in))
+during training; ``finish`` folds it into the weights as sae-lens does at the end of a fit.
+
+Resuming: a checkpoint holds every SAE's weights (safetensors, fp32), its trainer's Adam
+moments, schedules, firing statistics and scaling factor, and the step. The batch order is a
+function of (seed, epoch, step) alone, so a resumed run sees the batches an uninterrupted run
+would and ends with bitwise the same weights on the same machine and build (the same tensors
+through the same kernels); across machines only to rounding (see TOOLING: kernels differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+from scope.errors import ScopeError
+from scope.train.cache import ActivationCache, as_tensor
+from scope.train.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from sae_lens import JumpReLUTrainingSAE
+    from sae_lens.saes.sae import TrainStepOutput
+    from sae_lens.training.sae_trainer import SAETrainer
+
+NORM_BATCHES = 8
+"""Batches the activation scaling factor is estimated from (the first of epoch 0)."""
+THRESHOLD_SAMPLE = 4096
+"""Rows the initial threshold is set from."""
+STATE = "state.json"
+
+
+class StepReport(NamedTuple):
+    """What the loop reports after each step, for a progress bar."""
+
+    step: int
+    """Steps done."""
+    steps: int
+    """Steps in the whole run."""
+    tokens: int
+    """Tokens trained on so far (each SAE sees each of them)."""
+    seconds: float
+    """Training time so far, over every run that resumed it."""
+    l0: dict[str, float]
+    """Per hook: mean features firing per token in this step's batch."""
+    fvu: dict[str, float]
+    """Per hook: fraction of variance unexplained on this step's batch."""
+
+
+@dataclass
+class Training:
+    """The SAEs being trained, their trainers, and how far they got."""
+
+    settings: TrainSettings
+    cache: ActivationCache
+    saes: dict[str, JumpReLUTrainingSAE]
+    trainers: dict[str, SAETrainer]
+    step: int
+    seconds: float
+    checkpoints: Path
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.cache.state.rows // self.settings.batch_size
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_epoch * self.settings.epochs
+
+
+def batch_rows(settings: TrainSettings, rows: int, step: int) -> np.ndarray:
+    """The cache rows of batch ``step``: epoch ``step // steps_per_epoch`` visits the rows in
+    a permutation seeded by (seed, epoch); rows left over after the last full batch of an
+    epoch are skipped in that epoch. Sorted, so reads from the memmap go forward."""
+    per_epoch = rows // settings.batch_size
+    epoch, k = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+    perm = torch.randperm(rows, generator=gen)
+    return np.sort(perm[k * settings.batch_size : (k + 1) * settings.batch_size].numpy())
+
+
+def load_batch(cache: ActivationCache, hook: str, rows: np.ndarray) -> torch.Tensor:
+    """Cached rows of ``hook`` as an fp32 tensor [batch, d_in]."""
+    return as_tensor(cache.rows(hook)[rows])
+
+
+def _new_sae(
+    settings: TrainSettings, hook: str, d_in: int, index: int, device: str
+) -> JumpReLUTrainingSAE:
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+    cfg = JumpReLUTrainingSAEConfig(
+        d_in=d_in,
+        d_sae=settings.width,
+        dtype="float32",
+        device=device,
+        apply_b_dec_to_input=False,  # Gemma Scope's convention: no b_dec at the input
+        normalize_activations="expected_average_only_in",
+        jumprelu_bandwidth=settings.bandwidth,
+        jumprelu_sparsity_loss_mode="quadratic",
+        target_l0=settings.target_l0,
+        l0_coefficient=settings.l0_coefficient,
+    )
+    cfg.metadata.hook_name = hook
+    torch.manual_seed(settings.seed * 1_000_003 + index)  # the initial weights
+    return JumpReLUTrainingSAE(cfg)
+
+
+def _new_trainer(
+    settings: TrainSettings, sae: JumpReLUTrainingSAE, steps: int, device: str
+) -> SAETrainer:
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * settings.batch_size,
+        train_batch_size_samples=settings.batch_size,
+        lr=settings.lr,
+        lr_end=settings.lr,  # the constant schedule decays from lr to 0 over the last steps
+        lr_warm_up_steps=max(1, steps // 20),
+        lr_decay_steps=steps // 5,
+        device=device,
+        dead_feature_window=max(1, steps // 4),
+        feature_sampling_window=max(1, steps // 4),
+    )
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+
+
+@torch.no_grad()
+def _initialise(t: Training) -> None:
+    """sae-lens' scaling factor from the first batches; then the threshold set so that the
+    target L0 fires at the start: the (1 - target/width) quantile of the initial
+    pre-activations over a sample of rows."""
+    rows = t.cache.state.rows
+    n_norm = min(NORM_BATCHES, t.steps_per_epoch)
+    sample = batch_rows(t.settings, rows, 0)[:THRESHOLD_SAMPLE]
+    q = 1 - t.settings.target_l0 / t.settings.width
+    for hook, trainer in t.trainers.items():
+        batches = (
+            load_batch(t.cache, hook, batch_rows(t.settings, rows, k)) for k in range(n_norm)
+        )
+        trainer.activation_scaler.estimate_scaling_factor(
+            d_in=t.cache.spec.d_in[hook], data_provider=batches, n_batches_for_norm_estimate=n_norm
+        )
+        sae = t.saes[hook]
+        x = trainer.activation_scaler(load_batch(t.cache, hook, sample))
+        pre = (x @ sae.W_enc + sae.b_enc).flatten()
+        k = max(1, int(q * pre.numel()))
+        sae.threshold.data.fill_(max(float(pre.kthvalue(k).values), 0.0))
+
+
+def start(
+    settings: TrainSettings, cache: ActivationCache, checkpoints: Path, device: str = "cpu"
+) -> Training:
+    """New SAEs and trainers for ``settings`` over ``cache``, or the ones in the latest
+    checkpoint under ``checkpoints`` when it was written with the same settings and cache."""
+    missing = [h for h in settings.hooks if h not in cache.spec.hooks]
+    if missing:
+        raise ScopeError(f"the activation cache {cache.folder} has no rows for {missing}")
+    if cache.state.rows < settings.batch_size:
+        raise ScopeError(
+            f"the activation cache holds {cache.state.rows:,} tokens, fewer than one batch "
+            f"(--batch-size {settings.batch_size}): give more --tokens or a smaller --batch-size"
+        )
+    saes = {
+        h: _new_sae(settings, h, cache.spec.d_in[h], i, device)
+        for i, h in enumerate(settings.hooks)
+    }
+    steps = cache.state.rows // settings.batch_size * settings.epochs
+    trainers = {h: _new_trainer(settings, s, steps, device) for h, s in saes.items()}
+    t = Training(settings, cache, saes, trainers, step=0, seconds=0.0, checkpoints=checkpoints)
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        _initialise(t)
+        return t
+    state = json.loads((latest / STATE).read_text())
+    if state["fingerprint"] != settings.fingerprint() or state["rows"] != cache.state.rows:
+        raise ScopeError(
+            f"the checkpoint {latest} was written by a run with other settings or another "
+            f"cache: remove {checkpoints} to start over"
+        )
+    for hook, trainer in trainers.items():
+        folder = latest / _folder(hook)
+        trainer.load_trainer_state(folder)
+        trainer.sae.load_weights_from_checkpoint(folder)
+    t.step, t.seconds = int(state["step"]), float(state["seconds"])
+    return t
+
+
+def _folder(hook: str) -> str:
+    return hook.replace("/", "_")
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint folder (``step_<n>``) under ``checkpoints``, if any."""
+    if not checkpoints.is_dir():
+        return None
+    done = [p for p in checkpoints.glob("step_*") if (p / STATE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def save_checkpoint(t: Training) -> Path:
+    """Write a checkpoint of every SAE and trainer at the current step (to a temporary folder,
+    renamed when complete), then drop older ones."""
+    final = t.checkpoints / f"step_{t.step}"
+    if (final / STATE).is_file():
+        return final
+    tmp = t.checkpoints / f"tmp_step_{t.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for hook, trainer in t.trainers.items():
+        trainer.save_checkpoint(checkpoint_name=_folder(hook), base_path=tmp)
+    state = {
+        "step": t.step,
+        "seconds": t.seconds,
+        "rows": t.cache.state.rows,
+        "fingerprint": t.settings.fingerprint(),
+        "settings": asdict(t.settings),
+    }
+    (tmp / STATE).write_text(json.dumps(state, indent=2))
+    os.replace(tmp, final)
+    for old in t.checkpoints.glob("step_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@torch.no_grad()
+def _batch_figures(out: TrainStepOutput) -> tuple[float, float]:
+    """L0 and FVU of a training step's batch (in the scaled units; FVU does not depend on them)."""
+    sae_in, sae_out, acts = out.sae_in, out.sae_out.detach(), out.feature_acts.detach()
+    l0 = float((acts > 0).float().sum(-1).mean())
+    var = ((sae_in - sae_in.mean(0)) ** 2).sum()
+    return l0, float(((sae_out - sae_in) ** 2).sum() / var)
+
+
+@contextmanager
+def _interrupt_between_steps() -> Iterator[list[bool]]:
+    """Ctrl-C sets a flag (checked between steps) instead of raising inside one: a step
+    updates every SAE, and a checkpoint must not hold some SAEs a step ahead of others."""
+    asked = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        asked[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(
+    t: Training,
+    *,
+    on_step: Callable[[StepReport], None] | None = None,
+    stop_after: int | None = None,
+) -> Training:
+    """Train from ``t.step`` to the end (or to step ``stop_after``), checkpointing every
+    ``checkpoint_every`` steps. Ctrl-C ends the current step, writes a checkpoint and raises
+    KeyboardInterrupt; the next ``start`` resumes there."""
+    end = t.steps if stop_after is None else min(stop_after, t.steps)
+    rows = t.cache.state.rows
+    with _interrupt_between_steps() as interrupted:
+        while t.step < end:
+            t0 = time.perf_counter()
+            idx = batch_rows(t.settings, rows, t.step)
+            l0s, fvus = {}, {}
+            for hook, trainer in t.trainers.items():
+                trainer.maybe_reset_sparsity()
+                out = trainer.step(load_batch(t.cache, hook, idx))
+                l0s[hook], fvus[hook] = _batch_figures(out)
+                trainer.n_training_steps += 1
+            t.step += 1
+            t.seconds += time.perf_counter() - t0
+            if t.step % t.settings.checkpoint_every == 0 and t.step < t.steps:
+                save_checkpoint(t)
+            if on_step is not None:
+                tokens = t.step * t.settings.batch_size
+                on_step(StepReport(t.step, t.steps, tokens, t.seconds, l0s, fvus))
+            if interrupted[0]:
+                save_checkpoint(t)
+                raise KeyboardInterrupt
+    return t
+
+
+class Finished(NamedTuple):
+    """A trained SAE in raw-activation units."""
+
+    sae: JumpReLUTrainingSAE
+    scaling_factor: float | None
+    """The input scaling sae-lens trained with, now folded into the weights."""
+
+
+@torch.no_grad()
+def finish(t: Training) -> dict[str, Finished]:
+    """The trained SAEs in raw-activation units: sae-lens' end-of-fit metadata, and its
+    scaling factor folded into the weights (``fold_activation_norm_scaling_factor``), as
+    ``SAETrainer.fit`` ends, and the threshold projected onto >= 0. The training cannot go on
+    after this."""
+    out = {}
+    for hook, trainer in t.trainers.items():
+        trainer.set_final_sae_metadata()
+        # sae-lens projects the threshold onto >= 0 before each step; do it after the last
+        # one too, so the training encode (x * (x > t)) and Gemma Scope's (relu(x) * (x > t))
+        # agree exactly
+        trainer.sae.threshold.data.clamp_(min=0.0)
+        factor = trainer.activation_scaler.scaling_factor
+        if factor is not None:
+            trainer.sae.fold_activation_norm_scaling_factor(factor)
+            trainer.activation_scaler.scaling_factor = None
+        out[hook] = Finished(trainer.sae, factor)
+    return out
+
+
+__all__ = [
+    "Finished",
+    "StepReport",
+    "Training",
+    "batch_rows",
+    "finish",
+    "latest_checkpoint",
+    "run",
+    "save_checkpoint",
+    "start",
+]

@@ -1,0 +1,277 @@
+"""`scope train` on the tiny model: the saved release loads by name and encodes exactly like the
+trained sae-lens SAE; the card's L0 and FVU equal a brute-force recomputation on the held-out
+windows; FVU falls; the cache and the training resume to bitwise what an uninterrupted run
+gives; folding sae-lens' normalisation and input b_dec is exact algebra; bad input fails
+with one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from scope import load_sae
+from scope import testing as fixtures
+from scope.cli import app
+from scope.corpus import CorpusSpec
+from scope.errors import ScopeError
+from scope.train import TrainSettings, build_cache, loop, train_saes
+from scope.train.export import raw_params, storage_dtypes
+from scope.train.run import held_out_windows
+
+CTX = 24
+HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+SETTINGS = dict(width=96, target_l0=8, epochs=3, batch_size=256, lr=3e-3, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "c.jsonl"
+    docs = [d for d in fixtures.training_text() if len(d) > 80]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, corpus, tmp_path_factory):
+    """Two SAEs trained into a local library, with every step's report."""
+    root = tmp_path_factory.mktemp("lib")
+    os.environ["SCOPE_SAES_DIR"] = str(root)
+    reports: list[loop.StepReport] = []
+    spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=2048)
+    results = train_saes(
+        tiny_model,
+        TrainSettings(hooks=HOOKS, **SETTINGS),
+        spec,
+        root / "tiny-train-res",
+        cache=root.parent / "cache",
+        eval_tokens=400,
+        on_step=reports.append,
+    )
+    yield root, spec, results, reports
+    del os.environ["SCOPE_SAES_DIR"]
+
+
+def test_release_loads_by_name_and_encodes_like_the_trained_sae(trained, tiny_model):
+    root, _, results, _ = trained
+    assert [r.sae_id.split("/")[0] for r in results] == ["layer_1", "layer_3"]
+    _, cache = tiny_model.run_with_cache(
+        fixtures.training_text()[3][:300], names_filter=list(HOOKS)
+    )
+    for r in results:
+        assert (root / "tiny-train-res" / r.sae_id / "params.npz").is_file()
+        sae = load_sae("tiny-train-res", r.sae_id, device="cpu", dtype="float32")
+        assert sae.cfg.metadata.hook_name == r.card["hook"]
+        assert sae.cfg.metadata["release"] == "tiny-train-res"
+        x = cache[r.card["hook"]][0, 1:]
+        with torch.no_grad():
+            expected = r.trained.encode(x)
+            assert (expected > 0).sum() > 0
+            assert torch.equal(sae.encode(x), expected)  # same weights, same ops
+            assert torch.equal(sae.decode(expected), r.trained.decode(expected))
+        assert load_sae(f"tiny-train-res/{r.sae_id}").cfg.d_sae == 96  # RELEASE/ID in one string
+    readme = (root / "README.md").read_text()
+    assert all(f"`tiny-train-res/{r.sae_id}`" in readme for r in results)
+
+
+def brute_force(model, params, hook, windows):
+    """L0 and FVU window by window, in float64 from the saved arrays."""
+    special = set(model.tokenizer.all_special_ids)
+    w_enc, b_enc, thr = (params[k].astype(np.float64) for k in ("W_enc", "b_enc", "threshold"))
+    w_dec, b_dec = params["W_dec"].astype(np.float64), params["b_dec"].astype(np.float64)
+    xs, l0 = [], []
+    for w in range(len(windows)):
+        tokens = torch.tensor(windows.tokens[w, : windows.lengths[w]], dtype=torch.long)[None]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=hook)
+        for t, tok in enumerate(tokens[0].tolist()):
+            if tok in special:
+                continue
+            x = cache[hook][0, t].double().numpy()
+            pre = x @ w_enc + b_enc
+            acts = np.maximum(pre, 0) * (pre > thr)
+            l0.append(int((acts > 0).sum()))
+            xs.append((x, acts @ w_dec + b_dec))
+    x = np.stack([a for a, _ in xs])
+    r = np.stack([b for _, b in xs])
+    return float(np.mean(l0)), float(((x - r) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()), len(l0)
+
+
+def test_card_figures_equal_brute_force(trained, tiny_model):
+    _, spec, results, _ = trained
+    windows = held_out_windows(spec, tiny_model.tokenizer, 2048, 400)
+    for r in results:
+        with np.load(r.folder / "params.npz") as f:
+            params = {k: f[k] for k in f.files}
+        l0, fvu, n = brute_force(tiny_model, params, r.card["hook"], windows)
+        ev = r.card["eval"]
+        assert ev["tokens"] == n > 300
+        assert abs(ev["l0"] - l0) <= 2 / n  # a feature within rounding of its threshold
+        assert ev["fvu"] == pytest.approx(fvu, rel=1e-5)
+        assert 0 < ev["fvu"] < 1 and ev["l0"] > 0
+        assert np.isfinite(ev["delta_loss"])
+        assert r.sae_id.endswith(f"average_l0_{round(ev['l0'])}")
+        assert r.card["training"]["tokens_seen"] == r.card["training"]["steps"] * 256
+        assert r.card["corpus"]["tokens_cached"] == 2048
+        assert json.loads((r.folder / "cfg.json").read_text())["hook_name"] == r.card["hook"]
+
+
+def test_fvu_falls_over_training(trained):
+    _, _, _, reports = trained
+    assert reports[-1].step == reports[-1].steps == len(reports)
+    for hook in HOOKS:
+        first = np.mean([r.fvu[hook] for r in reports[:2]])
+        last = np.mean([r.fvu[hook] for r in reports[-2:]])
+        assert last < 0.8 * first, (hook, first, last)
+
+
+def _state(t: loop.Training) -> dict[str, torch.Tensor]:
+    out = {}
+    for hook, trainer in t.trainers.items():
+        for k, v in trainer.sae.state_dict().items():
+            out[f"{hook}/{k}"] = v.clone()
+        for i, st in trainer.optimizer.state_dict()["state"].items():
+            out[f"{hook}/adam{i}"] = torch.cat(
+                [st["exp_avg"].flatten(), st["exp_avg_sq"].flatten()]
+            )
+    return out
+
+
+def test_cache_and_training_resume_bitwise(tiny_model, corpus, tmp_path):
+    spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=1500)
+    whole = build_cache(tiny_model, HOOKS, spec, tmp_path / "whole")
+
+    calls = [0]
+
+    def die(_):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tiny_model, HOOKS, spec, tmp_path / "cut", on_batch=die)
+    resumed = build_cache(tiny_model, HOOKS, spec, tmp_path / "cut")
+    assert resumed.state.rows == whole.state.rows == 1500
+    for hook in HOOKS:
+        assert np.array_equal(resumed.rows(hook), whole.rows(hook))
+
+    settings = TrainSettings(hooks=HOOKS, **SETTINGS)
+    a = loop.run(loop.start(settings, whole, tmp_path / "ckpt-a"))
+    assert a.step == a.steps == 15
+
+    # killed after step 5: the checkpoint at step 3 survives, steps 4-5 are redone
+    loop.run(loop.start(settings, whole, tmp_path / "ckpt-b"), stop_after=5)
+    b = loop.start(settings, whole, tmp_path / "ckpt-b")
+    assert b.step == 3
+    loop.run(b)
+
+    # Ctrl-C at step 7: the step finishes, a checkpoint is written, then KeyboardInterrupt
+    def ctrl_c(r: loop.StepReport) -> None:
+        if r.step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(loop.start(settings, whole, tmp_path / "ckpt-c"), on_step=ctrl_c)
+    c = loop.start(settings, whole, tmp_path / "ckpt-c")
+    assert c.step == 7
+    loop.run(c)
+
+    expected = _state(a)
+    for other in (b, c):
+        got = _state(other)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_folds_are_exact_algebra():
+    """sae-lens' input scaling and an input b_dec, folded into raw-activation params."""
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 16, dtype=torch.float64) * 300
+    for apply_b_dec in (False, True):
+        cfg = JumpReLUTrainingSAEConfig(d_in=16, d_sae=40, dtype="float64", apply_b_dec_to_input=apply_b_dec,
+                                        normalize_activations="expected_average_only_in")  # fmt: skip
+        sae = JumpReLUTrainingSAE(cfg)
+        with torch.no_grad():
+            for p in (sae.b_enc, sae.b_dec):
+                p.normal_()
+            sae.threshold.uniform_(0.0, 0.3)
+            scale = 0.004
+            expected = sae.encode(x * scale)
+            expected_recon = sae.decode(expected) / scale
+            sae.fold_activation_norm_scaling_factor(scale)
+        p = {k: torch.from_numpy(v).double() for k, v in raw_params(sae).items()}
+        pre = x @ p["W_enc"] + p["b_enc"]
+        acts = torch.relu(pre) * (pre > p["threshold"])
+        assert torch.allclose(acts, expected, rtol=1e-5, atol=1e-5)  # params are float32
+        assert torch.allclose(acts @ p["W_dec"] + p["b_dec"], expected_recon, rtol=1e-5, atol=1e-3)
+
+
+def test_float16_only_where_it_holds():
+    arrays = {
+        "W_enc": np.full((4, 8), 3e-6, np.float32),  # below float16's normal range
+        "W_dec": np.linspace(-2, 2, 32, dtype=np.float32).reshape(8, 4),
+        "b_enc": np.zeros(8, np.float32),
+        "b_dec": np.array([1.0, 7e4, 2.0, 3.0], np.float32),  # overflows float16
+        "threshold": np.ones(8, np.float32),
+    }
+    assert storage_dtypes(arrays, "float16") == {"W_enc": "float32", "W_dec": "float16",
+        "b_enc": "float32", "b_dec": "float32", "threshold": "float32"}  # fmt: skip
+    assert set(storage_dtypes(arrays, "float32").values()) == {"float32"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(target_l0=5000), "--target-l0 5000 is not between 0 and the width"),
+        (dict(target_l0=2000), "not sparse"),
+        (dict(hooks=()), "no hook to train on"),
+        (dict(epochs=0), "--epochs 0"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ScopeError, match=message):
+        TrainSettings(**{"hooks": HOOKS, "width": 4096, **kwargs})
+
+
+def test_bad_input(tiny_model, corpus, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    settings = TrainSettings(hooks=HOOKS, **SETTINGS)
+    with pytest.raises(ScopeError, match="has no text"):
+        train_saes(tiny_model, settings, CorpusSpec(paths=(str(empty),), max_tokens=100),
+                   tmp_path / "r", cache=tmp_path / "c1")  # fmt: skip
+    wrong = TrainSettings(hooks=("blocks.9.hook_resid_post",), **SETTINGS)
+    with pytest.raises(ScopeError, match="layer 9 is not in"):
+        train_saes(tiny_model, wrong, CorpusSpec(paths=(str(corpus),), max_tokens=100),
+                   tmp_path / "r", cache=tmp_path / "c2")  # fmt: skip
+    two = TrainSettings(hooks=("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"), **SETTINGS)
+    with pytest.raises(ScopeError, match="both layer 1"):
+        train_saes(
+            tiny_model, two, CorpusSpec(paths=(str(corpus),), max_tokens=100), tmp_path / "r"
+        )
+    few = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=100)
+    with pytest.raises(ScopeError, match="fewer than one batch"):
+        train_saes(tiny_model, settings, few, tmp_path / "r", cache=tmp_path / "c3")
+
+
+def test_train_command(tiny_dir, corpus, tmp_path):
+    result = CliRunner().invoke(app, [
+        "train", "--model", str(tiny_dir), "--layer", "2", "--width", "64", "--target-l0", "6",
+        "--corpus", str(corpus), "--ctx", str(CTX), "--tokens", "1200", "--epochs", "1",
+        "--batch-size", "256", "--eval-tokens", "300", "--out", str(tmp_path / "rel-res"),
+        "--cache", str(tmp_path / "cache"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "/rel-res/layer_2/width_64/average_l0_" in result.output
+    (card,) = (tmp_path / "rel-res").rglob("card.json")
+    assert json.loads(card.read_text())["training"]["tokens_seen"] == 4 * 256
+    bad = CliRunner().invoke(app, ["train", "--model", str(tiny_dir), "--layer", "2",
+                                   "--target-l0", "0", "--corpus", str(corpus), "--out", "x"])  # fmt: skip
+    assert bad.exit_code == 2 and "--target-l0 0 is not between" in bad.output
