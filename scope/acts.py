@@ -82,8 +82,10 @@ def counted_mask(
     lengths: Int[torch.Tensor, " batch"] | None = None,
 ) -> Bool[torch.Tensor, "batch pos"]:
     """True where a token counts: before ``lengths`` (right padding) and not a special token."""
-    special = torch.tensor(sorted(set(model.tokenizer.all_special_ids)), device=tokens.device)
-    counted = ~torch.isin(tokens, special)
+    special = torch.tensor(sorted(set(model.tokenizer.all_special_ids)))
+    if tokens.is_cuda:  # up from pinned memory, so the host does not wait for queued work
+        special = special.pin_memory()
+    counted = ~torch.isin(tokens, special.to(tokens.device, non_blocking=True))
     if lengths is not None:
         counted &= torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
     return counted
@@ -105,7 +107,10 @@ def sae_acts(
     codes = []
     for sae in saes:
         c = encode(sae, site_input(acts[sae.cfg.metadata.hook_name]))
-        c[skip] = 0  # only the uncounted rows are touched
+        if c.is_cuda:  # a boolean index needs its size on the host: a wait for the device
+            c.masked_fill_(skip[..., None], 0)
+        else:
+            c[skip] = 0  # only the uncounted rows are touched
         codes.append(c)
     return SAEActs(codes=codes, counted=counted, hooks=acts)
 

@@ -131,6 +131,12 @@ def record(
     checkpoint_seconds: Annotated[
         float, typer.Option(help="Save resumable state this often.")
     ] = 60.0,
+    overlap: Annotated[
+        bool,
+        typer.Option(
+            help="Fold each batch into the state while the next one's forward runs (GPU)."
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     hook: HookOpt = None,
@@ -156,6 +162,7 @@ def record(
         batch_size=batch_size,
         shard=parse_shard(shard),
         checkpoint_seconds=checkpoint_seconds,
+        overlap=overlap,
     )
     loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
     with stop_on_signals() as should_stop, progress_bar(err) as on_progress:

@@ -27,6 +27,10 @@ class RecordSettings:
     a --tokens budget needs every document counted); `scope merge` combines the N stores."""
     checkpoint_seconds: float = 60.0
     """Save resumable state at most this often (and at the end)."""
+    overlap: bool = False
+    """Fold each batch into the state while the next batch's forward runs (on a GPU: pinned
+    uploads and a side stream), so the host's waits in the bookkeeping hide behind device
+    work. The same store to the bit; two batches' codes are held at once."""
 
     def __post_init__(self) -> None:
         i, n = self.shard
