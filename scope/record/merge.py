@@ -1,42 +1,67 @@
-"""`scope merge`: combine the stores of shards i/N (same model, SAEs, settings and corpus) into
-exactly the store one uninterrupted pass would have written."""
+"""Merging shard stores (shards i/N of one run: same model, SAEs, settings and corpus) into
+exactly the store one uninterrupted pass would have written.
+
+``ShardMerger`` folds finished shard stores into one store one at a time, committing a readable
+snapshot whenever asked: `scope record --ray` merges each shard as it arrives, `scope merge`
+folds them all and commits once. The per-feature state merges exactly (``FeatureState.merge``),
+so the order shards arrive in changes nothing.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from scope.errors import ScopeError
 from scope.record.finalize import finalize
 from scope.record.state import FeatureState, load_states, save_states
-from scope.store.files import VersionBuilder, write_parquet_atomic
-from scope.store.manifest import Manifest, Part, read_manifest
+from scope.store.files import VersionBuilder, as_created
+from scope.store.manifest import MANIFEST, Manifest, Part, ShardedRun, read_manifest
 from scope.store.writer import StoreWriter
 
 
-def _check_shards(paths: list[Path], manifests: list[Manifest]) -> None:
-    base = manifests[0]
-    for p, m in zip(paths, manifests, strict=True):
-        for name in ("model", "settings"):
-            if asdict(getattr(m, name)) != asdict(getattr(base, name)):
-                raise ScopeError(
-                    f"{p} has another {name} than {paths[0]}: only shards of one run merge"
-                )
-        if {k: v["sha256"] for k, v in m.saes.items()} != {
-            k: v["sha256"] for k, v in base.saes.items()
-        }:
-            raise ScopeError(f"{p} holds other SAEs than {paths[0]}: only shards of one run merge")
-        if [x.fingerprint for x in m.parts] != [x.fingerprint for x in base.parts]:
+def read_shard(path: Path, name: str | None = None) -> Manifest:
+    """The manifest of a finished shard store (``name`` is how errors call it)."""
+    name = name or str(path)
+    m = read_manifest(path)
+    if m is None:
+        raise ScopeError(f"{name} is not a store (no manifest.json)")
+    if m.state != "complete" or m.state_version is None or m.tables_version is None:
+        raise ScopeError(
+            f"{name} is not finished: complete it with `scope record ... --resume` first"
+        )
+    return m
+
+
+def check_same_run(base: Manifest, base_name: str, m: Manifest, name: str) -> None:
+    """Refuse a shard recorded with another model, SAEs, settings or corpus than ``base``."""
+    for what in ("model", "settings"):
+        if asdict(getattr(m, what)) != asdict(getattr(base, what)):
             raise ScopeError(
-                f"{p} recorded another corpus than {paths[0]}: only shards of one run merge"
+                f"{name} has another {what} than {base_name}: only shards of one run merge"
             )
-    n = base.shard[1]
+    if {k: v["sha256"] for k, v in m.saes.items()} != {
+        k: v["sha256"] for k, v in base.saes.items()
+    }:
+        raise ScopeError(f"{name} holds other SAEs than {base_name}: only shards of one run merge")
+    if [x.fingerprint for x in m.parts] != [x.fingerprint for x in base.parts]:
+        raise ScopeError(
+            f"{name} recorded another corpus than {base_name}: only shards of one run merge "
+            "(were the corpus files changed?)"
+        )
+
+
+def _check_shards(paths: list[Path], manifests: list[Manifest]) -> None:
+    for p, m in zip(paths, manifests, strict=True):
+        check_same_run(manifests[0], str(paths[0]), m, str(p))
+    n = manifests[0].shard[1]
     got = sorted(m.shard[0] for m in manifests)
     if any(m.shard[1] != n for m in manifests) or got != list(range(n)):
         raise ScopeError(f"shards given are {got} of {n}: give each of 0..{n - 1} exactly once")
@@ -45,7 +70,8 @@ def _check_shards(paths: list[Path], manifests: list[Manifest]) -> None:
 def merged_part(parts: list[Part]) -> Part:
     """One corpus part as the shards recorded it, as a single run would have: windows, tokens
     and documents add up. Every shard reads every file, so skips found while reading are the
-    same in each; a document that tokenizes to nothing is seen by its own shard only."""
+    same in each; a document that tokenizes to nothing is seen by its own shard only. Merging
+    merged parts again gives the same (a running merge folds one shard at a time)."""
     skipped = dict(parts[0].skipped)
     no_tokens = "documents with no tokens"
     if any(no_tokens in p.skipped for p in parts):
@@ -61,51 +87,126 @@ def merged_part(parts: list[Part]) -> Part:
     )
 
 
+def shard_files(root: Path) -> list[str]:
+    """What a merge reads of a finished shard store, as paths relative to ``root``: its
+    manifest, vocabulary, windows, state and lens tables (not the tables made from the state,
+    which the merge makes again). A shard sent from another machine needs only these."""
+    m = read_shard(root)
+    found = [MANIFEST, "vocab.parquet"]
+    found += [f"windows/part-{i:03d}.parquet" for i in range(len(m.parts))]
+    for version, folder in ((m.state_version, "state"), (m.tables_version, "lens")):
+        found += sorted(str(p.relative_to(root)) for p in (root / str(version) / folder).iterdir())
+    return found
+
+
+class ShardMerger:
+    """Folds finished shard stores of one N-shard run, one at a time, into the store that
+    ``writer`` holds (new, or one this merger left part-way). ``add`` folds a shard in memory
+    and places its windows; ``commit`` writes a snapshot that readers see at once, marked
+    complete when every shard is in. A snapshot records which shards it holds, so a run that
+    stopped part-way continues with ``ShardMerger`` on the same store and the other shards."""
+
+    def __init__(self, writer: StoreWriter, shards: int) -> None:
+        self.writer = writer
+        self.shards = shards
+        self.states: dict[str, FeatureState] = {}
+        self._lens_from: Path | None = None
+        m = writer.manifest
+        if m is None:
+            return
+        if m.sharded is None or m.state_version is None:
+            raise ScopeError(
+                f"{writer.root} is a store that was not merged from shards: merge into a new folder"
+            )
+        if m.sharded.shards != shards:
+            raise ScopeError(
+                f"{writer.root} is being merged from {m.sharded.shards} shards, not {shards}: "
+                f"use --shards {m.sharded.shards} to continue it"
+            )
+        self.states = load_states(writer.root / m.state_version, m.saes, torch.device("cpu"))
+
+    @property
+    def merged(self) -> list[int]:
+        """The shards in the store (committed or not), ascending."""
+        m = self.writer.manifest
+        return list(m.sharded.merged) if m is not None and m.sharded is not None else []
+
+    def add(self, shard: str | Path, name: str | None = None) -> Manifest:
+        """Fold the finished shard store at ``shard`` in (``name`` is how errors call it);
+        returns the shard's manifest."""
+        path, writer = Path(shard), self.writer
+        name = name or str(path)
+        m = read_shard(path, name)
+        i, n = m.shard
+        if n != self.shards:
+            raise ScopeError(f"{name} is shard {i}/{n}, not one of {self.shards} shards")
+        out = writer.manifest
+        if out is None:
+            writer.create(
+                replace(
+                    m,
+                    shard=[0, 1],
+                    parts=[merged_part([p]) for p in m.parts],
+                    state="recording",
+                    state_version=None,
+                    tables_version=None,
+                    merged_from=None,
+                    sharded=ShardedRun(shards=n, merged=[]),
+                ),
+                lambda: pq.read_table(path / "vocab.parquet"),
+            )
+            out = writer.manifest
+            assert out is not None and out.sharded is not None
+        else:
+            assert out.sharded is not None
+            check_same_run(out, str(writer.root), m, name)
+            if i in out.sharded.merged:
+                raise ScopeError(f"{name} is shard {i}/{n}, which {writer.root} already holds")
+            out.parts = [merged_part([a, b]) for a, b in zip(out.parts, m.parts, strict=True)]
+            out.tokens_recorded += m.tokens_recorded
+            out.seconds += m.seconds
+        (writer.root / "windows").mkdir(exist_ok=True)
+        for index in range(len(m.parts)):  # each shard holds its own documents' windows
+            fd, tmp = tempfile.mkstemp(dir=writer.root / "windows", prefix=".merge-")
+            os.close(fd)
+            shutil.copyfile(path / f"windows/part-{index:03d}.parquet", tmp)
+            as_created(tmp)
+            writer.place_windows(index, Path(tmp), shard=(i, n))
+        cpu = torch.device("cpu")
+        assert m.state_version is not None
+        for key, st in load_states(path / m.state_version, m.saes, cpu).items():
+            self.states[key] = self.states[key].merge(st) if key in self.states else st
+        out.sharded.merged = sorted([*out.sharded.merged, i])
+        self._lens_from = path / str(m.tables_version)
+        return m
+
+    def commit(self) -> str:
+        """A snapshot of every shard added so far, which readers see at once; the store is
+        complete when every shard is in. Call while the last added shard's folder exists."""
+        out = self.writer.manifest
+        assert out is not None and out.sharded is not None, "add a shard before committing"
+        root = self.writer.root
+
+        def fill(builder: VersionBuilder) -> None:
+            save_states(builder, self.states)
+            finalize(builder, out, self.states, {}, None, root, lens_from=self._lens_from)
+
+        return self.writer.commit(fill, final=True, complete=out.sharded.done)
+
+
 def merge_stores(out: str | Path, shards: Sequence[str | Path]) -> Manifest:
     """Merge shard stores into ``out``; return the merged manifest."""
     root = Path(out)
     paths = [Path(s) for s in shards]
-    manifests = []
-    for p in paths:
-        m = read_manifest(p)
-        if m is None:
-            raise ScopeError(f"{p} is not a store (no manifest.json)")
-        if m.state != "complete" or m.state_version is None or m.tables_version is None:
-            raise ScopeError(
-                f"{p} is not finished: complete it with `scope record ... --resume` first"
-            )
-        manifests.append(m)
+    manifests = [read_shard(p) for p in paths]
     _check_shards(paths, manifests)
-    base = manifests[0]
     if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
         raise ScopeError(f"{root} is not empty: merge into a new folder")
-    cpu = torch.device("cpu")
-    merged: dict[str, FeatureState] = {}
-    for p, m in zip(paths, manifests, strict=True):
-        assert m.state_version is not None
-        for key, st in load_states(p / m.state_version, m.saes, cpu).items():
-            merged[key] = merged[key].merge(st) if key in merged else st
-    lens_from = paths[0] / str(base.tables_version)
     with StoreWriter(root) as writer:
-        for index in range(len(base.parts)):  # each shard holds its own documents' windows
-            name = f"windows/part-{index:03d}.parquet"
-            union = pa.concat_tables([pq.read_table(p / name) for p in paths])
-            write_parquet_atomic(root / name, union.sort_by("window_id"))
-        shutil.copyfile(paths[0] / "vocab.parquet", root / "vocab.parquet")
-        writer.manifest = manifest = replace(
-            base,
-            shard=[0, 1],
-            parts=[merged_part([m.parts[i] for m in manifests]) for i in range(len(base.parts))],
-            tokens_recorded=sum(m.tokens_recorded for m in manifests),
-            seconds=sum(m.seconds for m in manifests),
-            merged_from=[str(p) for p in paths],
-            tables_version=None,
-            state_version=None,
-        )
-
-        def fill(builder: VersionBuilder) -> None:
-            save_states(builder, merged)
-            finalize(builder, manifest, merged, {}, None, root, lens_from=lens_from)
-
-        writer.commit(fill, final=True)
-    return manifest
+        merger = ShardMerger(writer, manifests[0].shard[1])
+        for p in paths:
+            merger.add(p)
+        assert writer.manifest is not None
+        writer.manifest.merged_from = [str(p) for p in paths]
+        merger.commit()
+    return writer.manifest

@@ -226,6 +226,12 @@ def record(
         root = writer.root
         if writer.manifest is not None and writer.manifest.state_version is None:
             writer.start_over()  # its first run stopped before any checkpoint: nothing to keep
+        sharded = writer.manifest.sharded if writer.manifest is not None else None
+        if sharded is not None and not sharded.done:
+            raise ScopeError(
+                f"{root} holds a run recorded as {sharded.shards} shards, {len(sharded.merged)} "
+                "merged so far: continue it with `scope record --ray ... --resume`"
+            )
         wanted = new_manifest(
             model, {k: asdict(i) for k, i in zip(keys, infos, strict=True)}, settings
         )

@@ -82,6 +82,21 @@ class Part:
 
 
 @dataclass(kw_only=True)
+class ShardedRun:
+    """A corpus part recorded as many shards and merged in as each finished (`scope record
+    --ray`). While ``merged`` is short of ``shards`` the store is readable but not complete."""
+
+    shards: int
+    """N: shard i records the documents whose index % N == i."""
+    merged: list[int]
+    """The shards merged so far, ascending: a resumed run records only the others."""
+
+    @property
+    def done(self) -> bool:
+        return len(self.merged) == self.shards
+
+
+@dataclass(kw_only=True)
 class Manifest:
     """Everything a store knows about itself; readers use only the version it names."""
 
@@ -105,6 +120,8 @@ class Manifest:
     tables_version: str | None = None
     """The version folder readers query (None until a recording first finishes)."""
     merged_from: list[str] | None = None
+    sharded: ShardedRun | None = None
+    """How the last part was recorded when it was recorded as shards merged in one by one."""
     format: int = FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -118,6 +135,9 @@ class Manifest:
                 "model": ModelIdentity(**_known(ModelIdentity, data["model"])),
                 "settings": StoreSettings(**_known(StoreSettings, data["settings"])),
                 "parts": [Part(**_known(Part, p)) for p in data.get("parts", [])],
+                "sharded": ShardedRun(**_known(ShardedRun, data["sharded"]))
+                if data.get("sharded")
+                else None,
             }
         )
 

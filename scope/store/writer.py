@@ -77,8 +77,8 @@ class StoreWriter:
     ) -> None:
         self._lock.__exit__(kind, err, tb)
 
-    def create(self, manifest: Manifest, vocab: Callable[[], pa.Table]) -> Manifest:
-        """Start a new store in an empty (or new) folder: the vocabulary, then the manifest."""
+    def check_new(self) -> None:
+        """Refuse a folder that holds things other than a store's (a new store goes there)."""
         allowed = {".lock", "windows", "vocab.parquet", *SIDE_TABLES}
         extra = [p.name for p in self.root.iterdir() if p.name not in allowed]
         if extra:
@@ -86,14 +86,21 @@ class StoreWriter:
                 f"{self.root} exists and is not a store (it holds {', '.join(sorted(extra)[:5])}): "
                 "pick an empty or new --store folder"
             )
+
+    def create(self, manifest: Manifest, vocab: Callable[[], pa.Table]) -> Manifest:
+        """Start a new store in an empty (or new) folder: the vocabulary, then the manifest."""
+        self.check_new()
         write_parquet_atomic(self.root / "vocab.parquet", vocab())
         self.manifest = manifest
         return manifest
 
-    def place_windows(self, index: int, written: Path) -> Path:
+    def place_windows(
+        self, index: int, written: Path, shard: tuple[int, int] | None = None
+    ) -> Path:
         """Move a finished windows file (written beside, under a hidden name) into place as
-        corpus part ``index``; returns its path."""
-        path = self.root / "windows" / f"part-{index:03d}.parquet"
+        corpus part ``index`` (or as shard (i, N) of it, merged in); returns its path."""
+        name = f"part-{index:03d}" + (f".shard-{shard[0]:04d}-of-{shard[1]:04d}" if shard else "")
+        path = self.root / "windows" / f"{name}.parquet"
         os.replace(written, path)
         return path
 
@@ -111,16 +118,20 @@ class StoreWriter:
         assert self.manifest is not None
         write_json_atomic(self.root / MANIFEST, self.manifest.to_json())
 
-    def commit(self, fill: Callable[[VersionBuilder], None], *, final: bool) -> str:
+    def commit(
+        self, fill: Callable[[VersionBuilder], None], *, final: bool, complete: bool = True
+    ) -> str:
         """A new version: ``fill`` writes its files; it becomes the state version, and with
-        ``final`` also the tables readers query. Returns its name."""
+        ``final`` also the tables readers query (and, unless ``complete`` is False, the store is
+        complete). Returns its name."""
         assert self.manifest is not None
         builder = VersionBuilder(self.root, next_version(self.root))
         fill(builder)
         self.manifest.state_version = builder.name
         if final:
             self.manifest.tables_version = builder.name
-            self.manifest.state = "complete"
+            if complete:
+                self.manifest.state = "complete"
         builder.commit(self.manifest.to_json())
         return builder.name
 
