@@ -55,8 +55,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def fit_batch_size(model: HookedSAETransformer, saes: list[SAE], ctx: int) -> int:
-    """Windows per batch that fit in about half the free memory (GPU) or 2 GiB (CPU)."""
+def fit_batch_size(
+    model: HookedSAETransformer, saes: list[SAE], ctx: int, overlap: bool = False
+) -> int:
+    """Windows per batch that fit in about half the free memory (GPU) or 2 GiB (CPU); with
+    ``overlap`` two batches' codes are alive at once (``RecordSettings.overlap``)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -66,7 +69,8 @@ def fit_batch_size(model: HookedSAETransformer, saes: list[SAE], ctx: int) -> in
     act_bytes = 4 if cfg.dtype == torch.float32 else 2
     forward = ctx * act_bytes * (6 * cfg.d_model + 3 * (cfg.d_mlp or 0) + cfg.n_heads * ctx)
     codes = ctx * 4 * sum(4 * s.cfg.d_sae for s in saes)
-    return int(max(1, min(256, budget // (forward + codes))))
+    held = ctx * 4 * sum(s.cfg.d_sae for s in saes) if overlap else 0  # the previous batch's
+    return int(max(1, min(256, budget // (forward + codes + held))))
 
 
 def check_same(manifest: Manifest, new: Manifest, root: Path) -> None:
@@ -241,7 +245,7 @@ def record(
             check_same(writer.manifest, wanted, root)
         manifest = writer.manifest
         assert manifest is not None
-        batch = settings.batch_size or fit_batch_size(model, saes, settings.ctx)
+        batch = settings.batch_size or fit_batch_size(model, saes, settings.ctx, settings.overlap)
         index = len(manifest.parts) - (current_part(manifest) is not None)
         written = write_windows(
             corpus, model.tokenizer, root / "windows", index, shard=settings.shard,
