@@ -3,7 +3,7 @@ one activation path (``scope.acts``). BOS and other special tokens are never sho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,21 +41,31 @@ class TokenFeatures:
     features: list[FeatureHit]
 
 
+@dataclass(frozen=True, kw_only=True)
+class TextActivations:
+    """Every feature of every SAE on every token of a text (one forward pass)."""
+
+    tokens: list[str]
+    """The text's tokens, BOS first."""
+    keys: list[str]
+    """Each SAE's key (the store's own when a store was given)."""
+    codes: list[torch.Tensor]
+    """Per SAE: feature activations [pos, d_sae] (fp32, CPU)."""
+    counted: list[int]
+    """Positions shown: BOS and other special tokens excluded."""
+
+    def strip(self, sae: str, feature: int) -> list[float]:
+        """One feature's activation on every token (a heat strip over the text)."""
+        return self.codes[self.keys.index(sae)][:, feature].tolist()
+
+
 @torch.no_grad()
-def inspect(
-    model: HookedSAETransformer,
-    saes: Sequence[SAE],
-    text: str,
-    *,
-    top: int = 5,
-    store: Any = None,
-) -> list[TokenFeatures]:
-    """Every counted token of ``text`` (BOS first, as recorded) with its ``top`` features
-    across ``saes`` by activation. With a ``store``, SAEs are named by the store's keys."""
+def activations(
+    model: HookedSAETransformer, saes: Sequence[SAE], text: str, *, store: Any = None
+) -> TextActivations:
+    """Run ``text`` (BOS first, as recorded) through the model and every SAE once."""
     if not text.strip():
         raise ScopeError("the text is empty: give some text to inspect")
-    if top < 1:
-        raise ScopeError(f"--top {top} must be at least 1")
     tokens = model.to_tokens(text, prepend_bos=True, truncate=False)
     if tokens.shape[1] > model.cfg.n_ctx:
         raise ScopeError(
@@ -67,23 +77,65 @@ def inspect(
     else:
         keys = sae_keys([sae_info(s) for s in saes])
     out = sae_acts(model, list(saes), tokens)
-    codes = torch.cat(out.codes, dim=-1)[0].float()  # [pos, sum of d_sae]
-    owner = torch.cat([torch.full((c.shape[-1],), i) for i, c in enumerate(out.codes)])
-    first = torch.tensor([0] + [c.shape[-1] for c in out.codes]).cumsum(0)
-    k = min(top, codes.shape[-1])
-    values, index = codes.topk(k, dim=-1)
     ids = tokens[0].tolist()
+    return TextActivations(
+        tokens=[model.tokenizer.decode([i]) for i in ids],
+        keys=keys,
+        codes=[c[0].float().cpu() for c in out.codes],
+        counted=torch.nonzero(out.counted[0]).flatten().tolist(),
+    )
+
+
+def top_features(
+    acts: TextActivations, *, top: int = 5, hide: Mapping[str, set[int]] | None = None
+) -> list[TokenFeatures]:
+    """Each counted token with its ``top`` features across SAEs by activation, leaving out the
+    features in ``hide`` (SAE key -> indices, e.g. the store's dense features)."""
+    if top < 1:
+        raise ScopeError(f"--top {top} must be at least 1")
+    codes = torch.cat(acts.codes, dim=-1)  # [pos, sum of d_sae]
+    widths = [c.shape[-1] for c in acts.codes]
+    first = [sum(widths[:i]) for i in range(len(widths))]
+    if hide:
+        codes = codes.clone()
+        for i, key in enumerate(acts.keys):
+            if hide.get(key):
+                codes[:, [first[i] + f for f in hide[key]]] = 0
+    owner = torch.cat([torch.full((w,), i) for i, w in enumerate(widths)])
+    values, index = codes.topk(min(top, codes.shape[-1]), dim=-1)
     rows = []
-    for pos in torch.nonzero(out.counted[0]).flatten().tolist():
+    for pos in acts.counted:
         hits = [
-            FeatureHit(sae=keys[int(owner[j])], feature=int(j - first[owner[j]]), act=float(v))
+            FeatureHit(
+                sae=acts.keys[int(owner[j])], feature=int(j) - first[int(owner[j])], act=float(v)
+            )
             for v, j in zip(values[pos], index[pos], strict=True)
             if v > 0
         ]
-        rows.append(
-            TokenFeatures(position=pos, token=model.tokenizer.decode([ids[pos]]), features=hits)
-        )
+        rows.append(TokenFeatures(position=pos, token=acts.tokens[pos], features=hits))
     return rows
 
 
-__all__ = ["FeatureHit", "TokenFeatures", "inspect"]
+def inspect(
+    model: HookedSAETransformer,
+    saes: Sequence[SAE],
+    text: str,
+    *,
+    top: int = 5,
+    store: Any = None,
+) -> list[TokenFeatures]:
+    """Every counted token of ``text`` (BOS first, as recorded) with its ``top`` features
+    across ``saes`` by activation. With a ``store``, SAEs are named by the store's keys."""
+    if top < 1:
+        raise ScopeError(f"--top {top} must be at least 1")
+    return top_features(activations(model, saes, text, store=store), top=top)
+
+
+__all__ = [
+    "FeatureHit",
+    "TextActivations",
+    "TokenFeatures",
+    "activations",
+    "inspect",
+    "top_features",
+]

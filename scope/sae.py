@@ -230,7 +230,7 @@ def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> 
             f"{path} holds neither params.npz (Gemma Scope layout) nor cfg.json + "
             f"sae_weights.safetensors (a sae-lens save); found {found}"
         )
-    sae.cfg.metadata["scope_source"] = str(path)
+    sae.cfg.metadata["scope_source"] = str(path.resolve())  # the app loads it from any folder
     return sae
 
 
@@ -299,6 +299,35 @@ def load_sae(
     return sae
 
 
+def load_recorded_sae(
+    info: dict[str, Any],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> SAE:
+    """Load the SAE a store recorded, from its identity (``Store.saes[key]``): by release and id
+    when it has them, else from the folder it was read from. Refuses weights that changed since
+    the recording (their sha256 differs), which would make the store's features lie."""
+    where = info.get("source") or ""
+    if info.get("release") and info.get("sae_id"):
+        sae = load_sae(info["release"], info["sae_id"], device=device, dtype=dtype)
+    elif where and not where.startswith("hub:") and Path(where).is_dir():
+        sae = load_sae(where, device=device, dtype=dtype, hook=info.get("hook_name"))
+    else:
+        raise ScopeError(
+            f"the SAE {info.get('key')} was recorded from {where or 'an unknown place'}, which "
+            "is not there now: put its params.npz back there (or under saes/)"
+        )
+    sha = sae.cfg.metadata["scope_sha256"]
+    if sha != info.get("sha256"):
+        raise ScopeError(
+            f"the SAE at {where or info.get('release')} is not the one recorded as "
+            f"{info.get('key')}: its weights changed (sha256 {sha[:12]} vs "
+            f"{str(info.get('sha256'))[:12]}); record again or restore the weights"
+        )
+    return sae
+
+
 def _check_finite(sae: SAE, label: str) -> None:
     for name, param in sae.named_parameters():
         bad = (~torch.isfinite(param)).sum().item()
@@ -323,6 +352,7 @@ __all__ = [
     "GEMMA_SCOPE_KEYS",
     "SAEInfo",
     "hook_site",
+    "load_recorded_sae",
     "load_sae",
     "recorded_key",
     "sae_info",

@@ -1,7 +1,7 @@
 """The `scope` command: a typer app whose commands live one group per module.
 
 ``common`` holds the app, shared options and helpers; ``info`` (info, saes, inspect),
-``record`` (record, merge, feature, sql), ``steer`` (steer, sweep) and ``evals`` (eval) add
+``record`` (record, merge, feature, sql), ``steer`` (steer, sweep), ``evals`` (eval) and ``serve`` (app) add
 their commands to it when imported here. A new group (train, app, demo) is a module importing
 from ``common``, listed below. Importing this package loads no model library: each command imports what it
 needs when it runs, and library chatter is quieted only while a command runs.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from scope.cli import evals, info, record, steer, train  # noqa: F401  (each adds its commands)
+from scope.cli import evals, info, record, serve, steer, train  # noqa: F401  (each adds its commands)
 from scope.cli.common import app
 
 __all__ = ["app", "main"]

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from scope.record.state import FeatureState
 from scope.record.tables import WindowLengths
 from scope.store.files import VersionBuilder
 from scope.store.manifest import Manifest
+from scope.store.reader import activating_query, sql_files, sql_string
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
@@ -27,6 +29,20 @@ def window_lengths(root: Path) -> WindowLengths:
     ids = t["window_id"].to_numpy()
     order = np.argsort(ids, kind="stable")
     return WindowLengths(ids[order], t["n_tokens"].to_numpy()[order])
+
+
+def write_activating(builder: VersionBuilder, root: Path) -> None:
+    """The ``activating`` table (each top example's activating token and the text before it),
+    which makes search by token a filter instead of a join over every window."""
+    topk = sql_string(str(builder.path("topk.parquet")))
+    windows = sql_files(root / "windows", "part-*.parquet")
+    vocab = sql_string(str(root / "vocab.parquet"))
+    with duckdb.connect() as con:
+        query = activating_query(
+            f"read_parquet({topk})", f"read_parquet({windows})", f"read_parquet({vocab})"
+        )
+        table = con.sql(query).to_arrow_table()
+    pq.write_table(table, builder.path("activating.parquet"), compression="zstd")
 
 
 def finalize(
@@ -56,6 +72,7 @@ def finalize(
     for name, ts in parts.items():
         pq.write_table(pa.concat_tables(ts), builder.path(f"{name}.parquet"), compression="zstd")
     pq.write_table(pa.Table.from_pylist(summaries), builder.path("saes.parquet"))
+    write_activating(builder, root)
     # logit lens and neighbours depend only on the SAEs and the model: compute once per store
     previous = manifest.tables_version
     sources = [root / previous if previous else None, lens_from]

@@ -25,12 +25,14 @@ later recording into the store:
 - ``evals``: SAE evaluations; ``cards``: SAE cards
 """
 
+from scope.store import explore
 from scope.store.manifest import Manifest, read_manifest
 from scope.store.reader import Rows, Store
 from scope.store.view import Example, FeatureView
 from scope.store.writer import StoreWriter, add_side_table, set_label
 
 __all__ = [
+    "explore",
     "Example",
     "FeatureView",
     "Manifest",

@@ -43,6 +43,20 @@ def sql_files(folder: Path, pattern: str) -> str | None:
     return "[" + ", ".join(sql_string(str(f)) for f in found) + "]" if found else None
 
 
+def activating_query(topk: str, windows: str, vocab: str) -> str:
+    """SQL for the ``activating`` table from the sources of topk, windows and vocab: each top
+    example's activating token (at its max) and the text of up to six tokens ending there.
+    Written at the end of a recording; computed on the fly for stores recorded before."""
+    return f"""
+        with vv as (select list(text order by token) as v from {vocab}),
+        hits as (select k.sae, k.feature, k.rank, w.tokens[k.pos + 1] as token,
+                        w.tokens[greatest(k.pos - 5, 1) + 1 : k.pos + 1] as ids
+                 from {topk} k join {windows} w using (window_id))
+        select sae, feature, rank, token, vv.v[token + 1] as text,
+               array_to_string(list_transform(ids, lambda x: vv.v[x + 1]), '') as context
+        from hits, vv order by sae, feature, rank"""
+
+
 READ_ONLY = {"SELECT", "EXPLAIN"}
 
 
@@ -111,6 +125,7 @@ class Store:
         self._generation = 0  # bumped by refresh() and close(): threads reconnect lazily
         self._vocab: list[str] | None = None
         self.manifest, self.version = self._open()
+        self._side = self._side_files()
 
     def _open(self) -> tuple[Manifest, Path]:
         manifest = read_manifest(self.root)
@@ -132,11 +147,19 @@ class Store:
         Each thread moves at its next query: a query running meanwhile in another thread
         finishes on the snapshot it started with."""
         manifest, version = self._open()
+        side = self._side_files()
         changed = version != self.version
-        with self._lock:
-            self.manifest, self.version = manifest, version
-            self._generation += 1
+        if changed or side != self._side:
+            with self._lock:
+                self.manifest, self.version, self._side = manifest, version, side
+                self._generation += 1
         return changed
+
+    def _side_files(self) -> tuple[str, ...]:
+        """The side tables' files now: a new one (a first label, a sweep) needs new views."""
+        return tuple(
+            str(p) for name in SIDE_TABLES for p in sorted((self.root / name).glob("*.parquet"))
+        )
 
     def close(self) -> None:
         """Close every thread's connection; the next query opens a fresh one."""
@@ -183,6 +206,10 @@ class Store:
         )
         view("windows", f"read_parquet({sql_files(self.root / 'windows', 'part-*.parquet')})")
         view("vocab", f"read_parquet({sql_string(str(self.root / 'vocab.parquet'))})")
+        if (version / "activating.parquet").is_file():
+            view("activating", f"read_parquet({sql_string(str(version / 'activating.parquet'))})")
+        else:  # recorded before the table was written at the end of a recording
+            con.execute(f"create view activating as {activating_query('topk', 'windows', 'vocab')}")
         for name in SIDE_TABLES:  # present once written; refresh() picks up files added later
             files = sql_files(self.root / name, "*.parquet")
             if files is not None:
@@ -201,6 +228,12 @@ class Store:
         con.execute("set enable_external_access = false")
         con.execute("set lock_configuration = true")
         return con
+
+    @property
+    def views(self) -> set[str]:
+        """The tables this store has now (side tables appear once something wrote them)."""
+        rows = self.con.execute("select view_name from duckdb_views() where not internal")
+        return {name for (name,) in rows.fetchall()}
 
     @property
     def saes(self) -> dict[str, dict[str, Any]]:
@@ -341,4 +374,4 @@ class Store:
         )
 
 
-__all__ = ["Rows", "Store", "check_read_only", "sql_files", "sql_string"]
+__all__ = ["Rows", "Store", "activating_query", "check_read_only", "sql_files", "sql_string"]

@@ -73,22 +73,29 @@ def visible(token: str) -> str:
     return "".join(out)
 
 
-def example_html(ex: Example, top: float, context: int | None = None) -> str:
-    """A window with every token shaded by its activation (value on hover), the max boxed."""
-    acts = ex.acts or [0.0] * len(ex.tokens)
-    lo, hi = (1, len(ex.tokens))
-    if context is not None:
-        lo, hi = max(1, ex.pos - context), min(len(ex.tokens), ex.pos + context + 1)
+def shaded(tokens: list[str], acts: list[float], top: float, mark: int | None = None) -> str:
+    """Tokens as HTML, each shaded by its activation relative to ``top`` (the value on hover and
+    in ``data-act``), spaces, newlines and control characters made visible, ``mark`` boxed."""
     spans = []
-    for i in range(lo, hi):
-        a = acts[i] if ex.acts else (ex.act if i == ex.pos else 0.0)
+    for i, (tok, a) in enumerate(zip(tokens, acts, strict=True)):
         alpha = min(max(a / top, 0.0), 1.0) if top > 0 else 0.0
-        border = "border:1px solid #c2410c;" if i == ex.pos else ""
+        box = "outline:2px solid #9a3412;" if i == mark else ""
         spans.append(
-            f'<span title="{a:.3f}" style="background:rgba(234,88,12,{alpha:.2f});{border}'
-            f'white-space:pre">{html.escape(visible(ex.tokens[i]))}</span>'
+            f'<span class="tok" title="{a:.3f}" data-act="{a:.3f}" style="background:'
+            f"rgba(234,88,12,{alpha:.2f});{box}white-space:pre;font-family:ui-monospace,"
+            f'monospace;border-radius:2px">{html.escape(visible(tok))}</span>'
         )
     return "".join(spans)
+
+
+def example_html(ex: Example, top: float, context: int | None = None) -> str:
+    """A window with every token shaded by its activation (value on hover), the max boxed;
+    ``context`` tokens either side of the max, or the whole window. BOS is never shown."""
+    acts = ex.acts or [ex.act if i == ex.pos else 0.0 for i in range(len(ex.tokens))]
+    lo, hi = 1, len(ex.tokens)
+    if context is not None:
+        lo, hi = max(1, ex.pos - context), min(len(ex.tokens), ex.pos + context + 1)
+    return shaded(ex.tokens[lo:hi], acts[lo:hi], top, mark=ex.pos - lo)
 
 
 def feature_html(view: FeatureView) -> str:
@@ -128,4 +135,4 @@ def feature_html(view: FeatureView) -> str:
     )
 
 
-__all__ = ["Example", "FeatureView", "example_html", "feature_html", "visible"]
+__all__ = ["Example", "FeatureView", "example_html", "feature_html", "shaded", "visible"]

@@ -1,0 +1,28 @@
+"""The Gemma Scope Workbench explorer: ``scope app --store runs/NAME`` (or
+``streamlit run app/Home.py -- --store runs/NAME [--model M]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+HERE = Path(__file__).parent
+
+st.set_page_config(
+    page_title="Gemma Scope Workbench", page_icon=":material/biotech:", layout="wide"
+)
+
+pages = {
+    "overview": st.Page(HERE / "pages/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
+    "feature": st.Page(HERE / "pages/feature.py", title="Feature", icon=":material/bubble_chart:", url_path="feature"),
+    "search": st.Page(HERE / "pages/search.py", title="Search", icon=":material/search:", url_path="search"),
+    "inspector": st.Page(HERE / "pages/inspector.py", title="Prompt inspector", icon=":material/text_fields:", url_path="inspector"),
+    "lab": st.Page(HERE / "pages/lab.py", title="Steering lab", icon=":material/tune:", url_path="lab"),
+}  # fmt: skip
+st.session_state["pages"] = pages
+page = st.navigation(list(pages.values()))
+params = st.query_params
+if page is pages["overview"] and "sae" in params and "feature" in params:
+    st.switch_page(pages["feature"], query_params=dict(params))  # ?sae=...&feature=... at the root
+page.run()

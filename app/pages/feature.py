@@ -1,0 +1,162 @@
+"""A feature's dashboard: stats, activation histogram, top and interval examples with every
+token shaded, logit lens, nearest features, Neuronpedia link, label and notes, and a way into
+the steering lab. Opens directly from ``/feature?sae=KEY&feature=N``."""
+
+from __future__ import annotations
+
+import random
+
+import plotly.graph_objects as go
+import streamlit as st
+from explorer import TOKEN_CSS, example_row, feature_link, store
+
+from scope.errors import ScopeError
+from scope.store import explore, set_label
+from scope.store.view import visible
+
+s = store()
+keys = list(s.saes)
+params = st.query_params
+sae = params.get("sae", keys[0])
+if sae not in keys:
+    st.error(f"No SAE {sae!r} in this store; it has {', '.join(keys)}.")
+    sae = keys[0]
+try:
+    index = int(params.get("feature", 0))
+except ValueError:
+    st.error(f"feature {params.get('feature')!r} is not a number.")
+    index = 0
+if not 0 <= index < int(s.saes[sae]["d_sae"]):
+    st.error(
+        f"feature {index} is out of range: {sae} has features 0..{int(s.saes[sae]['d_sae']) - 1}."
+    )
+    index = 0
+
+
+def go_to(key: str, feature: int | None) -> None:
+    if feature is not None:
+        st.query_params.update({"sae": key, "feature": str(feature)})
+
+
+if st.session_state.get("feature_shown") != (sae, index):  # opened by URL, link or button
+    st.session_state.update(feature_shown=(sae, index), feature_sae=sae, feature_index=index)
+
+with st.sidebar:
+    st.caption("Feature")
+    picked = st.selectbox("SAE", keys, key="feature_sae")
+    width = int(s.saes[picked]["d_sae"])
+    st.session_state["feature_index"] = min(st.session_state["feature_index"], width - 1)
+    number = st.number_input("index", 0, width - 1, key="feature_index")
+    if (picked, number) != (sae, index):
+        go_to(picked, int(number))
+        st.rerun()
+    nav = st.columns(3)
+    if nav[0].button("◀ prev", help="previous live feature", width="stretch"):
+        go_to(sae, explore.live_neighbour(s, sae, index, -1))
+        st.rerun()
+    if nav[1].button("next ▶", help="next live feature", width="stretch"):
+        go_to(sae, explore.live_neighbour(s, sae, index, 1))
+        st.rerun()
+    if nav[2].button("random", help="a random live feature", width="stretch"):
+        go_to(sae, explore.random_live(s, sae, random.Random()))
+        st.rerun()
+    whole = st.toggle(
+        "whole windows", help="show each example's whole window, not a few tokens around its max"
+    )
+    context = None if whole else st.slider("context tokens", 2, 40, 10)
+
+try:
+    view = s.feature(f"{sae}/{index}")
+except ScopeError as err:
+    st.error(str(err))
+    st.stop()
+
+st.markdown(TOKEN_CSS, unsafe_allow_html=True)
+title = f"{view.address}" + (f" · {view.label}" if view.label else "")
+st.title(title)
+info = s.saes[sae]
+st.caption(
+    f"hook `{info.get('hook_name')}` · "
+    + (
+        f"[open on Neuronpedia]({view.neuronpedia_url})"
+        if view.neuronpedia_url
+        else "no Neuronpedia id"
+    )
+)
+cols = st.columns(5)
+cols[0].metric("density", f"{view.density:.4%}", help="fraction of tokens where it fires")
+cols[1].metric("tokens", f"{view.count:,}")
+cols[2].metric("max", f"{view.max:.2f}")
+cols[3].metric("mean", f"{view.mean:.2f}", help=f"± {view.std:.2f}, where it fires")
+if cols[4].button(
+    "Steer with this", icon=":material/tune:", type="primary", disabled=view.max <= 0
+):
+    steers = st.session_state.setdefault("steers", [])
+    steers.append(
+        {
+            "sae": sae,
+            "feature": index,
+            "mode": "add",
+            "strength": 1.0,
+            "unit": "max",
+            "positions": "all",
+        }
+    )
+    st.switch_page(st.session_state["pages"]["lab"])
+
+if view.max <= 0:
+    st.info("This feature never fired on the recorded corpus (dead).")
+
+left, right = st.columns([3, 2])
+with left:
+    st.subheader("Top examples")
+    if view.top:
+        rows = "".join(example_row(ex, view.max, context) for ex in view.top)
+        st.html(f"{TOKEN_CSS}<div id='top-examples'>{rows}</div>")
+    else:
+        st.caption("none")
+    st.subheader("Examples by activation interval")
+    for interval in sorted(view.intervals, reverse=True):
+        lo, hi = interval * view.max / 5, (interval + 1) * view.max / 5
+        exs = view.intervals[interval]
+        with st.expander(
+            f"{lo:.2f} – {hi:.2f} of the max · {len(exs)} examples",
+            expanded=interval == max(view.intervals),
+        ):
+            st.html(TOKEN_CSS + "".join(example_row(ex, view.max, context) for ex in exs))
+
+with right:
+    st.subheader("Activation histogram")
+    if view.histogram:
+        fig = go.Figure(go.Bar(
+            x=[(lo + hi) / 2 for lo, hi, _ in view.histogram],
+            y=[c for _, _, c in view.histogram],
+            width=[hi - lo for lo, hi, _ in view.histogram],
+            marker_color="#ea580c",
+            hovertemplate="%{x:.3f}: %{y} tokens<extra></extra>",
+        ))  # fmt: skip
+        fig.update_layout(height=260, margin=dict(t=10, b=10, l=10, r=10), xaxis_title="activation",
+                          yaxis_title="tokens", bargap=0)  # fmt: skip
+        st.plotly_chart(fig, width="stretch")
+    st.subheader("Logit lens")
+    lens = st.columns(2)
+    lens[0].caption("promotes")
+    lens[0].dataframe([{"token": visible(t), "logit": v} for t, v in view.top_tokens], hide_index=True,
+                      column_config={"logit": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
+    lens[1].caption("suppresses")
+    lens[1].dataframe([{"token": visible(t), "logit": v} for t, v in view.bottom_tokens], hide_index=True,
+                      column_config={"logit": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
+    st.subheader("Nearest features")
+    st.caption("by cosine of decoder directions")
+    st.markdown(
+        " · ".join(f"{feature_link(sae, f, str(f))} ({c:.2f})" for f, c in view.neighbours)
+        or "none"
+    )
+    st.subheader("Label and notes")
+    with st.form("label"):
+        label = st.text_input("label", value=view.label, placeholder="what this feature fires on")
+        notes = st.text_area("notes", value=view.notes, height=90)
+        if st.form_submit_button("Save"):
+            set_label(s.root, sae, index, label, notes)
+            st.toast(f"saved the label of {view.address}")
+            st.rerun()

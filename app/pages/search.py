@@ -1,0 +1,78 @@
+"""Search: by index, by token or text (top examples and logit lens), by label or notes, with
+filters on density and max; every row opens its feature page."""
+
+from __future__ import annotations
+
+import streamlit as st
+from explorer import feature_url, store
+
+from scope.errors import ScopeError
+from scope.store import explore
+
+s = store()
+st.title("Search features")
+keys = list(s.saes)
+top = st.columns([3, 2, 2, 1])
+text = top[0].text_input("token or text", placeholder="e.g. Paris, ing, 1987",
+                         help="features whose top examples fire on it, or whose logit lens promotes it")  # fmt: skip
+label = top[1].text_input("label or notes", placeholder="words in a label")
+sae = top[2].selectbox("SAE", ["all", *keys])
+index = top[3].text_input("index", placeholder="1234")
+cols = st.columns([2, 2, 2, 1, 1])
+density = cols[0].select_slider(
+    "density (fraction of tokens)",
+    options=[0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0],
+    value=(0.0, 1.0),
+    format_func=lambda v: "0" if v == 0 else f"{v:g}",
+    help="hide dense features with an upper bound of 0.01, as Neuronpedia does",
+)
+min_max = cols[1].number_input("max activation at least", min_value=0.0, value=0.0)
+sort = cols[2].selectbox(
+    "sort by", list(explore.SORTS), help="hits: top examples matching the text"
+)
+descending = cols[3].toggle("descending", value=True)
+limit = cols[4].number_input("rows", 10, 5000, 200, step=50)
+
+if index.strip() and not index.strip().isdigit():
+    st.error(f"index {index!r} is not a number: give a feature index such as 1234")
+    st.stop()
+try:
+    rows = explore.search(
+        s,
+        explore.Query(
+            sae=None if sae == "all" else sae,
+            index=int(index) if index.strip() else None,
+            text=text,
+            label=label,
+            min_density=density[0],
+            max_density=density[1],
+            min_max=min_max,
+            sort=sort,
+            descending=descending,
+            limit=int(limit),
+        ),  # fmt: skip
+    ).df()
+except ScopeError as err:
+    st.error(str(err))
+    st.stop()
+rows.insert(
+    0, "open", [feature_url(a, int(b)) for a, b in zip(rows["sae"], rows["feature"], strict=True)]
+)
+st.caption(f"{len(rows)} features" + (" (limit reached)" if len(rows) == limit else ""))
+st.dataframe(
+    rows,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
+        "density": st.column_config.NumberColumn(format="%.5f"),
+        "max": st.column_config.NumberColumn(format="%.2f"),
+        "mean": st.column_config.NumberColumn(format="%.2f"),
+        "hits": st.column_config.NumberColumn(
+            help="top examples whose activating token (or the text before it) matches"
+        ),
+        "lens": st.column_config.NumberColumn(
+            help="rank of the token among the logit lens' promoted tokens"
+        ),
+    },
+)

@@ -1,0 +1,249 @@
+"""What the explorer asks of a store: the overview, search, and walking between live features.
+
+Plain functions over ``Store`` (no Streamlit here), so the app's pages stay thin, notebooks can
+call the same things, and the benchmark times exactly what a page runs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from scope.errors import ScopeError
+from scope.store.reader import Rows, Store
+
+SORTS = {
+    "hits": "hits",
+    "max": "max",
+    "density": "density",
+    "mean": "mean",
+    "feature": "feature",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Query:
+    """A feature search. Every criterion given must hold; none given lists every feature."""
+
+    sae: str | None = None
+    """Only this SAE's features (a store key); None searches every SAE."""
+    index: int | None = None
+    """Only this feature index."""
+    text: str = ""
+    """A token or a few words: features whose top examples fire on it (the activating token,
+    or the text just before it, contains it) or whose logit lens promotes it. Case and
+    surrounding spaces are ignored."""
+    label: str = ""
+    """Words found in the feature's label or notes (case ignored)."""
+    min_density: float = 0.0
+    """Firing on at least this fraction of tokens (0 keeps dead features out only if > 0)."""
+    max_density: float = 1.0
+    """Firing on at most this fraction (Neuronpedia hides dense features above ~1%)."""
+    min_max: float = 0.0
+    """Max activation at least this."""
+    sort: str = "hits"
+    """hits (matches, then max), density, max, mean or feature."""
+    descending: bool = True
+    limit: int = 200
+    """Rows returned at most."""
+
+    def __post_init__(self) -> None:
+        if self.sort not in SORTS:
+            raise ScopeError(f"sort {self.sort!r} is not one of {', '.join(SORTS)}")
+        for name in ("min_density", "max_density", "min_max"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ScopeError(f"{name} {value} must be a number >= 0")
+        if self.min_density > self.max_density:
+            raise ScopeError(
+                f"min_density {self.min_density} is above max_density {self.max_density}: swap them"
+            )
+        if not 1 <= self.limit <= 100_000:
+            raise ScopeError(f"limit {self.limit} must be 1..100000")
+
+
+def search(store: Store, query: Query) -> Rows:
+    """Features matching ``query``: sae, feature, label, density, max, mean, hits (top examples
+    that fire on the text), lens (rank of the text among the promoted tokens, or null)."""
+    where, params = ["true"], []
+    if query.sae is not None:
+        if query.sae not in store.saes:
+            raise ScopeError(f"no SAE {query.sae!r} in this store (it has {', '.join(store.saes)})")
+        where.append("f.sae = ?")
+        params.append(query.sae)
+    if query.index is not None:
+        where.append("f.feature = ?")
+        params.append(query.index)
+    where.append("f.density >= ? and f.density <= ? and f.max >= ?")
+    params += [query.min_density, query.max_density, query.min_max]
+    text = query.text.strip().lower()
+    matched = "null::bigint as hits, null::int as lens"
+    join = ""
+    if text:
+        # the activating token equals the text, or the few tokens up to it contain it
+        join = """
+          left join (select sae, feature, count(*) as hits from activating
+                     where lower(trim(text)) = ? or contains(lower(context), ?)
+                     group by all) a using (sae, feature)
+          left join (select sae, feature, min(i) as lens from (
+                       select sae, feature, unnest(top_ids) as token,
+                              unnest(range(len(top_ids))) + 1 as i from lens)
+                     join vocab using (token) where lower(trim(text)) = ? group by all
+                    ) l using (sae, feature)"""
+        params = [text, text, text] + params
+        where.append("(a.hits is not null or l.lens is not null)")
+        matched = "coalesce(a.hits, 0) as hits, l.lens"
+    label_join, label_cols = "", "null as label"
+    if "labels" in store.views:
+        label_join = "left join labels lb using (sae, feature)"
+        label_cols = "lb.label"
+        if query.label.strip():
+            where.append("(contains(lower(lb.label), ?) or contains(lower(lb.notes), ?))")
+            params += [query.label.strip().lower()] * 2
+    elif query.label.strip():
+        where.append("false")  # nothing is labelled yet
+    order = SORTS[query.sort]
+    direction = "desc" if query.descending else "asc"
+    order_by = f"{order} {direction} nulls last"
+    if query.sort == "hits":
+        order_by = f"hits {direction} nulls last, lens asc nulls last, max {direction}"
+    sql = f"""
+        select f.sae, f.feature, {label_cols}, f.density, f.max, f.mean, {matched}
+        from features f {join} {label_join}
+        where {" and ".join(where)}
+        order by {order_by}, f.sae, f.feature
+        limit {int(query.limit)}"""
+    return store.sql(sql, params)
+
+
+def live_neighbour(store: Store, sae: str, feature: int, step: int) -> int | None:
+    """The next (step=1) or previous (step=-1) live feature of ``sae`` after ``feature``,
+    wrapping around; None when the SAE has no live feature."""
+    if step not in (1, -1):
+        raise ValueError("step is 1 or -1")
+    cmp, agg = (">", "min") if step == 1 else ("<", "max")
+    row = store.sql(
+        f"""select coalesce(
+              (select {agg}(feature) from features where sae = ? and not dead and feature {cmp} ?),
+              (select {agg}(feature) from features where sae = ? and not dead))""",
+        [sae, feature, sae],
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def random_live(store: Store, sae: str, rng: random.Random | None = None) -> int | None:
+    """A live feature of ``sae`` drawn uniformly; None when none fired."""
+    row = store.sql("select count(*) from features where sae = ? and not dead", [sae]).fetchone()
+    n = int(row[0]) if row else 0
+    if n == 0:
+        return None
+    i = (rng or random.Random()).randrange(n)
+    found = store.sql(
+        f"select feature from features where sae = ? and not dead order by feature "
+        f"limit 1 offset {i}",
+        [sae],
+    ).fetchone()
+    return int(found[0]) if found else None
+
+
+@dataclass(frozen=True)
+class Overview:
+    """What the overview page shows."""
+
+    model: dict[str, Any]
+    """The model's identity: name, n_layers, d_model, d_vocab."""
+    parts: list[dict[str, Any]]
+    """Each corpus added: paths, documents, tokens, windows, skipped."""
+    saes: Rows
+    """key, hook, width, tokens, mean_l0, dead, dense, neuronpedia_id."""
+    l0: Rows
+    """sae, l0, count: tokens by number of features firing."""
+    density: Rows
+    """sae, log10_density (bin start), count: live features by density."""
+    evals: Rows | None
+    """The store's evaluations, when it has some."""
+
+
+def overview(store: Store) -> Overview:
+    """The store at a glance: model, corpus, each SAE with its L0 and density histograms."""
+    m = store.manifest
+    saes = store.sql(
+        """select s.sae, s.d_sae as width, s.tokens, s.mean_l0, s.dead, s.dense
+           from saes s order by s.sae"""
+    )
+    ident = store.saes
+    rows = [
+        {
+            "sae": r["sae"],
+            "hook": ident[r["sae"]].get("hook_name"),
+            "release": ident[r["sae"]].get("release") or ident[r["sae"]].get("source"),
+            **{k: r[k] for k in ("width", "tokens", "mean_l0", "dead", "dense")},
+            "neuronpedia_id": ident[r["sae"]].get("neuronpedia_id"),
+        }
+        for r in saes.arrow().to_pylist()
+    ]
+    import pyarrow as pa
+
+    density = store.sql(
+        """select sae, floor(log10(density) * 4) / 4 as log10_density, count(*) as count
+           from features where not dead group by all order by sae, log10_density"""
+    )
+    evals = None
+    if "evals" in store.views:
+        evals = store.sql("select * from evals order by sae")
+    return Overview(
+        model=vars(m.model),
+        parts=[
+            {
+                "corpus": ", ".join(p.corpus),
+                "documents": p.documents,
+                "tokens": p.tokens,
+                "windows": p.windows,
+                "skipped": sum(p.skipped.values()),
+            }
+            for p in m.parts
+        ],
+        saes=Rows(pa.Table.from_pylist(rows)),
+        l0=store.sql("select sae, l0, count from l0 order by sae, l0"),
+        density=density,
+        evals=evals,
+    )
+
+
+def experiments(store: Store) -> list[Any]:
+    """The store's saved sweeps as ``scope.sweep.Sweep`` objects (``.figure()``, ``.points``),
+    newest first."""
+    from dataclasses import fields
+
+    from scope.generate import Sampling
+    from scope.sweep import Sweep, SweepPoint, load_experiments
+
+    found = load_experiments(store.root)
+    if not found or "experiments" not in store.views:
+        return []
+    rows = store.sql("select * from experiments order by experiment, strength").arrow().to_pylist()
+    names = {f.name for f in fields(SweepPoint)}
+    out = []
+    for meta in found:
+        points = [
+            SweepPoint(**{k: v for k, v in r.items() if k in names})
+            for r in rows
+            if r["experiment"] == meta["id"]
+        ]
+        sampling = Sampling(**meta.get("sampling", {}))
+        out.append(Sweep(prompt=meta["prompt"], feature=meta["feature"], sampling=sampling,
+                         baseline=meta.get("baseline", ""), points=points, id=meta["id"]))  # fmt: skip
+    return out
+
+
+__all__ = [
+    "Overview",
+    "Query",
+    "experiments",
+    "live_neighbour",
+    "overview",
+    "random_live",
+    "search",
+]

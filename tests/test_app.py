@@ -1,0 +1,251 @@
+"""The explorer's pages, run headless with Streamlit's AppTest on a store recorded from the tiny
+model: what a page shows equals what the store holds; the store's search against brute force."""
+
+from __future__ import annotations
+
+import html
+import threading
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from scope import load_sae
+from scope import testing as fixtures
+from scope.corpus import CorpusSpec
+from scope.generate import Sampling, compare
+from scope.inspect import inspect
+from scope.record import RecordSettings, record
+from scope.steer import Steer
+from scope.store import Store, explore, set_label
+from scope.store.view import visible
+
+HOME = Path(__file__).parents[1] / "app" / "Home.py"
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def app_store(tmp_path_factory, tiny_model, tiny_dir, tiny_sae_dir) -> Path:
+    root = tmp_path_factory.mktemp("app") / "store"
+    corpus = root.parent / "corpus.txt"
+    docs = [d for d in fixtures.training_text() if len(d) > 200]
+    corpus.write_text("\n\n".join(docs[:30]))
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), max_tokens=3000), root,
+           RecordSettings(ctx=CTX, k=5, samples=3, batch_size=16))  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def app(app_store, tiny_dir, monkeypatch) -> AppTest:
+    monkeypatch.setenv("SCOPE_STORE", str(app_store))
+    monkeypatch.setenv("SCOPE_MODEL", str(tiny_dir))
+    monkeypatch.setenv("SCOPE_DEVICE", "cpu")
+    return AppTest.from_file(str(HOME), default_timeout=120)
+
+
+def busiest(store: Store) -> int:
+    row = store.sql("select feature from features order by count desc limit 1").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_overview_shows_the_stores_numbers(app, app_store):
+    app.run()
+    no_errors(app)
+    store = Store(app_store)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["tokens recorded"] == f"{store.manifest.parts[0].tokens:,}"
+    assert metrics["documents"] == f"{store.manifest.parts[0].documents:,}"
+    saes = app.dataframe[1].value
+    row = store.sql("select mean_l0, dead, dense from saes").fetchone()
+    assert list(saes["sae"]) == ["L2.res.256"]
+    assert saes["mean_l0"][0] == pytest.approx(row[0])
+    assert (saes["dead"][0], saes["dense"][0]) == (row[1], row[2])
+
+
+def test_feature_page_by_url_equals_the_store(app, app_store):
+    store = Store(app_store)
+    f = busiest(store)
+    view = store.feature(f"L2.res.256/{f}")
+    app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
+    app.switch_page("pages/feature.py").run()
+    no_errors(app)
+    assert app.title[0].value == f"L2.res.256/{f}"
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["max"] == f"{view.max:.2f}"
+    assert metrics["tokens"] == f"{view.count:,}"
+    top = view.top[0]
+    shown = " ".join(h.proto.body for h in app.get("html"))
+    assert html.escape(visible(top.tokens[top.pos])) in shown  # the max token, shaded
+    assert f'title="{top.acts[top.pos]:.3f}"' in shown  # its value on hover
+    lens = app.dataframe[0].value
+    assert list(lens["token"]) == [visible(t) for t, _ in view.top_tokens]
+
+
+def test_label_saved_from_the_page_is_found_by_search(app, app_store):
+    store = Store(app_store)
+    f = busiest(store)
+    app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
+    app.switch_page("pages/feature.py").run()
+    form_inputs = [t for t in app.text_input if t.label == "label"]
+    form_inputs[0].input("docstring words")
+    [t for t in app.text_area if t.label == "notes"][0].input("seen in tests")
+    next(b for b in app.button if b.label == "Save").click().run()
+    no_errors(app)
+    assert Store(app_store).label("L2.res.256", f) == ("docstring words", "seen in tests")
+    app.switch_page("pages/search.py").run()
+    [t for t in app.text_input if t.label == "label or notes"][0].input("docstring").run()
+    no_errors(app)
+    found = app.dataframe[0].value
+    assert list(zip(found["sae"], found["feature"], strict=True)) == [("L2.res.256", f)]
+    assert found["open"][0] == f"/feature?sae=L2.res.256&feature={f}"
+
+
+def test_search_by_token_equals_brute_force(app_store):
+    store = Store(app_store)
+    rows = store.sql(
+        "select k.sae, k.feature, k.pos, w.tokens from topk k join windows w using (window_id)"
+    ).fetchall()
+    vocab = store.tokens_text(list(range(len(store.sql("select token from vocab")))))
+    f = busiest(store)
+    word = next(
+        vocab[tokens[pos]] for sae, feat, pos, tokens in rows
+        if feat == f and len(vocab[tokens[pos]].strip()) > 1
+    )  # fmt: skip
+    needle = word.strip().lower()
+    expected: dict[int, int] = {}
+    for _sae, feat, pos, tokens in rows:
+        context = "".join(vocab[t] for t in tokens[max(pos - 5, 1) : pos + 1]).lower()
+        if vocab[tokens[pos]].strip().lower() == needle or needle in context:
+            expected[feat] = expected.get(feat, 0) + 1
+    lens = store.sql("select feature, top_ids from lens").fetchall()
+    by_lens = {feat for feat, ids in lens if any(vocab[i].strip().lower() == needle for i in ids)}
+    found = explore.search(store, explore.Query(text=word, limit=10_000)).df()
+    assert set(found["feature"]) == set(expected) | by_lens
+    for feat, hits in zip(found["feature"], found["hits"], strict=True):
+        assert hits == expected.get(feat, 0)
+    assert f in set(found["feature"])
+
+
+def test_search_filters_and_sorts(app_store):
+    store = Store(app_store)
+    q = explore.Query(min_density=0.01, max_density=0.2, min_max=1.0, sort="max", limit=10_000)
+    found = explore.search(store, q).df()
+    want = store.sql(
+        "select feature from features where density between 0.01 and 0.2 and max >= 1 "
+        "order by max desc, feature"
+    ).df()
+    assert list(found["feature"]) == list(want["feature"])
+    with pytest.raises(Exception, match="min_density"):
+        explore.Query(min_density=0.5, max_density=0.1)
+
+
+def test_previous_next_and_random_walk_live_features(app_store):
+    store = Store(app_store)
+    live = [
+        f for (f,) in store.sql("select feature from features where not dead order by 1").fetchall()
+    ]
+    assert explore.live_neighbour(store, "L2.res.256", live[0], 1) == live[1]
+    assert explore.live_neighbour(store, "L2.res.256", live[0], -1) == live[-1]  # wraps
+    assert explore.random_live(store, "L2.res.256") in live
+
+
+def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sae_dir, app_store):
+    app.switch_page("pages/inspector.py").run()
+    no_errors(app)
+    text = "The quick brown fox jumps over the lazy dog."
+    app.text_area[0].input(text)
+    app.toggle[0].set_value(False)  # dense features shown: compare with the library's own
+    app.button[0].click().run()
+    no_errors(app)
+    store = Store(app_store)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    rows = inspect(tiny_model, [sae], text, top=5, store=store)
+    table = (
+        app.markdown[-1].value
+        if "| pos |" in app.markdown[-1].value
+        else next(m.value for m in app.markdown if "| pos |" in m.value)
+    )
+    for r in rows:
+        line = next(x for x in table.splitlines() if x.startswith(f"| {r.position} |"))
+        for h in r.features:
+            assert (
+                f"[{h.sae}/{h.feature}](/feature?sae={h.sae}&feature={h.feature}) {h.act:.2f}"
+                in line
+            )
+
+
+def test_lab_generates_what_the_library_generates(app, tiny_model, tiny_sae_dir, app_store):
+    store = Store(app_store)
+    f = busiest(store)
+    app.session_state["steers"] = [{"sae": "L2.res.256", "feature": f, "mode": "add",
+                                    "strength": 4.0, "unit": "max", "positions": "all"}]  # fmt: skip
+    app.switch_page("pages/lab.py").run()
+    no_errors(app)
+    [t for t in app.text_area if t.label == "prompt"][0].input("The fox")
+    next(b for b in app.button if b.label == "Generate").click().run()
+    no_errors(app)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    want = compare(tiny_model, "The fox", [Steer(sae, f, 4.0, unit="max")],
+                   sampling=Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0), store=store)  # fmt: skip
+    shown = [m.value for m in app.markdown]
+    assert want.baseline in shown and want.steered in shown
+    assert want.baseline != want.steered
+
+
+def test_pages_without_a_model_say_why(app_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCOPE_STORE", str(app_store))
+    monkeypatch.setenv("SCOPE_MODEL", str(tmp_path / "no-such-model"))
+    at = AppTest.from_file(str(HOME), default_timeout=60)
+    for page in ("pages/inspector.py", "pages/lab.py"):
+        at.switch_page(page).run()
+        assert not at.exception
+        assert "The model is off" in at.warning[0].value
+        assert "--model" in at.warning[0].value
+    at.switch_page("pages/search.py").run()
+    no_errors(at)
+    assert len(at.dataframe[0].value) > 0
+
+
+def test_labels_and_a_recording_into_the_same_store_both_survive(
+    tmp_path, tiny_model, tiny_sae_dir
+):
+    root = tmp_path / "store"
+    corpus = tmp_path / "a.txt"
+    docs = [d for d in fixtures.training_text() if len(d) > 200]
+    corpus.write_text("\n\n".join(docs[:20]))
+    more = tmp_path / "b.txt"
+    more.write_text("\n\n".join(docs[20:60]))
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    settings = RecordSettings(ctx=CTX, k=3, samples=2, batch_size=4, checkpoint_seconds=0.0)
+    record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), max_tokens=600), root, settings)
+    stop = threading.Event()
+    written: list[int] = []
+
+    def label_loop() -> None:
+        i = 0
+        while not stop.is_set():
+            set_label(root, "L2.res.256", i % 256, f"label {i}")
+            written.append(i)
+            i += 1
+
+    thread = threading.Thread(target=label_loop)
+    thread.start()
+    try:
+        record(tiny_model, [sae], CorpusSpec(paths=(str(more),), max_tokens=1500), root, settings)
+    finally:
+        stop.set()
+        thread.join()
+    store = Store(root)
+    assert len(store.manifest.parts) == 2 and store.manifest.state == "complete"
+    assert written
+    last = {i % 256: i for i in written}  # the newest label of each feature wins
+    for f, i in last.items():
+        assert store.label("L2.res.256", f)[0] == f"label {i}"
+    assert len(store.sql("select * from labels")) == len(last)
