@@ -67,7 +67,8 @@ class Query:
 def search(store: Store, query: Query) -> Rows:
     """Features matching ``query``: sae, feature, label, density, max, mean, hits (top examples
     that fire on the text), lens (rank of the text among the promoted tokens, or null)."""
-    where, params = ["true"], []
+    where: list[str] = ["true"]
+    params: list[Any] = []
     if query.sae is not None:
         if query.sae not in store.saes:
             raise ScopeError(f"no SAE {query.sae!r} in this store (it has {', '.join(store.saes)})")
