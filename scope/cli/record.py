@@ -140,10 +140,26 @@ def record(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     hook: HookOpt = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", help="Record on a Ray cluster: auto, local, or its address (HOST:PORT)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="--ray: workers (default: one per GPU, or per --threads).")
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option(help="--ray: shards of the corpus (default: 4 per worker).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="--ray without GPUs: CPU threads per worker.")
+    ] = None,
 ) -> None:
     """Record every feature of the SAEs over a corpus in one pass into a store.
 
-    Ctrl-C or SIGTERM stops after the current batch, everything saved; --resume continues."""
+    Ctrl-C or SIGTERM stops after the current batch, everything saved; --resume continues.
+    With --ray the corpus is recorded as shards on a Ray cluster and merged as they finish."""
     from scope.corpus import CorpusSpec, parse_tokens
     from scope.record import RecordSettings, stop_on_signals
     from scope.record import record as run_record
@@ -164,6 +180,19 @@ def record(
         checkpoint_seconds=checkpoint_seconds,
         overlap=overlap,
     )
+    if ray is not None:
+        from scope.cli.scale import record_on_cluster
+        from scope.record.distributed import RayOptions
+        from scope.record.shard_worker import Loader
+
+        options = RayOptions(
+            address=ray, workers=workers, shards=shards, threads=threads, device=device
+        )
+        load = Loader(model=model, saes=tuple(sae), dtype=dtype, hook=hook)
+        record_on_cluster(load, spec, store, settings, options, resume=resume)
+        return
+    if workers is not None or shards is not None or threads is not None:
+        raise ScopeError("--workers, --shards and --threads go with --ray: add --ray auto or local")
     loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
     with stop_on_signals() as should_stop, progress_bar(err) as on_progress:
         summary = run_record(
