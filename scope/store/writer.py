@@ -88,8 +88,11 @@ class StoreWriter:
             )
 
     def create(self, manifest: Manifest, vocab: Callable[[], pa.Table]) -> Manifest:
-        """Start a new store in an empty (or new) folder: the vocabulary, then the manifest."""
+        """Start a new store in an empty (or new) folder: the vocabulary, then the manifest.
+        Windows left by a first run killed before it wrote a manifest go: nothing was recorded."""
         self.check_new()
+        for stale in (self.root / "windows").glob("part-*.parquet"):
+            stale.unlink()
         write_parquet_atomic(self.root / "vocab.parquet", vocab())
         self.manifest = manifest
         return manifest
