@@ -7,18 +7,19 @@ from pathlib import Path
 
 import streamlit as st
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent  # pages live in views/: a folder named pages/ makes Streamlit
+# show its legacy page list instead of the navigation below
 
 st.set_page_config(
     page_title="Gemma Scope Workbench", page_icon=":material/biotech:", layout="wide"
 )
 
 pages = {
-    "overview": st.Page(HERE / "pages/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
-    "feature": st.Page(HERE / "pages/feature.py", title="Feature", icon=":material/bubble_chart:", url_path="feature"),
-    "search": st.Page(HERE / "pages/search.py", title="Search", icon=":material/search:", url_path="search"),
-    "inspector": st.Page(HERE / "pages/inspector.py", title="Prompt inspector", icon=":material/text_fields:", url_path="inspector"),
-    "lab": st.Page(HERE / "pages/lab.py", title="Steering lab", icon=":material/tune:", url_path="lab"),
+    "overview": st.Page(HERE / "views/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
+    "feature": st.Page(HERE / "views/feature.py", title="Feature", icon=":material/bubble_chart:", url_path="feature"),
+    "search": st.Page(HERE / "views/search.py", title="Search", icon=":material/search:", url_path="search"),
+    "inspector": st.Page(HERE / "views/inspector.py", title="Prompt inspector", icon=":material/text_fields:", url_path="inspector"),
+    "lab": st.Page(HERE / "views/lab.py", title="Steering lab", icon=":material/tune:", url_path="lab"),
 }  # fmt: skip
 st.session_state["pages"] = pages
 page = st.navigation(list(pages.values()))

@@ -124,6 +124,9 @@ def feature_link(sae: str, feature: int, text: str | None = None) -> str:
 
 TOKEN_CSS = """<style>
 .ex{line-height:1.9;margin:2px 0 6px 0;font-size:0.85rem}
+.tok{position:relative;cursor:default}
+.tok:hover::after{content:attr(data-act);position:absolute;left:0;top:-1.7em;z-index:20;
+  background:#1f2937;color:#fff;font-size:0.7rem;padding:0 4px;border-radius:3px;white-space:pre}
 .act{display:inline-block;min-width:3.6em;color:#666;font-size:0.8rem;font-family:monospace}
 </style>"""
 

@@ -60,3 +60,20 @@ def saes_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("SCOPE_SAES_DIR", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def app_store(tmp_path_factory, tiny_model, tiny_sae_dir) -> Path:
+    """A store recorded from the tiny model with its 256-wide SAE, for the explorer's tests."""
+    from scope import load_sae
+    from scope.corpus import CorpusSpec
+    from scope.record import RecordSettings, record
+
+    root = tmp_path_factory.mktemp("app") / "store"
+    corpus = root.parent / "corpus.txt"
+    docs = [d for d in fixtures.training_text() if len(d) > 200]
+    corpus.write_text("\n\n".join(docs[:30]))
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), max_tokens=3000), root,
+           RecordSettings(ctx=32, k=5, samples=3, batch_size=16))  # fmt: skip
+    return root

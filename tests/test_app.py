@@ -24,18 +24,6 @@ HOME = Path(__file__).parents[1] / "app" / "Home.py"
 CTX = 32
 
 
-@pytest.fixture(scope="module")
-def app_store(tmp_path_factory, tiny_model, tiny_dir, tiny_sae_dir) -> Path:
-    root = tmp_path_factory.mktemp("app") / "store"
-    corpus = root.parent / "corpus.txt"
-    docs = [d for d in fixtures.training_text() if len(d) > 200]
-    corpus.write_text("\n\n".join(docs[:30]))
-    sae = load_sae(tiny_sae_dir, device="cpu")
-    record(tiny_model, [sae], CorpusSpec(paths=(str(corpus),), max_tokens=3000), root,
-           RecordSettings(ctx=CTX, k=5, samples=3, batch_size=16))  # fmt: skip
-    return root
-
-
 @pytest.fixture
 def app(app_store, tiny_dir, monkeypatch) -> AppTest:
     monkeypatch.setenv("SCOPE_STORE", str(app_store))
@@ -74,7 +62,7 @@ def test_feature_page_by_url_equals_the_store(app, app_store):
     f = busiest(store)
     view = store.feature(f"L2.res.256/{f}")
     app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
-    app.switch_page("pages/feature.py").run()
+    app.switch_page("views/feature.py").run()
     no_errors(app)
     assert app.title[0].value == f"L2.res.256/{f}"
     metrics = {m.label: m.value for m in app.metric}
@@ -92,14 +80,14 @@ def test_label_saved_from_the_page_is_found_by_search(app, app_store):
     store = Store(app_store)
     f = busiest(store)
     app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
-    app.switch_page("pages/feature.py").run()
+    app.switch_page("views/feature.py").run()
     form_inputs = [t for t in app.text_input if t.label == "label"]
     form_inputs[0].input("docstring words")
     [t for t in app.text_area if t.label == "notes"][0].input("seen in tests")
     next(b for b in app.button if b.label == "Save").click().run()
     no_errors(app)
     assert Store(app_store).label("L2.res.256", f) == ("docstring words", "seen in tests")
-    app.switch_page("pages/search.py").run()
+    app.switch_page("views/search.py").run()
     [t for t in app.text_input if t.label == "label or notes"][0].input("docstring").run()
     no_errors(app)
     found = app.dataframe[0].value
@@ -157,7 +145,7 @@ def test_previous_next_and_random_walk_live_features(app_store):
 
 
 def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sae_dir, app_store):
-    app.switch_page("pages/inspector.py").run()
+    app.switch_page("views/inspector.py").run()
     no_errors(app)
     text = "The quick brown fox jumps over the lazy dog."
     app.text_area[0].input(text)
@@ -186,7 +174,7 @@ def test_lab_generates_what_the_library_generates(app, tiny_model, tiny_sae_dir,
     f = busiest(store)
     app.session_state["steers"] = [{"sae": "L2.res.256", "feature": f, "mode": "add",
                                     "strength": 4.0, "unit": "max", "positions": "all"}]  # fmt: skip
-    app.switch_page("pages/lab.py").run()
+    app.switch_page("views/lab.py").run()
     no_errors(app)
     [t for t in app.text_area if t.label == "prompt"][0].input("The fox")
     next(b for b in app.button if b.label == "Generate").click().run()
@@ -194,8 +182,13 @@ def test_lab_generates_what_the_library_generates(app, tiny_model, tiny_sae_dir,
     sae = load_sae(tiny_sae_dir, device="cpu")
     want = compare(tiny_model, "The fox", [Steer(sae, f, 4.0, unit="max")],
                    sampling=Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0), store=store)  # fmt: skip
-    shown = [m.value for m in app.markdown]
-    assert want.baseline in shown and want.steered in shown
+    shown = {"baseline": "", "steered": ""}
+    for h in app.get("html"):
+        for which in shown:
+            if f'data-which="{which}"' in h.proto.body:
+                shown[which] = h.proto.body
+    assert f">{html.escape(want.baseline)}</div>" in shown["baseline"]
+    assert f">{html.escape(want.steered)}</div>" in shown["steered"]
     assert want.baseline != want.steered
 
 
@@ -203,12 +196,12 @@ def test_pages_without_a_model_say_why(app_store, tmp_path, monkeypatch):
     monkeypatch.setenv("SCOPE_STORE", str(app_store))
     monkeypatch.setenv("SCOPE_MODEL", str(tmp_path / "no-such-model"))
     at = AppTest.from_file(str(HOME), default_timeout=60)
-    for page in ("pages/inspector.py", "pages/lab.py"):
+    for page in ("views/inspector.py", "views/lab.py"):
         at.switch_page(page).run()
         assert not at.exception
         assert "The model is off" in at.warning[0].value
         assert "--model" in at.warning[0].value
-    at.switch_page("pages/search.py").run()
+    at.switch_page("views/search.py").run()
     no_errors(at)
     assert len(at.dataframe[0].value) > 0
 
@@ -249,3 +242,22 @@ def test_labels_and_a_recording_into_the_same_store_both_survive(
     for f, i in last.items():
         assert store.label("L2.res.256", f)[0] == f"label {i}"
     assert len(store.sql("select * from labels")) == len(last)
+
+
+def test_lab_sweep_is_charted_saved_and_listed(app, app_store):
+    store = Store(app_store)
+    f = busiest(store)
+    before = len(explore.experiments(store))
+    app.session_state["steers"] = [{"sae": "L2.res.256", "feature": f, "mode": "add",
+                                    "strength": 1.0, "unit": "max", "positions": "all"}]  # fmt: skip
+    app.switch_page("views/lab.py").run()
+    [t for t in app.text_input if t.label == "strengths"][0].input("0,4")
+    [n for n in app.number_input if n.label == "new tokens"][0].set_value(8)
+    next(b for b in app.button if b.label == "Run sweep").click().run()
+    no_errors(app)
+    saved = explore.experiments(Store(app_store))
+    assert len(saved) == before + 1
+    done = saved[0]
+    assert [p.strength for p in done.points] == [0.0, 4.0] and done.feature == f
+    assert any(f"Saved sweeps ({before + 1})" in h.value for h in app.subheader)
+    assert len(app.get("plotly_chart")) >= 2  # the new sweep's chart, and each saved one's

@@ -4,6 +4,8 @@ strengths with their charts, saved to the store as experiments."""
 
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 from explorer import feature_link, model_or_reason, store
 
@@ -86,6 +88,14 @@ with st.expander("Sampling"):
     seed = cols[4].number_input("seed", 0, 2**31 - 1, 0)
 
 
+def text_box(text: str, which: str) -> str:
+    """A continuation as plain text (never Markdown: generated text is not markup)."""
+    return (
+        f'<div class="gen" data-which="{which}" style="white-space:pre-wrap;padding:0.6rem;'
+        f'border:1px solid #e5e7eb;border-radius:6px;min-height:3rem">{html.escape(text)}</div>'
+    )
+
+
 def build() -> tuple[list[Steer], Sampling] | None:
     if loaded is None:
         return None
@@ -115,7 +125,7 @@ if loaded is not None and st.button("Generate", type="primary", disabled=not ste
 
         def on_token(which: str, token: int) -> None:
             got[which].append(token)
-            boxes[which].markdown(tok.decode(got[which], skip_special_tokens=True))
+            boxes[which].html(text_box(tok.decode(got[which], skip_special_tokens=True), which))
 
         try:
             result = compare(
@@ -124,8 +134,12 @@ if loaded is not None and st.button("Generate", type="primary", disabled=not ste
         except ScopeError as err:
             st.error(str(err))
         else:
-            boxes["baseline"].markdown(result.baseline)
-            boxes["steered"].markdown(result.steered)
+            boxes["baseline"].html(text_box(result.baseline, "baseline"))
+            boxes["steered"].html(text_box(result.steered, "steered"))
+            st.caption(
+                f"done: {len(result.baseline_tokens)} baseline and {len(result.steered_tokens)} "
+                f"steered tokens, seed {result.sampling.seed}"
+            )
 
 st.subheader("Sweep")
 st.caption(
@@ -147,6 +161,7 @@ if loaded is not None and cols[1].button("Run sweep", disabled=not steers):
             st.error(str(err))
         else:
             bar.empty()
+            s.refresh()  # the new experiment's table, listed below
             st.plotly_chart(done.figure(), width="stretch")
             st.success(f"saved as experiment {done.id}")
 

@@ -1,0 +1,157 @@
+"""The explorer end to end in a real browser: `scope app` serving a store, driven by Playwright in
+Chromium. Screenshots go to test-output/screenshots/ (or $SCOPE_SCREENSHOTS)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from scope.store import Store
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = Path(
+    os.environ.get("SCOPE_SCREENSHOTS", Path(__file__).parents[1] / "test-output" / "screenshots")
+)
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serving(store: Path, model: Path, port: int) -> Iterator[str]:
+    """`scope app` on 127.0.0.1:port until the block ends; its output is kept for failures."""
+    log = open(store.parent / f"app-{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scope.cli", "app", "--store", str(store), "--model", str(model),
+         "--device", "cpu", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"scope app did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(600)  # let plotly and the fonts settle
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_explorer_in_a_browser(browser, app_store, tiny_dir):
+    store = Store(app_store)
+    row = store.sql("select feature, max from features order by count desc limit 1").fetchone()
+    assert row is not None
+    f, top = int(row[0]), float(row[1])
+    view = store.feature(f"L2.res.256/{f}")
+    port = free_port()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    with serving(app_store, tiny_dir, port) as url:
+        page.goto(url)
+        page.get_by_text("Feature density").wait_for()
+        shot(page, "overview")
+
+        # a feature page opened by its URL: shaded examples, the histogram, a token's value
+        page.goto(f"{url}/feature?sae=L2.res.256&feature={f}")
+        page.get_by_text("Top examples").wait_for()
+        page.locator("#top-examples .tok").first.wait_for()
+        page.locator(".js-plotly-plot").first.wait_for()
+        assert page.get_by_role("heading", name=f"L2.res.256/{f}").count() == 1
+        best = page.locator("#top-examples .tok[style*='outline']").first
+        best.hover()
+        value = best.evaluate("e => getComputedStyle(e, '::after').content")
+        assert value.strip('"') == f"{view.top[0].acts[view.top[0].pos]:.3f}"
+        assert float(value.strip('"')) == pytest.approx(top, abs=1e-3)
+        shot(page, "feature")
+
+        # search by the top example's activating token
+        word = view.top[0].tokens[view.top[0].pos].strip()
+        page.goto(f"{url}/search")
+        box = page.get_by_role("textbox", name="token or text")
+        box.fill(word)
+        box.press("Enter")
+        page.get_by_text("features", exact=False).first.wait_for()
+        page.wait_for_timeout(1500)
+        shot(page, "search")
+
+        # the prompt inspector
+        page.goto(f"{url}/inspector")
+        page.get_by_role("textbox", name="text").fill(
+            "The quick brown fox jumps over the lazy dog."
+        )
+        page.get_by_role("button", name="Inspect").click()
+        page.get_by_text("Heat strips").wait_for()
+        assert page.locator("a[href*='/feature?sae=L2.res.256']").count() > 0
+        shot(page, "inspector")
+
+        # the lab, entered from the feature page, generates baseline and steered text
+        page.goto(f"{url}/feature?sae=L2.res.256&feature={f}")
+        page.get_by_role("button", name="Steer with this").click()
+        page.get_by_role("heading", name="Steering lab").wait_for()
+        page.get_by_role("textbox", name="prompt").fill("The fox")
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("steered tokens, seed 0").wait_for()
+        assert page.locator("div.gen[data-which='steered']").inner_text().strip()
+        shot(page, "lab")
+
+        # a label saved on the page
+        page.goto(f"{url}/feature?sae=L2.res.256&feature={f}")
+        page.get_by_role("textbox", name="label", exact=True).fill("browser label")
+        page.get_by_role("button", name="Save").click()
+        page.get_by_text("saved the label").wait_for()
+    assert Store(app_store).label("L2.res.256", f)[0] == "browser label"
+
+    # after a restart the label is found by search
+    with serving(app_store, tiny_dir, free_port()) as url:
+        page.goto(f"{url}/search")
+        box = page.get_by_role("textbox", name="label or notes")
+        box.fill("browser")
+        box.press("Enter")
+        page.get_by_text("1 features").wait_for()
+        shot(page, "search-label")
+    page.close()
