@@ -4,6 +4,7 @@ model: what a page shows equals what the store holds; the store's search against
 from __future__ import annotations
 
 import html
+import socket
 import threading
 from pathlib import Path
 
@@ -261,3 +262,43 @@ def test_lab_sweep_is_charted_saved_and_listed(app, app_store):
     assert [p.strength for p in done.points] == [0.0, 4.0] and done.feature == f
     assert any(f"Saved sweeps ({before + 1})" in h.value for h in app.subheader)
     assert len(app.get("plotly_chart")) >= 2  # the new sweep's chart, and each saved one's
+
+
+def test_scope_app_serves_on_localhost_with_the_store(app_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    import scope.cli.serve as serve
+    from scope.cli import app as cli
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(serve.os, "execv", lambda exe, args: ran.append(args))
+    result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--port", "8765"])
+    assert result.exit_code == 0, result.output
+    assert "http://127.0.0.1:8765" in result.output and "warning" not in result.output
+    args = ran[0]
+    assert args[args.index("--server.address") + 1] == "127.0.0.1"
+    assert args[args.index("--server.port") + 1] == "8765"
+    assert args[-2:] == ["--store", str(app_store.resolve())]
+    assert args[args.index("run") + 1] == str(HOME.resolve())
+
+    result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--address", "0.0.0.0",
+                                      "--port", "8766", "--model", "m"])  # fmt: skip
+    assert "has no login" in result.output
+    assert ran[1][-2:] == ["--model", "m"]
+
+
+def test_scope_app_refuses_a_folder_that_is_not_a_store_and_a_busy_port(app_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from scope.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["app", "--store", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a store" in result.output and "scope record" in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in result.output and "--port" in result.output
