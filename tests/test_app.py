@@ -170,6 +170,7 @@ def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sa
             )
 
 
+@pytest.mark.slow
 def test_lab_generates_what_the_library_generates(app, tiny_model, tiny_sae_dir, app_store):
     store = Store(app_store)
     f = busiest(store)
@@ -207,6 +208,7 @@ def test_pages_without_a_model_say_why(app_store, tmp_path, monkeypatch):
     assert len(at.dataframe[0].value) > 0
 
 
+@pytest.mark.slow
 def test_labels_and_a_recording_into_the_same_store_both_survive(
     tmp_path, tiny_model, tiny_sae_dir
 ):
@@ -245,6 +247,7 @@ def test_labels_and_a_recording_into_the_same_store_both_survive(
     assert len(store.sql("select * from labels")) == len(last)
 
 
+@pytest.mark.slow
 def test_lab_sweep_is_charted_saved_and_listed(app, app_store):
     store = Store(app_store)
     f = busiest(store)
