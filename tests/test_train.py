@@ -26,7 +26,7 @@ from scope.train.run import held_out_windows
 
 CTX = 24
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
-SETTINGS = dict(width=96, target_l0=8, epochs=3, batch_size=256, lr=3e-3, checkpoint_every=3)
+SETTINGS = dict(width=96, target_l0=8, epochs=3, batch_size=256, lr=2e-2, checkpoint_every=3)
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,7 @@ def _new_sae(
         apply_b_dec_to_input=False,  # Gemma Scope's convention: no b_dec at the input
         normalize_activations="expected_average_only_in",
         jumprelu_bandwidth=settings.bandwidth,
+        jumprelu_ste_to_input=settings.ste_to_input,
         jumprelu_sparsity_loss_mode="quadratic",
         target_l0=settings.target_l0,
         l0_coefficient=settings.l0_coefficient,
@@ -148,23 +149,27 @@ def _new_trainer(
 
 @torch.no_grad()
 def _initialise(t: Training) -> None:
-    """sae-lens' scaling factor from the first batches; then the threshold set so that the
-    target L0 fires at the start: the (1 - target/width) quantile of the initial
-    pre-activations over a sample of rows."""
+    """Before the first step: sae-lens' input scaling factor from the first batches; b_dec at
+    their mean (in scaled units) and b_enc = -b_dec @ W_enc, so the encoder starts on centred
+    inputs and the decoder on the mean (Gemma's residual stream has a large mean that b_dec
+    would otherwise take thousands of steps to learn); then the threshold where the target L0
+    fires: the (1 - target/width) quantile of the initial pre-activations."""
     rows = t.cache.state.rows
     n_norm = min(NORM_BATCHES, t.steps_per_epoch)
-    sample = batch_rows(t.settings, rows, 0)[:THRESHOLD_SAMPLE]
+    first = [batch_rows(t.settings, rows, k) for k in range(n_norm)]
     q = 1 - t.settings.target_l0 / t.settings.width
     for hook, trainer in t.trainers.items():
-        batches = (
-            load_batch(t.cache, hook, batch_rows(t.settings, rows, k)) for k in range(n_norm)
-        )
+        batches = [load_batch(t.cache, hook, idx) for idx in first]
         trainer.activation_scaler.estimate_scaling_factor(
-            d_in=t.cache.spec.d_in[hook], data_provider=batches, n_batches_for_norm_estimate=n_norm
+            d_in=t.cache.spec.d_in[hook],
+            data_provider=iter(batches),
+            n_batches_for_norm_estimate=n_norm,
         )
+        x = trainer.activation_scaler(torch.cat(batches))
         sae = t.saes[hook]
-        x = trainer.activation_scaler(load_batch(t.cache, hook, sample))
-        pre = (x @ sae.W_enc + sae.b_enc).flatten()
+        sae.b_dec.data.copy_(x.double().mean(0).to(sae.b_dec.dtype))
+        sae.b_enc.data.copy_(-(sae.b_dec @ sae.W_enc))
+        pre = (x[:THRESHOLD_SAMPLE] @ sae.W_enc + sae.b_enc).flatten()
         k = max(1, int(q * pre.numel()))
         sae.threshold.data.fill_(max(float(pre.kthvalue(k).values), 0.0))
 

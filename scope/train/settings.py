@@ -30,6 +30,10 @@ class TrainSettings:
     """Tokens per optimizer step."""
     lr: float = 5e-4
     """Adam learning rate (constant after a warm-up, decayed linearly over the last 20%)."""
+    ste_to_input: bool = True
+    """sae-lens' jumprelu_ste_to_input: the L0 penalty's straight-through gradient reaches the
+    encoder too (Anthropic's setup), not only the threshold (DeepMind's); without it the
+    threshold, moving ~lr per step, cannot hold L0 near the target in a short run."""
     bandwidth: float = 0.05
     """Width of the straight-through estimator's window around the threshold (sae-lens'
     jumprelu_bandwidth), in units of the normalised activations."""
