@@ -171,6 +171,10 @@ def train(
     ] = "float32",
     forward_batch: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 8,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    note: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=TEXT copied into every card (e.g. a source and licence)."),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -202,6 +206,12 @@ def train(
     )
     held_out = CorpusSpec(paths=tuple(eval_corpus), field=field, ctx=ctx) if eval_corpus else None
     n_eval = parse_tokens(eval_tokens) or 0
+    notes = {}
+    for item in note or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ScopeError(f"--note {item!r}: use KEY=TEXT, e.g. --note 'corpus=my texts, CC BY'")
+        notes[key.strip()] = text.strip()
     with out.status(f"loading {model}"):
         loaded = load_model(model, device=device, dtype=dtype)
     with progress(err) as (on_cache, on_step):
@@ -216,6 +226,7 @@ def train(
                 eval_tokens=n_eval,
                 save_dtype=save_dtype,
                 forward_batch=forward_batch,
+                notes=notes,
                 on_cache=on_cache,
                 on_step=on_step,
             )
