@@ -7,7 +7,9 @@
 The bare loop does only the unavoidable work: the forward pass up to the SAE's layer and the
 JumpReLU encode, over the same windows and batches. `scope record` adds every statistic, the
 exact top-k, interval samples, checkpoints and the Parquet store. SAEDashboard builds every
-feature's dashboard data from the same model (weights copied), SAE and tokens.
+feature's dashboard data from the same model (weights copied), SAE and windows (all of them,
+so its start-up is spread over as many tokens as record's); it is slow: about 10 minutes for
+32k tokens on 2 CPU cores (`--tokens 32768`), timed once.
 Figures are medians of --repeats runs; ratios are of tokens/s.
 """
 
@@ -86,8 +88,10 @@ def run_record(model, sae, corpus: Path, work: Path, ctx: int, tokens: int, batc
 
 
 def saedashboard(
-    python: str, model, sae_dir: Path, windows, hook: str, work: Path, n_windows: int, batch: int
+    python: str, model, sae_dir: Path, windows, hook: str, work: Path, batch: int
 ) -> dict:
+    """SAEDashboard's seconds for every feature over the same windows as `scope record` (padded
+    to the window length with the pad token, which it ignores like every special token)."""
     dash = work / "saedashboard"
     dash.mkdir(exist_ok=True)
     from safetensors.torch import save_file
@@ -107,10 +111,7 @@ def saedashboard(
     }  # buffers are rebuilt
     save_file(weights, dash / "model.safetensors")
     shutil.copyfile(sae_dir / "params.npz", dash / "params.npz")
-    full = np.nonzero(windows.lengths == windows.tokens.shape[1])[0][
-        :n_windows
-    ]  # full windows only
-    np.save(dash / "tokens.npy", windows.tokens[full].astype(np.int64))
+    np.save(dash / "tokens.npy", windows.tokens.astype(np.int64))  # every window, pad included
     worker = Path(__file__).resolve().parent / "saedashboard_worker.py"
     out = subprocess.run([python, str(worker), str(dash)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -118,7 +119,7 @@ def saedashboard(
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with torch.no_grad():
         _, cache = model.run_with_cache(
-            torch.from_numpy(windows.tokens[full[:1]]).long(), names_filter=hook
+            torch.from_numpy(windows.tokens[:1]).long(), names_filter=hook
         )
     ours = float(cache[hook].double().sum())
     assert abs(result["check"] - ours) <= 1e-3 * max(1.0, abs(ours)), (result["check"], ours)
@@ -137,7 +138,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="windows per batch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--saedashboard", metavar="PYTHON", help="python of a venv with sae-dashboard")
-    ap.add_argument("--dashboard-windows", type=int, default=32)
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scope-bench-"))
@@ -207,20 +207,12 @@ def main() -> None:
             f"record / bare loop: {rec_tps / bare_tps:.2f}x;  record / forward only: {rec_tps / fwd_tps:.2f}x"
         )
         if args.saedashboard:
-            dash = saedashboard(
-                args.saedashboard,
-                model,
-                sae_dir,
-                windows,
-                hook,
-                work,
-                args.dashboard_windows,
-                batch,
-            )
-            dash_tps = dash["tokens"] / dash["seconds"]
-            print(
-                f"SAEDashboard (all {width} features, {dash['tokens']:,} tokens): {dash_tps:12,.1f} tok/s"
-            )
+            dash = saedashboard(args.saedashboard, model, sae_dir, windows, hook, work, batch)
+            if dash["tokens"] != n:
+                raise SystemExit(f"SAEDashboard counted {dash['tokens']:,} tokens, record {n:,}")
+            dash_tps = n / dash["seconds"]
+            print(f"SAEDashboard (all {width} features, the same {n:,} tokens, one run): "
+                  f"{dash_tps:12,.1f} tok/s  ({dash['seconds']:,.0f} s)")  # fmt: skip
             print(f"record / SAEDashboard: {rec_tps / dash_tps:.1f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)

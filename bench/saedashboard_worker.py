@@ -2,6 +2,8 @@
 environment (it pins other transformer-lens and transformers versions than the workbench).
 
     python saedashboard_worker.py WORK_DIR     -> prints one JSON line: seconds, tokens, check
+
+tokens: the windows' tokens that count (special tokens such as BOS and padding excluded).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main(work: Path) -> None:
     start = time.perf_counter()
     SaeVisRunner(config).run(encoder=sae, model=model, tokens=tokens)
     seconds = time.perf_counter() - start
-    n_tokens = int(tokens.numel() - tokens.shape[0])
+    n_tokens = int((~torch.isin(tokens, torch.tensor(spec["ignore_tokens"]))).sum())
     print(json.dumps({"seconds": seconds, "tokens": n_tokens, "check": check}))
 
 

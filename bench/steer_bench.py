@@ -8,6 +8,11 @@ own `generate` is timed too for reference. Steered runs add one feature (add), c
 (an SAE encode each step), and steer three features on two layers at once; each run builds
 fresh hooks. Greedy, no early stop, so every run makes the same number of tokens; the sampler
 at temperature 0.7 with top-p is timed unsteered. Medians of --repeats runs.
+
+Sweeps: a --sweep-points strength sweep of one feature (0, 10, 20, ...), its points generated
+as one batch (``generate_rows``) against the same points generated one after another, and the
+whole ``sweep()`` (baseline, points and metrics) batched against ``batch_size=1``. The batched
+tokens are checked equal to the sequential ones.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import torch
 
 from scope import load_model, load_sae
 from scope import testing as fixtures
-from scope.generate import Sampling, generate, prompt_tokens
+from scope.generate import Sampling, generate, generate_rows, prompt_tokens
 from scope.steer import Steer
+from scope.sweep import sweep
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -51,6 +57,38 @@ def make_sae(model, work: Path, layer: int, width: int, tokens: torch.Tensor):
     return load_sae(folder, device=next(model.parameters()).device, dtype=model.cfg.dtype)
 
 
+def time_sweeps(
+    model, sae, sampling: Sampling, points: int, repeats: int, device: torch.device
+) -> dict[str, tuple[float, float]]:
+    """Seconds (one by one, batched) for the generations alone and for the whole sweep()."""
+    prompt = "The history of the city begins with"
+    sampling = replace(sampling, chat=False)
+    tokens = prompt_tokens(model, prompt, False, sampling.max_new_tokens)
+    strengths = [10.0 * i for i in range(points)]
+    rows = [[Steer(sae, 5, strength=s)] for s in strengths]
+    one_by_one = [list(generate(model, tokens, sampling, row)) for row in rows]
+    if generate_rows(model, tokens, sampling, rows) != one_by_one:
+        raise SystemExit("the batched sweep's tokens differ from the sequential ones")
+
+    def whole(batch_size: int) -> float:
+        return timed(
+            lambda: sweep(model, prompt, Steer(sae, 5), strengths, sampling=sampling, batch_size=batch_size),
+            repeats, device,
+        )  # fmt: skip
+
+    def each() -> None:
+        for row in rows:
+            list(generate(model, tokens, sampling, row))
+
+    return {
+        "generations": (
+            timed(each, repeats, device),
+            timed(lambda: generate_rows(model, tokens, sampling, rows), repeats, device),
+        ),
+        "sweep() with metrics": (whole(1), whole(points + 1)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,6 +99,7 @@ def main() -> None:
     )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweep-points", type=int, default=9)
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scope-steer-bench-"))
@@ -108,6 +147,7 @@ def main() -> None:
                                    verbose=False, use_past_kv_cache=True),  # fmt: skip
             args.repeats, device,
         )  # fmt: skip
+        sweep_times = time_sweeps(model, late, sampling, args.sweep_points, args.repeats, device)
         name = (
             torch.cuda.get_device_name()
             if device.type == "cuda"
@@ -119,6 +159,10 @@ def main() -> None:
         print(f"{'transformer-lens generate':24} {tl:10.1f} tok/s")
         for case, tps in results.items():
             print(f"{case:24} {tps:10.1f} tok/s   {tps / plain:.2f}x plain")
+        n = args.sweep_points
+        for case, (one_by_one, batched) in sweep_times.items():
+            print(f"{n}-point sweep, {case}: one by one {one_by_one:.2f} s, one batch {batched:.2f} s: "
+                  f"{one_by_one / batched:.2f}x")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
