@@ -3,6 +3,7 @@
     python bench/record_bench.py                       # CPU: 6 layers x d_model 512, 8k SAE at layer 3
     python bench/record_bench.py --gemma-2b-shape      # GPU: gemma-2-2b dims, 16k SAE at layer 12
     python bench/record_bench.py --saedashboard PYTHON # also time SAEDashboard, in its own venv
+    python bench/record_bench.py --gemma-2b-shape --overlap   # also time scope record --overlap
 
 The bare loop does only the unavoidable work: the forward pass up to the SAE's layer and the
 JumpReLU encode, over the same windows and batches. `scope record` adds every statistic, the
@@ -75,11 +76,13 @@ def bare_loop(
     return time.perf_counter() - start
 
 
-def run_record(model, sae, corpus: Path, work: Path, ctx: int, tokens: int, batch: int) -> float:
+def run_record(
+    model, sae, corpus: Path, work: Path, ctx: int, tokens: int, batch: int, overlap: bool = False
+) -> float:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     spec = CorpusSpec(paths=(str(corpus),), ctx=ctx, max_tokens=tokens)
-    settings = RecordSettings(ctx=ctx, batch_size=batch)
+    settings = RecordSettings(ctx=ctx, batch_size=batch, overlap=overlap)
     start = time.perf_counter()
     record(model, [sae], spec, store, settings)
     if next(model.parameters()).is_cuda:
@@ -139,6 +142,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--saedashboard", metavar="PYTHON", help="python of a venv with sae-dashboard")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--overlap", action="store_true", help="also time scope record --overlap (GPU)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scope-bench-"))
     try:
@@ -206,6 +210,15 @@ def main() -> None:
         print(
             f"record / bare loop: {rec_tps / bare_tps:.2f}x;  record / forward only: {rec_tps / fwd_tps:.2f}x"
         )
+        if args.overlap:
+            over = [
+                run_record(model, sae, corpus, work, args.ctx, tokens, batch, overlap=True)
+                for _ in range(args.repeats)
+            ]
+            over_tps = n / statistics.median(over)
+            print(f"scope record --overlap:                     {over_tps:12,.0f} tok/s  "
+                  f"(median of {args.repeats}): {over_tps / bare_tps:.2f}x bare loop, "
+                  f"{over_tps / fwd_tps:.2f}x forward only")  # fmt: skip
         if args.saedashboard:
             dash = saedashboard(args.saedashboard, model, sae_dir, windows, hook, work, batch)
             if dash["tokens"] != n:
