@@ -48,6 +48,15 @@ def width_label(d_sae: int) -> str:
     return f"{d_sae >> 10}k" if d_sae % 1024 == 0 else str(d_sae)
 
 
+def gemma_scope_id(hook_name: str, d_sae: int, l0: float) -> str:
+    """Gemma Scope's id for an SAE within its release: ``layer_9/width_4k/average_l0_57``
+    (the mean L0 rounded), as ``scope train`` names what it saves."""
+    layer, _ = hook_site(hook_name)
+    if layer is None:
+        raise ScopeError(f"hook {hook_name} is not inside a block: give blocks.L.<hook>")
+    return f"layer_{layer}/width_{width_label(d_sae)}/average_l0_{round(l0)}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class SAEInfo:
     """Who an SAE is and where it attaches: everything a store records about it."""
@@ -166,6 +175,7 @@ def sae_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]] | None = None) -
 __all__ = [
     "SITE_HOOKS",
     "SAEInfo",
+    "gemma_scope_id",
     "hook_site",
     "recorded_key",
     "sae_info",

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from scope.errors import ScopeError
-from scope.identity import hook_site, width_label
 from scope.params import GEMMA_SCOPE_KEYS
 
 if TYPE_CHECKING:
@@ -75,14 +74,6 @@ def storage_dtypes(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, str]:
             keep = "float16" if ok else "float32"
         out[key] = keep
     return out
-
-
-def sae_id(hook: str, width: int, l0: float) -> str:
-    """Gemma Scope's id for an SAE: ``layer_9/width_4k/average_l0_57``."""
-    layer, _ = hook_site(hook)
-    if layer is None:
-        raise ScopeError(f"hook {hook} is not inside a block: give blocks.L.<hook>")
-    return f"layer_{layer}/width_{width_label(width)}/average_l0_{round(l0)}"
 
 
 def write_sae(
@@ -154,7 +145,6 @@ __all__ = [
     "card_line",
     "raw_params",
     "sae_cfg",
-    "sae_id",
     "storage_dtypes",
     "write_sae",
 ]

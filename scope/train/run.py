@@ -20,7 +20,7 @@ import torch
 
 from scope.corpus import CorpusSpec, ReadReport, Windows, iter_windows
 from scope.errors import ScopeError
-from scope.identity import hook_site
+from scope.identity import gemma_scope_id, hook_site
 from scope.train import export, loop
 from scope.train.cache import ActivationCache, CacheProgress, build_cache, cache_spec
 from scope.train.settings import TrainSettings
@@ -184,10 +184,10 @@ def train_saes(
         raw = export.raw_params(finished[hook].sae)
         dtypes[hook] = export.storage_dtypes(raw, save_dtype)
         cfg = export.sae_cfg(hook, acts.spec.d_in[hook], settings.width, model_name, corpus.ctx)
-        export.write_sae(staging / export.sae_id(hook, settings.width, 0), raw, dtypes[hook], cfg)
+        export.write_sae(staging / gemma_scope_id(hook, settings.width, 0), raw, dtypes[hook], cfg)
         loaded.append(
             load_sae(
-                staging / export.sae_id(hook, settings.width, 0), device=device, dtype="float32"
+                staging / gemma_scope_id(hook, settings.width, 0), device=device, dtype="float32"
             )
         )
     report = evaluate(model, loaded, held_out, batch_size=EVAL_BATCH)
@@ -195,12 +195,12 @@ def train_saes(
 
     results = []
     for hook, sae, row in zip(settings.hooks, loaded, report.rows, strict=True):
-        sid = export.sae_id(hook, settings.width, row.l0)
+        sid = gemma_scope_id(hook, settings.width, row.l0)
         final = out / sid
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / export.sae_id(hook, settings.width, 0), final)
+        os.replace(staging / gemma_scope_id(hook, settings.width, 0), final)
         card = {
             "release": out.name,
             "sae_id": sid,
