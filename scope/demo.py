@@ -18,6 +18,7 @@ import gc
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,47 @@ def demo_sae_ids(saes_root: Path | None = None) -> list[str]:
     return [f"{DEMO_RELEASE}/{i}" for i in sorted(ids, key=lambda i: int(i.split("/")[0][6:]))]
 
 
+def recorded(store: Path, tokens: int, corpus: Path) -> bool:
+    """Whether ``store`` already holds a finished recording of ``tokens`` tokens of ``corpus``
+    (so the demo serves it at once instead of loading the model to find that out)."""
+    from scope.store.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(store)
+    except ScopeError:
+        return False
+    return bool(
+        manifest is not None
+        and manifest.state == "complete"
+        and any(p.max_tokens == tokens and p.corpus == [str(corpus)] for p in manifest.parts)
+    )
+
+
+def main(argv: list[str]) -> int:
+    """``python -m scope.demo paths``: the demo's model folder, corpus and SAEs as shell
+    assignments (preparing the model and corpus on first use); ``python -m scope.demo recorded
+    STORE TOKENS``: exit 0 when the store already holds that recording."""
+    import shlex
+
+    from scope.corpus import parse_tokens
+
+    if argv[:1] == ["paths"]:
+        saes = demo_sae_ids()
+        if not saes:
+            raise ScopeError(
+                f"no demo SAEs under saes/{DEMO_RELEASE}: check out the repository whole"
+            )
+        print(f"MODEL={shlex.quote(str(prepare_model()))}")
+        print(f"CORPUS={shlex.quote(str(prepare_corpus().train))}")
+        print("SAES=(" + " ".join(shlex.quote(s) for s in saes) + ")")
+        return 0
+    if argv[:1] == ["recorded"] and len(argv) == 3:
+        corpus = prepare_corpus().train
+        return 0 if recorded(Path(argv[1]), parse_tokens(argv[2]), corpus) else 1
+    print("usage: python -m scope.demo paths | recorded STORE TOKENS", file=sys.stderr)
+    return 2
+
+
 __all__ = [
     "DEMO_LAYERS",
     "DEMO_MODEL",
@@ -170,4 +212,13 @@ __all__ = [
     "demo_sae_ids",
     "prepare_corpus",
     "prepare_model",
+    "recorded",
 ]
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except ScopeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
