@@ -143,7 +143,7 @@ def _state(t: loop.Training) -> dict[str, torch.Tensor]:
 
 
 def test_cache_and_training_resume_bitwise(tiny_model, corpus, tmp_path):
-    spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=1500)
+    spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=1024)
     whole = build_cache(tiny_model, HOOKS, spec, tmp_path / "whole")
 
     calls = [0]
@@ -156,13 +156,13 @@ def test_cache_and_training_resume_bitwise(tiny_model, corpus, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_cache(tiny_model, HOOKS, spec, tmp_path / "cut", on_batch=die)
     resumed = build_cache(tiny_model, HOOKS, spec, tmp_path / "cut")
-    assert resumed.state.rows == whole.state.rows == 1500
+    assert resumed.state.rows == whole.state.rows == 1024
     for hook in HOOKS:
         assert np.array_equal(resumed.rows(hook), whole.rows(hook))
 
     settings = TrainSettings(hooks=HOOKS, **SETTINGS)
     a = loop.run(loop.start(settings, whole, tmp_path / "ckpt-a"))
-    assert a.step == a.steps == 15
+    assert a.step == a.steps == 12
 
     # killed after step 5: the checkpoint at step 3 survives, steps 4-5 are redone
     loop.run(loop.start(settings, whole, tmp_path / "ckpt-b"), stop_after=5)
@@ -170,19 +170,24 @@ def test_cache_and_training_resume_bitwise(tiny_model, corpus, tmp_path):
     assert b.step == 3
     loop.run(b)
 
-    # Ctrl-C at step 7: the step finishes, a checkpoint is written, then KeyboardInterrupt
-    def ctrl_c(r: loop.StepReport) -> None:
-        if r.step == 7:
-            os.kill(os.getpid(), signal.SIGINT)
+    # Ctrl-C at step 7, SIGTERM at step 8: the step finishes, a checkpoint is written, then
+    # KeyboardInterrupt
+    resumed_runs = [b]
+    for sig, at in ((signal.SIGINT, 7), (signal.SIGTERM, 8)):
 
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(loop.start(settings, whole, tmp_path / "ckpt-c"), on_step=ctrl_c)
-    c = loop.start(settings, whole, tmp_path / "ckpt-c")
-    assert c.step == 7
-    loop.run(c)
+        def stop(r: loop.StepReport, sig: int = sig, at: int = at) -> None:
+            if r.step == at:
+                os.kill(os.getpid(), sig)
+
+        folder = tmp_path / f"ckpt-{sig}"
+        with pytest.raises(KeyboardInterrupt):
+            loop.run(loop.start(settings, whole, folder), on_step=stop)
+        c = loop.start(settings, whole, folder)
+        assert c.step == at
+        resumed_runs.append(loop.run(c))
 
     expected = _state(a)
-    for other in (b, c):
+    for other in resumed_runs:
         got = _state(other)
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -260,8 +260,9 @@ def _batch_figures(out: TrainStepOutput) -> tuple[float, float]:
 
 @contextmanager
 def _interrupt_between_steps() -> Iterator[list[bool]]:
-    """Ctrl-C sets a flag (checked between steps) instead of raising inside one: a step
-    updates every SAE, and a checkpoint must not hold some SAEs a step ahead of others."""
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag, checked between steps, instead of stopping
+    inside one: a step updates every SAE, and a checkpoint must not hold some SAEs a step
+    ahead of the others."""
     asked = [False]
     if threading.current_thread() is not threading.main_thread():
         yield asked
@@ -270,11 +271,12 @@ def _interrupt_between_steps() -> Iterator[list[bool]]:
     def handler(signum: int, frame: object) -> None:
         asked[0] = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield asked
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run(
@@ -284,8 +286,8 @@ def run(
     stop_after: int | None = None,
 ) -> Training:
     """Train from ``t.step`` to the end (or to step ``stop_after``), checkpointing every
-    ``checkpoint_every`` steps. Ctrl-C ends the current step, writes a checkpoint and raises
-    KeyboardInterrupt; the next ``start`` resumes there."""
+    ``checkpoint_every`` steps. Ctrl-C or SIGTERM ends the current step, writes a checkpoint
+    and raises KeyboardInterrupt; the next ``start`` resumes there."""
     end = t.steps if stop_after is None else min(stop_after, t.steps)
     rows = t.cache.state.rows
     with _interrupt_between_steps() as interrupted:
