@@ -158,7 +158,7 @@ class Overview:
     parts: list[dict[str, Any]]
     """Each corpus added: paths, documents, tokens, windows, skipped."""
     saes: Rows
-    """key, hook, width, tokens, mean_l0, dead, dense, neuronpedia_id."""
+    """sae, hook, width, tokens, mean_l0, dead, dense, release (or source), neuronpedia_id."""
     l0: Rows
     """sae, l0, count: tokens by number of features firing."""
     density: Rows
@@ -179,8 +179,8 @@ def overview(store: Store) -> Overview:
         {
             "sae": r["sae"],
             "hook": ident[r["sae"]].get("hook_name"),
-            "release": ident[r["sae"]].get("release") or ident[r["sae"]].get("source"),
             **{k: r[k] for k in ("width", "tokens", "mean_l0", "dead", "dense")},
+            "release": ident[r["sae"]].get("release") or ident[r["sae"]].get("source"),
             "neuronpedia_id": ident[r["sae"]].get("neuronpedia_id"),
         }
         for r in saes.arrow().to_pylist()
