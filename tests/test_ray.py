@@ -33,10 +33,10 @@ CTX, K, M = 24, 4, 3
 SCOPE = str(Path(sys.executable).parent / "scope")
 
 
-def settings() -> RecordSettings:
+def settings(**kw) -> RecordSettings:
     """One window a forward pass: a window meets the same ops in a shard as in one pass, so
     the stores can be compared to the bit (batched, kernels may round differently)."""
-    return RecordSettings(ctx=CTX, k=K, samples=M, batch_size=1)
+    return RecordSettings(ctx=CTX, k=K, samples=M, batch_size=1, **kw)
 
 
 class SlowLoader(Loader):
@@ -203,7 +203,7 @@ def test_worker_killed_mid_shard_is_retried(cluster, job, one, tmp_path):
         SlowLoader(model=load.model, saes=load.saes),
         spec,
         store,
-        settings(),
+        settings(checkpoint_seconds=0.0),  # a snapshot after every shard
         RayOptions(workers=2, shards=6, threads=1),
         on_progress=on_progress,
     )
@@ -228,7 +228,8 @@ class SlowLoader(Loader):
 
 address, store, corpus, model, *saes = sys.argv[1:]
 record_on_ray(SlowLoader(model=model, saes=tuple(saes)), CorpusSpec(paths=(corpus,), ctx={ctx}),
-              store, RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=1),
+              store, RecordSettings(ctx={ctx}, k={k}, samples={m}, batch_size=1,
+                                    checkpoint_seconds=0.0),
               RayOptions(address=address, workers=2, shards=6, threads=1))
 """
 

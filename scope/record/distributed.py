@@ -18,11 +18,12 @@ when a run starts.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,12 +240,27 @@ def _get(ray: Any, refs: Any, what: str, retries: int) -> Any:
         if isinstance(cause, torch.cuda.OutOfMemoryError):
             raise ScopeError(f"{what} ran out of GPU memory: pass a smaller --batch-size") from None
         raise
-    except ray.exceptions.RayActorError:
+    except ray.exceptions.OutOfMemoryError:
+        raise ScopeError(
+            f"{what}: Ray stopped its worker {retries + 1} times for lack of host memory: use "
+            "fewer --workers or a smaller --batch-size (or free memory on the node); the shards "
+            "merged so far are kept: run the same command with --resume"
+        ) from None
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
         raise ScopeError(
             f"{what}: its worker process died {retries + 1} times (killed, or out of host "
             "memory: `ray logs` on its node says which); the shards merged so far are kept: "
             "run the same command with --resume"
         ) from None
+
+
+def _drain(ray: Any, reports: Any) -> list[Report]:
+    """The progress reports waiting; none when the queue is being restarted (they are only
+    progress: the shards' results come back on their own)."""
+    try:
+        return list(reports.get_nowait_batch(reports.qsize()))
+    except ray.exceptions.RayError:
+        return []
 
 
 def _run(
@@ -268,7 +284,8 @@ def _run(
     actor = ray.remote(ShardWorker).options(
         max_restarts=options.retries, max_task_retries=options.retries, **plan.resources
     )
-    reports = Queue(actor_options={"num_cpus": 0})
+    # a queue killed (e.g. by Ray's memory monitor) comes back; reports in it are only progress
+    reports = Queue(actor_options={"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1})
     actors = [actor.remote(load, plan.device, plan.threads) for _ in range(n_workers)]
     try:
         starts = [a.start.remote() for a in actors]
@@ -282,7 +299,7 @@ def _run(
     finally:
         for a in actors:
             ray.kill(a)
-        reports.shutdown()
+        ray.kill(reports.actor, no_restart=True)
 
 
 @dataclass(frozen=True)
@@ -323,37 +340,73 @@ def _drive(
         assign(w)
     live: dict[int, Report] = {}
     results: list[ShardResult] = []
-    merge_seconds: list[float] = []
-    started = time.perf_counter()
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=TICK_SECONDS)
-        for r in pool.reports.get_nowait_batch(pool.reports.qsize()):
-            if r.shard in {s for _, s in running.values()}:
-                live[r.shard] = r
-                seen(workers[r.worker], r.pid)
-        for ref in ready:
-            w, shard = running.pop(ref)
-            what = f"shard {shard}/{n} on worker {w} ({workers[w].node})"
-            result: ShardResult = _get(ray, ref, what, retries)
-            assign(w)  # the worker goes on while this shard merges
-            live.pop(shard, None)
-            merging = time.perf_counter()
-            _merge(merger, result, n)
-            merge_seconds.append(time.perf_counter() - merging)
-            results.append(result)
-            tally(workers[w], result)
-        if on_progress is not None:
-            on_progress(progress(results, live, tokens_before, started, n, merger))
+    timing = _Timing()
+    started = last_snapshot = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="scope-shards-") as staging:
+        try:
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=TICK_SECONDS)
+                for r in _drain(ray, pool.reports):
+                    if r.shard in {s for _, s in running.values()}:
+                        live[r.shard] = r
+                        seen(workers[r.worker], r.pid)
+                for ref in ready:
+                    w, shard = running.pop(ref)
+                    what = f"shard {shard}/{n} on worker {w} ({workers[w].node})"
+                    result: ShardResult = _get(ray, ref, what, retries)
+                    assign(w)  # the worker goes on while this shard merges
+                    live.pop(shard, None)
+                    with timing.fold:
+                        _fold(merger, result, Path(staging), n)
+                    results.append(result)
+                    tally(workers[w], result)
+                since = time.perf_counter() - last_snapshot
+                if merger.pending and (not running or since >= settings.checkpoint_seconds):
+                    with timing.snapshot:
+                        _snapshot(merger, Path(staging))
+                    last_snapshot = time.perf_counter()
+                if on_progress is not None:
+                    on_progress(progress(results, live, tokens_before, started, n, merger))
+        finally:
+            if merger.pending:  # stopped by an error or Ctrl-C: keep what is merged
+                _snapshot(merger, Path(staging))
     seconds = time.perf_counter() - started
-    return summary(writer, merger, results, workers, n, seconds, merge_seconds)
+    return summary(
+        writer, merger, results, workers, n, seconds, timing.fold.each, timing.snapshot.each
+    )
 
 
-def _merge(merger: ShardMerger, result: ShardResult, n: int) -> None:
-    """Write the shard's files to a folder here and fold it into the store."""
-    with tempfile.TemporaryDirectory(prefix="scope-shard-") as tmp:
-        root = Path(tmp)
-        for rel, data in result.files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
-        merger.add(root, name=f"shard {result.shard}/{n}")
-        merger.commit()
+class _Clock:
+    """Seconds of each timed block: ``with clock: ...``."""
+
+    def __init__(self) -> None:
+        self.each: list[float] = []
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.each.append(time.perf_counter() - self._start)
+
+
+@dataclass
+class _Timing:
+    fold: _Clock = field(default_factory=_Clock)
+    snapshot: _Clock = field(default_factory=_Clock)
+
+
+def _fold(merger: ShardMerger, result: ShardResult, staging: Path, n: int) -> None:
+    """Write the shard's files to a folder here (kept until the next snapshot) and fold the
+    shard into the merged state."""
+    root = staging / f"shard-{result.shard:04d}"
+    for rel, data in result.files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    merger.add(root, name=f"shard {result.shard}/{n}")
+
+
+def _snapshot(merger: ShardMerger, staging: Path) -> None:
+    """Write what is merged as a snapshot readers see (and a resumed run starts from)."""
+    merger.commit()
+    for folder in staging.iterdir():
+        shutil.rmtree(folder)

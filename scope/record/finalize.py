@@ -64,9 +64,21 @@ def finalize(
     model: HookedSAETransformer | None,
     root: Path,
     lens_from: Path | None = None,
+    *,
+    tables: bool = True,
 ) -> None:
-    """Tables of every SAE into ``builder``. Lens tables are copied from the previous snapshot
-    (or ``lens_from``, a finished version folder) when there, else computed."""
+    """Tables of every SAE into ``builder`` (only the lens tables without ``tables``). Lens
+    tables are copied from the previous snapshot (or ``lens_from``, a finished version
+    folder) when there, else computed."""
+    if tables:
+        write_tables(builder, manifest, states, root)
+    write_lens(builder, manifest, states, saes, model, root, lens_from)
+
+
+def write_tables(
+    builder: VersionBuilder, manifest: Manifest, states: dict[str, FeatureState], root: Path
+) -> None:
+    """The tables made from the state: features, topk, samples, hist, l0, saes, activating."""
     dense = manifest.settings.dense_threshold
     lengths = window_lengths(root)
     parts: dict[str, list[pa.Table]] = {
@@ -84,7 +96,19 @@ def finalize(
         write_sorted(pa.concat_tables(ts), builder.path(f"{name}.parquet"))
     pq.write_table(pa.Table.from_pylist(summaries), builder.path("saes.parquet"))
     write_activating(builder, root)
-    # logit lens and neighbours depend only on the SAEs and the model: compute once per store
+
+
+def write_lens(
+    builder: VersionBuilder,
+    manifest: Manifest,
+    states: dict[str, FeatureState],
+    saes: dict[str, SAE],
+    model: HookedSAETransformer | None,
+    root: Path,
+    lens_from: Path | None,
+) -> None:
+    """Logit lens and neighbours: they depend only on the SAEs and the model, so they are
+    computed once per store and copied into every later snapshot."""
     previous = manifest.tables_version
     sources = [root / previous if previous else None, lens_from]
     for key in states:

@@ -101,16 +101,20 @@ def shard_files(root: Path) -> list[str]:
 
 class ShardMerger:
     """Folds finished shard stores of one N-shard run, one at a time, into the store that
-    ``writer`` holds (new, or one this merger left part-way). ``add`` folds a shard in memory
-    and places its windows; ``commit`` writes a snapshot that readers see at once, marked
-    complete when every shard is in. A snapshot records which shards it holds, so a run that
-    stopped part-way continues with ``ShardMerger`` on the same store and the other shards."""
+    ``writer`` holds (new, or one this merger left part-way). ``add`` folds a shard in memory;
+    ``commit`` places the added shards' windows and writes a snapshot that readers see at
+    once, marked complete when every shard is in. A shard's folder must stay until the next
+    commit. A snapshot records which shards it holds, so a run that stopped part-way goes on
+    with a ``ShardMerger`` on the same store and the other shards."""
 
     def __init__(self, writer: StoreWriter, shards: int) -> None:
         self.writer = writer
         self.shards = shards
         self.states: dict[str, FeatureState] = {}
+        self._windows: list[tuple[int, Path, tuple[int, int]]] = []  # placed at commit
         self._lens_from: Path | None = None
+        for stale in (writer.root / "windows").glob(".merge-*"):  # a commit that was cut off
+            stale.unlink()
         m = writer.manifest
         if m is None:
             return
@@ -127,9 +131,14 @@ class ShardMerger:
 
     @property
     def merged(self) -> list[int]:
-        """The shards in the store (committed or not), ascending."""
+        """The shards added (committed or not), ascending."""
         m = self.writer.manifest
         return list(m.sharded.merged) if m is not None and m.sharded is not None else []
+
+    @property
+    def pending(self) -> int:
+        """Shards added since the last commit."""
+        return len({shard for _, _, shard in self._windows})
 
     def add(self, shard: str | Path, name: str | None = None) -> Manifest:
         """Fold the finished shard store at ``shard`` in (``name`` is how errors call it);
@@ -141,8 +150,19 @@ class ShardMerger:
         if n != self.shards:
             raise ScopeError(f"{name} is shard {i}/{n}, not one of {self.shards} shards")
         out = writer.manifest
+        if out is not None:
+            assert out.sharded is not None
+            check_same_run(out, str(writer.root), m, name)
+            if i in out.sharded.merged:
+                raise ScopeError(f"{name} is shard {i}/{n}, which {writer.root} already holds")
+        assert m.state_version is not None
+        loaded = load_states(path / m.state_version, m.saes, torch.device("cpu"))
+        self.states = {
+            key: self.states[key].merge(st) if key in self.states else st
+            for key, st in loaded.items()
+        }
         if out is None:
-            writer.create(
+            out = writer.create(
                 replace(
                     m,
                     shard=[0, 1],
@@ -155,43 +175,37 @@ class ShardMerger:
                 ),
                 lambda: pq.read_table(path / "vocab.parquet"),
             )
-            out = writer.manifest
-            assert out is not None and out.sharded is not None
         else:
-            assert out.sharded is not None
-            check_same_run(out, str(writer.root), m, name)
-            if i in out.sharded.merged:
-                raise ScopeError(f"{name} is shard {i}/{n}, which {writer.root} already holds")
             out.parts = [merged_part([a, b]) for a, b in zip(out.parts, m.parts, strict=True)]
             out.tokens_recorded += m.tokens_recorded
             out.seconds += m.seconds
-        (writer.root / "windows").mkdir(exist_ok=True)
-        for index in range(len(m.parts)):  # each shard holds its own documents' windows
-            fd, tmp = tempfile.mkstemp(dir=writer.root / "windows", prefix=".merge-")
-            os.close(fd)
-            shutil.copyfile(path / f"windows/part-{index:03d}.parquet", tmp)
-            as_created(tmp)
-            writer.place_windows(index, Path(tmp), shard=(i, n))
-        cpu = torch.device("cpu")
-        assert m.state_version is not None
-        for key, st in load_states(path / m.state_version, m.saes, cpu).items():
-            self.states[key] = self.states[key].merge(st) if key in self.states else st
+        assert out.sharded is not None
         out.sharded.merged = sorted([*out.sharded.merged, i])
+        for index in range(len(m.parts)):  # each shard holds its own documents' windows
+            self._windows.append((index, path / f"windows/part-{index:03d}.parquet", (i, n)))
         self._lens_from = path / str(m.tables_version)
         return m
 
     def commit(self) -> str:
         """A snapshot of every shard added so far, which readers see at once; the store is
-        complete when every shard is in. Call while the last added shard's folder exists."""
-        out = self.writer.manifest
+        complete when every shard is in."""
+        out, root = self.writer.manifest, self.writer.root
         assert out is not None and out.sharded is not None, "add a shard before committing"
-        root = self.writer.root
+        (root / "windows").mkdir(exist_ok=True)
+        for index, source, shard in self._windows:
+            fd, tmp = tempfile.mkstemp(dir=root / "windows", prefix=".merge-")
+            os.close(fd)
+            shutil.copyfile(source, tmp)
+            as_created(tmp)
+            self.writer.place_windows(index, Path(tmp), shard=shard)
 
         def fill(builder: VersionBuilder) -> None:
             save_states(builder, self.states)
             finalize(builder, out, self.states, {}, None, root, lens_from=self._lens_from)
 
-        return self.writer.commit(fill, final=True, complete=out.sharded.done)
+        name = self.writer.commit(fill, final=True, complete=out.sharded.done)
+        self._windows.clear()
+        return name
 
 
 def merge_stores(out: str | Path, shards: Sequence[str | Path]) -> Manifest:

@@ -278,7 +278,7 @@ def record(
             def fill(builder: VersionBuilder) -> None:
                 save_states(builder, states)
                 if final:
-                    finalize(builder, manifest, states, by_key, model, root)
+                    finalize(builder, manifest, states, by_key, model, root, tables=settings.tables)
 
             writer.commit(fill, final=final)
 

@@ -55,8 +55,11 @@ class ScaleSummary:
     shards_recorded: int
     """Shards this run recorded (a resumed run records only those not yet merged)."""
     workers: list[WorkerSummary] = field(default_factory=list)
-    merge_seconds: list[float] = field(default_factory=list)
-    """Seconds the driver took to fold in each shard (unpack, merge, write the snapshot)."""
+    fold_seconds: list[float] = field(default_factory=list)
+    """Seconds the driver took to fold in each shard (unpack its files, merge its state)."""
+    snapshot_seconds: list[float] = field(default_factory=list)
+    """Seconds each snapshot took to write (state and tables, at most every
+    ``checkpoint_seconds`` and at the end)."""
 
 
 def seen(worker: WorkerSummary, pid: int) -> None:
@@ -101,7 +104,8 @@ def summary(
     workers: list[WorkerSummary],
     n: int,
     seconds: float,
-    merge_seconds: list[float],
+    fold_seconds: list[float],
+    snapshot_seconds: list[float],
 ) -> ScaleSummary:
     """What the run did: a local run's summary of the store, and the workers'."""
     m = writer.manifest
@@ -116,4 +120,4 @@ def summary(
         saes=[sae_summary(k, st, dense) for k, st in merger.states.items()],
         skipped="; ".join(f"{count} {why}" for why, count in part.skipped.items()),
     )
-    return ScaleSummary(record, n, len(results), workers, merge_seconds)
+    return ScaleSummary(record, n, len(results), workers, fold_seconds, snapshot_seconds)

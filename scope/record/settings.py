@@ -32,6 +32,12 @@ class RecordSettings:
     uploads and a side stream), so the host's waits in the bookkeeping hide behind device
     work. The same store to the bit; two batches' codes are held at once."""
 
+    tables: bool = True
+    """Write the tables readers query when the run ends. False for a shard recorded only to
+    be merged (what `scope record --ray` workers record): the merge writes them from the
+    state, so the shard's store keeps its state, windows and lens tables alone (``Store``
+    cannot read it; ``scope merge`` can)."""
+
     def __post_init__(self) -> None:
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):

@@ -8,6 +8,7 @@ actor and hands it a queue for progress reports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -137,17 +138,19 @@ class ShardWorker:
         ``Report`` on the ``reports`` queue now and then; return the files a merge reads."""
         model, saes = self._models()
         pid = os.getpid()
-        reports.put(Report(worker, shard, pid, 0, None))
+        tell = _teller(reports)
+        tell(Report(worker, shard, pid, 0, None))
         last = time.monotonic()
 
         def on_progress(p: RecordProgress) -> None:
             nonlocal last
             if time.monotonic() - last >= PROGRESS_SECONDS:
                 last = time.monotonic()
-                reports.put(Report(worker, shard, pid, p.tokens, p.total))
+                tell(Report(worker, shard, pid, p.tokens, p.total))
 
-        # a shard is short and its folder goes with the process: checkpoints would be lost
-        one = replace(settings, shard=(shard, shards), checkpoint_seconds=math.inf)
+        # a shard is short and its folder goes with the process: checkpoints would be lost;
+        # the driver's merge writes the tables readers query, from the merged state
+        one = replace(settings, shard=(shard, shards), checkpoint_seconds=math.inf, tables=False)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="scope-shard-") as tmp:
             root = Path(tmp) / "store"
@@ -155,3 +158,14 @@ class ShardWorker:
             files = {rel: (root / rel).read_bytes() for rel in shard_files(root)}
         seconds = time.perf_counter() - started
         return ShardResult(shard, files, summary.tokens, summary.windows, seconds, pid)
+
+
+def _teller(reports: Any) -> Callable[[Report], None]:
+    """Put reports on the queue, giving up quietly while it is unreachable: a lost report
+    costs a progress update, never the shard."""
+
+    def tell(report: Report) -> None:
+        with contextlib.suppress(Exception):  # Ray's errors, a restarting queue: progress only
+            reports.put(report, timeout=PROGRESS_SECONDS)
+
+    return tell
