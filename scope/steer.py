@@ -31,7 +31,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from scope.acts import encode, site_input
 from scope.errors import ScopeError
@@ -166,6 +166,7 @@ class Intervention:
         self.seen = 0
         """Positions seen so far in this run."""
         self._placed: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        """Per group, device and dtype: its amounts (float) or rows (long), made once."""
 
     @property
     def steers(self) -> list[Steer]:
@@ -187,6 +188,13 @@ class Intervention:
         if key not in self._placed:
             amounts = self.groups[i].amounts.to(like.dtype)  # rounded once, as a Python float is
             self._placed[key] = amounts.to(like.device).view(-1, 1, 1)
+        return self._placed[key]
+
+    def index(self, i: int, device: torch.device) -> Int[torch.Tensor, " rows"]:
+        """Group ``i``'s rows (not consecutive) as an index on ``device`` (once per run)."""
+        key = (i, device, torch.long)
+        if key not in self._placed:
+            self._placed[key] = torch.tensor(self.groups[i].rows, device=device)
         return self._placed[key]
 
     def __call__(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -213,7 +221,7 @@ class Intervention:
             if isinstance(g.rows, slice):
                 _apply(g.steer, x[g.rows, where], amount)  # a view: in place
             else:
-                rows = torch.tensor(g.rows, device=x.device)
+                rows = self.index(i, x.device)
                 xs = x[rows, where]  # a copy: written back
                 _apply(g.steer, xs, amount)
                 x[rows, where] = xs
