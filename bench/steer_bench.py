@@ -2,6 +2,7 @@
 
     python bench/steer_bench.py                    # CPU: 6 layers x d_model 512, 8k SAE at layer 3
     python bench/steer_bench.py --gemma-2b-shape   # GPU: 26 layers of gemma-2-2b's shape, 16k SAE at layer 12
+    python bench/steer_bench.py --sweep-only       # only the 9-point sweep, batched vs one by one
 
 Plain generation is the workbench's sampler with no hooks (KV cache on); transformer-lens'
 own `generate` is timed too for reference. Steered runs add one feature (add), clamp one
@@ -57,6 +58,34 @@ def make_sae(model, work: Path, layer: int, width: int, tokens: torch.Tensor):
     return load_sae(folder, device=next(model.parameters()).device, dtype=model.cfg.dtype)
 
 
+def time_generation(
+    model, tokens, sampling: Sampling, cases: dict[str, list[Steer]], repeats: int, device
+) -> None:
+    """Print tokens/s of each case, of the sampler and of transformer-lens' own generate."""
+    n = sampling.max_new_tokens
+    results = {}
+    for name, steers in cases.items():
+
+        def run(steers: list[Steer] = steers) -> None:
+            out = list(generate(model, tokens, sampling, steers))  # fresh hooks per run
+            assert len(out) == n
+
+        results[name] = n / timed(run, repeats, device)
+    sampled = replace(sampling, temperature=0.7, top_p=0.9)
+    results["sampled (T 0.7, top-p)"] = n / timed(
+        lambda: list(generate(model, tokens, sampled)), repeats, device
+    )
+    tl = n / timed(
+        lambda: model.generate(tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False,
+                               verbose=False, use_past_kv_cache=True),  # fmt: skip
+        repeats, device,
+    )  # fmt: skip
+    plain = results["plain (no hooks)"]
+    print(f"{'transformer-lens generate':24} {tl:10.1f} tok/s")
+    for case, tps in results.items():
+        print(f"{case:24} {tps:10.1f} tok/s   {tps / plain:.2f}x plain", flush=True)
+
+
 def time_sweeps(
     model, sae, sampling: Sampling, points: int, repeats: int, device: torch.device
 ) -> dict[str, tuple[float, float]]:
@@ -100,6 +129,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-points", type=int, default=9)
+    ap.add_argument("--sweep-only", action="store_true", help="time only the sweeps")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scope-steer-bench-"))
@@ -130,36 +160,18 @@ def main() -> None:
                 Steer(early, 3, strength=4.0),
             ],
         }
-        results = {}
-        for name, steers in cases.items():
-
-            def run(steers: list[Steer] = steers, sampling: Sampling = sampling) -> None:
-                out = list(generate(model, tokens, sampling, steers))  # fresh hooks per run
-                assert len(out) == args.new_tokens
-
-            results[name] = args.new_tokens / timed(run, args.repeats, device)
-        sampled = replace(sampling, temperature=0.7, top_p=0.9)
-        results["sampled (T 0.7, top-p)"] = args.new_tokens / timed(
-            lambda: list(generate(model, tokens, sampled)), args.repeats, device
-        )
-        tl = args.new_tokens / timed(
-            lambda: model.generate(tokens, max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False,
-                                   verbose=False, use_past_kv_cache=True),  # fmt: skip
-            args.repeats, device,
-        )  # fmt: skip
-        sweep_times = time_sweeps(model, late, sampling, args.sweep_points, args.repeats, device)
         name = (
             torch.cuda.get_device_name()
             if device.type == "cuda"
             else f"{torch.get_num_threads()} threads"
         )
         print(f"device: {device} ({name}); model {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
-              f"SAEs {width} wide at layers {layers}; {args.new_tokens} new tokens, medians of {args.repeats}")  # fmt: skip
-        plain = results["plain (no hooks)"]
-        print(f"{'transformer-lens generate':24} {tl:10.1f} tok/s")
-        for case, tps in results.items():
-            print(f"{case:24} {tps:10.1f} tok/s   {tps / plain:.2f}x plain")
+              f"SAEs {width} wide at layers {layers}; {args.new_tokens} new tokens, medians of {args.repeats}",
+              flush=True)  # fmt: skip
+        if not args.sweep_only:
+            time_generation(model, tokens, sampling, cases, args.repeats, device)
         n = args.sweep_points
+        sweep_times = time_sweeps(model, late, sampling, n, args.repeats, device)
         for case, (one_by_one, batched) in sweep_times.items():
             print(f"{n}-point sweep, {case}: one by one {one_by_one:.2f} s, one batch {batched:.2f} s: "
                   f"{one_by_one / batched:.2f}x")  # fmt: skip
