@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from scope.record.merge import ShardMerger
 from scope.record.scale_report import (
     ScaleProgress,
     ScaleSummary,
+    Timing,
     WorkerSummary,
     progress,
     seen,
@@ -338,9 +339,10 @@ def _drive(
 
     for w in range(len(pool.actors)):
         assign(w)
+    lens = pool.actors[0].lens.remote() if merger.needs_lens else None  # once, before its shard
     live: dict[int, Report] = {}
     results: list[ShardResult] = []
-    timing = _Timing()
+    timing = Timing()
     started = last_snapshot = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="scope-shards-") as staging:
         try:
@@ -362,37 +364,20 @@ def _drive(
                     tally(workers[w], result)
                 since = time.perf_counter() - last_snapshot
                 if merger.pending and (not running or since >= settings.checkpoint_seconds):
+                    if merger.needs_lens:
+                        _lens(merger, _get(ray, lens, "the lens tables", retries), Path(staging))
                     with timing.snapshot:
                         _snapshot(merger, Path(staging))
                     last_snapshot = time.perf_counter()
                 if on_progress is not None:
                     on_progress(progress(results, live, tokens_before, started, n, merger))
         finally:
-            if merger.pending:  # stopped by an error or Ctrl-C: keep what is merged
+            if merger.pending and not merger.needs_lens:  # stopped: keep what is merged
                 _snapshot(merger, Path(staging))
     seconds = time.perf_counter() - started
     return summary(
         writer, merger, results, workers, n, seconds, timing.fold.each, timing.snapshot.each
     )
-
-
-class _Clock:
-    """Seconds of each timed block: ``with clock: ...``."""
-
-    def __init__(self) -> None:
-        self.each: list[float] = []
-
-    def __enter__(self) -> None:
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.each.append(time.perf_counter() - self._start)
-
-
-@dataclass
-class _Timing:
-    fold: _Clock = field(default_factory=_Clock)
-    snapshot: _Clock = field(default_factory=_Clock)
 
 
 def _fold(merger: ShardMerger, result: ShardResult, staging: Path, n: int) -> None:
@@ -403,6 +388,15 @@ def _fold(merger: ShardMerger, result: ShardResult, staging: Path, n: int) -> No
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     merger.add(root, name=f"shard {result.shard}/{n}")
+
+
+def _lens(merger: ShardMerger, files: dict[str, bytes], staging: Path) -> None:
+    """Keep the lens tables a worker computed for the store's first snapshot."""
+    root = staging / "lens-tables"
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    merger.use_lens(root)
 
 
 def _snapshot(merger: ShardMerger, staging: Path) -> None:

@@ -67,12 +67,12 @@ def finalize(
     *,
     tables: bool = True,
 ) -> None:
-    """Tables of every SAE into ``builder`` (only the lens tables without ``tables``). Lens
-    tables are copied from the previous snapshot (or ``lens_from``, a finished version
-    folder) when there, else computed."""
+    """Tables of every SAE into ``builder`` (none without ``tables``). Lens tables are copied
+    from the previous snapshot (or ``lens_from``, a folder holding ``lens/``) when there, else
+    computed."""
     if tables:
         write_tables(builder, manifest, states, root)
-    write_lens(builder, manifest, states, saes, model, root, lens_from)
+        write_lens(builder, manifest, states, saes, model, root, lens_from)
 
 
 def write_tables(

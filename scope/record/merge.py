@@ -89,13 +89,17 @@ def merged_part(parts: list[Part]) -> Part:
 
 def shard_files(root: Path) -> list[str]:
     """What a merge reads of a finished shard store, as paths relative to ``root``: its
-    manifest, vocabulary, windows, state and lens tables (not the tables made from the state,
-    which the merge makes again). A shard sent from another machine needs only these."""
+    manifest, vocabulary, windows, state and lens tables where it has them (not the tables
+    made from the state, which the merge makes again). A shard sent from another machine
+    needs only these."""
     m = read_shard(root)
     found = [MANIFEST, "vocab.parquet"]
     found += [f"windows/part-{i:03d}.parquet" for i in range(len(m.parts))]
     for version, folder in ((m.state_version, "state"), (m.tables_version, "lens")):
-        found += sorted(str(p.relative_to(root)) for p in (root / str(version) / folder).iterdir())
+        if (root / str(version) / folder).is_dir():
+            found += sorted(
+                str(p.relative_to(root)) for p in (root / str(version) / folder).iterdir()
+            )
     return found
 
 
@@ -183,14 +187,28 @@ class ShardMerger:
         out.sharded.merged = sorted([*out.sharded.merged, i])
         for index in range(len(m.parts)):  # each shard holds its own documents' windows
             self._windows.append((index, path / f"windows/part-{index:03d}.parquet", (i, n)))
-        self._lens_from = path / str(m.tables_version)
+        if (path / str(m.tables_version) / "lens").is_dir():
+            self._lens_from = path / str(m.tables_version)
         return m
+
+    def use_lens(self, folder: Path) -> None:
+        """Take the lens tables from ``folder``/lens (for shards recorded without tables),
+        unless the store already has them. The folder must stay until the next commit."""
+        self._lens_from = folder
+
+    @property
+    def needs_lens(self) -> bool:
+        """True until lens tables are in the store or in a shard added."""
+        m = self.writer.manifest
+        return self._lens_from is None and (m is None or m.tables_version is None)
 
     def commit(self) -> str:
         """A snapshot of every shard added so far, which readers see at once; the store is
         complete when every shard is in."""
         out, root = self.writer.manifest, self.writer.root
         assert out is not None and out.sharded is not None, "add a shard before committing"
+        if self.needs_lens:
+            raise ScopeError("the shards merged have no lens tables: give them with use_lens")
         (root / "windows").mkdir(exist_ok=True)
         for index, source, shard in self._windows:
             fd, tmp = tempfile.mkstemp(dir=root / "windows", prefix=".merge-")

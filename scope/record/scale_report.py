@@ -121,3 +121,24 @@ def summary(
         skipped="; ".join(f"{count} {why}" for why, count in part.skipped.items()),
     )
     return ScaleSummary(record, n, len(results), workers, fold_seconds, snapshot_seconds)
+
+
+class Clock:
+    """Seconds of each timed block: ``with clock: ...``."""
+
+    def __init__(self) -> None:
+        self.each: list[float] = []
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.each.append(time.perf_counter() - self._start)
+
+
+@dataclass
+class Timing:
+    """Where the driver's own time went."""
+
+    fold: Clock = field(default_factory=Clock)
+    snapshot: Clock = field(default_factory=Clock)

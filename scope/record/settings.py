@@ -33,10 +33,10 @@ class RecordSettings:
     work. The same store to the bit; two batches' codes are held at once."""
 
     tables: bool = True
-    """Write the tables readers query when the run ends. False for a shard recorded only to
-    be merged (what `scope record --ray` workers record): the merge writes them from the
-    state, so the shard's store keeps its state, windows and lens tables alone (``Store``
-    cannot read it; ``scope merge`` can)."""
+    """Write the tables readers query (lens included) when the run ends. False for a shard
+    recorded only to be merged (what `scope record --ray` workers record): the merge writes
+    them from the merged state, so the shard's store keeps its state and windows alone
+    (``Store`` cannot read it; a merge given the lens tables can)."""
 
     def __post_init__(self) -> None:
         i, n = self.shard

@@ -19,10 +19,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from scope.corpus import CorpusSpec
 from scope.fit import check_fit
+from scope.identity import sae_info, sae_keys
+from scope.record import tables
 from scope.record.loop import RecordProgress
 from scope.record.merge import shard_files
 from scope.record.runner import record
@@ -125,6 +129,19 @@ class ShardWorker:
         self._models()
         return WorkerInfo(socket.gethostname(), os.getpid(), self._device, torch.get_num_threads())
 
+    def lens(self) -> dict[str, bytes]:
+        """The lens tables (logit lens, decoder neighbours) of every SAE, as a store keeps
+        them: ``lens/<key>.parquet`` -> contents. They depend only on the model and the SAEs,
+        so the driver asks one worker once."""
+        model, saes = self._models()
+        keys = sae_keys([sae_info(s) for s in saes])
+        files = {}
+        for key, sae in dict(zip(keys, saes, strict=True)).items():
+            sink = pa.BufferOutputStream()
+            pq.write_table(tables.lens_table(key, sae, model), sink)
+            files[f"lens/{key}.parquet"] = sink.getvalue().to_pybytes()
+        return files
+
     def record_shard(
         self,
         worker: int,
@@ -149,7 +166,7 @@ class ShardWorker:
                 tell(Report(worker, shard, pid, p.tokens, p.total))
 
         # a shard is short and its folder goes with the process: checkpoints would be lost;
-        # the driver's merge writes the tables readers query, from the merged state
+        # the driver writes the tables readers query, from the merged state and ``lens()``
         one = replace(settings, shard=(shard, shards), checkpoint_seconds=math.inf, tables=False)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="scope-shard-") as tmp:
