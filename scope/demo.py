@@ -161,7 +161,7 @@ def demo_sae_ids(saes_root: Path | None = None) -> list[str]:
     return [f"{DEMO_RELEASE}/{i}" for i in sorted(ids, key=lambda i: int(i.split("/")[0][6:]))]
 
 
-def recorded(store: Path, tokens: int, corpus: Path) -> bool:
+def recorded(store: Path, tokens: int | None, corpus: Path) -> bool:
     """Whether ``store`` already holds a finished recording of ``tokens`` tokens of ``corpus``
     (so the demo serves it at once instead of loading the model to find that out)."""
     from scope.store.manifest import read_manifest

@@ -3,6 +3,7 @@ on the SAE and the model (logit lens, decoder neighbours)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -201,6 +202,10 @@ def _lists(matrix: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
 
 
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+"""A byte-fallback token's piece (SentencePiece, Gemma)."""
+
+
 def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:
     """Every token id's piece and its text, so readers need no tokenizer."""
     ids = list(range(d_vocab))
@@ -211,6 +216,11 @@ def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:
     else:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         texts = tokenizer.batch_decode([[i] for i in ids])
+    # a lone byte of a multi-byte character decodes to U+FFFD: show the byte itself (<0xC2>)
+    texts = [
+        p if t == "\ufffd" and p and BYTE_PIECE.fullmatch(p) else t
+        for p, t in zip(pieces, texts, strict=True)
+    ]
     return pa.table(
         {
             "token": np.arange(d_vocab, dtype=np.int32),

@@ -85,7 +85,7 @@ def shaded(tokens: list[str], acts: list[float], top: float, mark: int | None = 
             f"rgba(234,88,12,{alpha:.2f});{box}white-space:pre;font-family:ui-monospace,"
             f'monospace;border-radius:2px">{html.escape(visible(tok))}</span>'
         )
-    return "".join(spans)
+    return "<wbr>".join(spans)  # lines may break between tokens, never inside one
 
 
 def example_html(ex: Example, top: float, context: int | None = None) -> str:
