@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from store_compare import assert_identical
 from typer.testing import CliRunner
 
 from scope import ScopeError, load_sae
@@ -15,18 +16,6 @@ from scope import testing as fixtures
 from scope.cli import app
 from scope.corpus import CorpusSpec
 from scope.record import RecordSettings, loop, record
-from scope.store import Store
-
-TABLES = [
-    ("features", "sae, feature"),
-    ("topk", "sae, feature, rank"),
-    ("hist", "sae, feature, bin"),
-    ("samples", "sae, feature, bin, key"),
-    ("intervals", "sae, feature, interval, window_id"),
-    ("l0", "sae, l0"),
-    ("saes", "sae"),
-    ("windows", "window_id"),
-]
 
 
 def settings(**kw) -> RecordSettings:
@@ -55,16 +44,6 @@ def plain(tmp_path_factory, tiny_model, saes, spec) -> Path:
     root = tmp_path_factory.mktemp("plain") / "s"
     record(tiny_model, saes, spec, root, settings())
     return root
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    """Every table of the two stores holds the same rows, floats equal to the last bit."""
-    sa, sb = Store(a), Store(b)
-    for name, order in TABLES:
-        ta = sa.sql(f"select * from {name} order by {order}").fetchall()
-        tb = sb.sql(f"select * from {name} order by {order}").fetchall()
-        assert ta, f"{name} is empty: the comparison would be vacuous"
-        assert ta == tb, f"{name} differs"
 
 
 def test_overlapped_recording_is_the_plain_one(tmp_path, tiny_model, saes, spec, plain):
