@@ -2,9 +2,11 @@
 
 Interventions are hooks at each SAE's own hook point (``blocks.L.hook_resid_post`` and so on):
 
-- ``add``: x += strength * W_dec[f] / |W_dec[f]|. The strength is absolute, or in units of the
-  feature's recorded max activation (``unit="max"``, needs a store), or of the norm of x at
-  that position (``unit="norm"``).
+- ``add``: x += strength * W_dec[f] / |W_dec[f]| (``unit="absolute"``), or strength times the
+  norm of x at that position along the same direction (``unit="norm"``), or x += strength *
+  max_f * W_dec[f] (``unit="max"``, needs a store): what the feature writes when it fires at
+  strength times its recorded max, the same intervention however the SAE's decoder rows are
+  scaled (Gemma Scope's have unit norm; SAEs trained elsewhere often do not).
 - ``clamp``: encode x, set feature f to ``strength``, decode, and keep the SAE's error term. As
   decoding is linear this is x += (strength - a_f(x)) * W_dec[f]: nothing else changes. a_f(x)
   is read with ``scope.acts.encode``, so clamping a feature to the value that function gives
@@ -41,8 +43,12 @@ from scope.sae import recorded_key, sae_info, sae_key
 MODES = ("add", "clamp", "ablate")
 UNITS = ("absolute", "max", "norm")
 POSITIONS = ("prompt", "generated", "all")
-# Past these the residual stream is swamped: almost surely a typo (e.g. 8000 for 8).
-STRENGTH_LIMITS = {"absolute": 5_000.0, "max": 200.0, "norm": 50.0}
+# Past these the residual stream is swamped: almost surely a typo (e.g. 8000 for 8). Absolute
+# strengths depend on the model's scale (Gemma 3 270M's residual norms are ~25,000, a small
+# Gemma's a few hundred), so their real check is at the first forward: what a steer writes may
+# be at most WRITE_LIMIT times the median norm of the activation it is added to.
+STRENGTH_LIMITS = {"absolute": 1e6, "max": 200.0, "norm": 50.0}
+WRITE_LIMIT = STRENGTH_LIMITS["norm"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,8 @@ class Steer:
     feature: int
     """The feature's index in the SAE, 0 .. d_sae - 1."""
     strength: float = 0.0
-    """add: how far along the unit decoder direction; clamp: the activation to set."""
+    """add: how far along the unit decoder direction (unit "max": a multiple of the recorded
+    max activation, decoded); clamp: the activation to set."""
     _: KW_ONLY
     mode: str = "add"
     """add, clamp or ablate."""
@@ -197,6 +204,27 @@ class Intervention:
             self._placed[key] = torch.tensor(self.groups[i].rows, device=device)
         return self._placed[key]
 
+    def check_scale(self, x: torch.Tensor, hook_name: str) -> None:
+        """Refuse a steer whose write would swamp the activation: more than WRITE_LIMIT times
+        its median norm over the sequence (BOS, whose norm is outsized, left out)."""
+        norms = x[:, 1:] if x.shape[1] > 1 else x
+        scale = float(norms.float().norm(dim=-1).median())
+        for g in self.groups:
+            steer = g.steer
+            if steer.mode == "add" and steer.unit == "norm":
+                continue  # already relative, and limited when built
+            write = float(g.amounts.abs().max())
+            if steer.mode != "add" or steer.unit == "max":
+                write *= float(steer.sae.W_dec[steer.feature].float().norm())
+            if write > WRITE_LIMIT * scale:
+                raise ScopeError(
+                    f"{steer.key}/{steer.feature} at strength {steer.strength:g} would write "
+                    f"{write:,.0f} into {hook_name}, {write / max(scale, 1e-12):,.0f} times the "
+                    f"activation's norm there ({scale:,.0f}): past {WRITE_LIMIT:g}x the model's "
+                    "own signal is gone. Give a smaller strength (a few times the feature's max "
+                    "activation, or unit 'norm' for a fraction of the activation's norm)"
+                )
+
     def __call__(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
         start, n = self.seen, act.shape[1]
         if start and n > 1:
@@ -212,6 +240,8 @@ class Intervention:
             )
         self.seen += n
         x = site_input(act)  # attn.hook_z: heads flattened, a view
+        if start == 0:
+            self.check_scale(x, hook.name)
         for i, g in enumerate(self.groups):
             where = self.span(g.steer, start, start + n)
             if where.start >= where.stop:
@@ -234,6 +264,9 @@ def _apply(
     """Steer ``xs`` in place (a view of the hook's activation), each row by its own amount."""
     w_dec = steer.sae.W_dec[steer.feature].to(xs.dtype)
     if steer.mode == "add":
+        if steer.unit == "max":  # the feature's own write at `amount`, decoded
+            xs += amount * w_dec
+            return
         direction = w_dec / w_dec.float().norm().clamp(min=1e-12).to(xs.dtype)
         if steer.unit == "norm":
             xs += amount * xs.float().norm(dim=-1, keepdim=True).to(xs.dtype) * direction

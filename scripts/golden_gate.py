@@ -2,11 +2,15 @@
 
     python scripts/golden_gate.py                              # gemma-2-2b + a Gemma Scope SAE at layer 20
     python scripts/golden_gate.py --model DIR --sae DIR        # any Gemma model and SAE
+    python scripts/golden_gate.py --concept "..." --concept "..." --neutral "..."   # any concept
+    python scripts/golden_gate.py --feature 2943 --concept "..."   # a feature you already know
 
-The feature is the one whose mean activation on sentences about the concept most exceeds its
-mean on neutral sentences. It is then added at every position at a multiple of the highest
-activation it reached on the concept sentences, and the steered continuation is printed next
-to the baseline (same seed, same sampling).
+The feature is the one whose mean activation on sentences about the concept (--concept, Golden
+Gate Bridge sentences by default) most exceeds its mean on neutral sentences (--neutral), unless
+--feature names it. Its decoder row is then added at every position, times --times-max the
+highest activation it reached on the concept sentences (the feature firing that many times as
+strongly as it did there), and the steered continuation is printed next to the baseline (same
+seed, same sampling).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def main() -> None:
     ap.add_argument("--model", default="google/gemma-2-2b")
     ap.add_argument("--sae", default="gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical")
     ap.add_argument("--prompt", default="On my weekend trip I went to see")
+    ap.add_argument("--concept", action="append", help="a sentence about the concept (repeat)")
+    ap.add_argument("--neutral", action="append", help="a sentence about something else (repeat)")
+    ap.add_argument("--feature", type=int, help="steer this feature instead of searching")
     ap.add_argument(
         "--times-max", type=float, default=4.0, help="strength as a multiple of the feature's max"
     )
@@ -59,10 +66,20 @@ def main() -> None:
 
     model = load_model(args.model)
     sae = load_sae(args.sae, device=model.cfg.device, dtype=model.cfg.dtype)
-    concept_mean, concept_max = mean_acts(model, sae, CONCEPT)
-    neutral_mean, _ = mean_acts(model, sae, NEUTRAL)
-    feature = int((concept_mean - neutral_mean).argmax())
-    strength = args.times_max * float(concept_max[feature])
+    concept_mean, concept_max = mean_acts(model, sae, args.concept or CONCEPT)
+    neutral_mean, _ = mean_acts(model, sae, args.neutral or NEUTRAL)
+    if args.feature is None:
+        feature = int((concept_mean - neutral_mean).argmax())
+    elif not 0 <= args.feature < sae.cfg.d_sae:
+        raise SystemExit(f"--feature {args.feature}: the SAE has features 0-{sae.cfg.d_sae - 1}")
+    else:
+        feature = args.feature
+    if concept_max[feature] <= 0:
+        raise SystemExit(
+            f"feature {feature} never fires on the --concept sentences: give ones it fires on"
+        )
+    # along the unit decoder direction: what the feature writes at times-max its concept max
+    strength = args.times_max * float(concept_max[feature]) * float(sae.W_dec[feature].norm())
     print(f"feature {feature}: mean {concept_mean[feature]:.2f} on the concept, {neutral_mean[feature]:.2f} "
           f"on neutral text; steering at {strength:.1f}")  # fmt: skip
     result = compare(model, args.prompt, [Steer(sae, feature, strength=strength)],

@@ -6,16 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from served import free_port, wait_served
 
 from scope.store import Store
 
@@ -29,12 +28,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def serving(store: Path, model: Path, port: int) -> Iterator[str]:
     """`scope app` on 127.0.0.1:port until the block ends; its output is kept for failures."""
@@ -46,18 +39,7 @@ def serving(store: Path, model: Path, port: int) -> Iterator[str]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail(f"scope app did not start: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_served(url, proc, Path(log.name))
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -52,9 +52,15 @@ def l0_store(tiny_model, sae, tiny_acts, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("l0store")
     sparse = root / "tiny-scope-res" / "layer_2" / "width_256" / "average_l0_4"
-    fixtures.write_params(
-        sparse, fixtures.gemma_scope_params(tiny_acts, 256, firing_rate=0.01, seed=9)
-    )
+    params = fixtures.gemma_scope_params(tiny_acts, 256, firing_rate=0.01, seed=9)
+    # decoder rows of norm 0.3-3 (as SAEs trained without a norm constraint have), the
+    # encoder scaled back so every feature's write is what it was
+    scale = np.random.default_rng(9).uniform(0.3, 3.0, 256).astype(np.float32)
+    params["W_dec"] = params["W_dec"] * scale[:, None]
+    for name in ("b_enc", "threshold"):
+        params[name] = params[name] / scale
+    params["W_enc"] = params["W_enc"] / scale[None, :]
+    fixtures.write_params(sparse, params)
     sparse_sae = load_sae(sparse, device="cpu")
     corpus = root / "c.txt"
     corpus.write_text(" ".join(fixtures.training_text()[:20]))
@@ -399,6 +405,21 @@ def test_chat_template_for_it_models(tiny_model):
         tiny_model.scope_source = saved
 
 
+def test_a_write_that_swamps_the_activation_is_refused_at_the_first_forward(tiny_model, sae):
+    """Absolute strengths are judged against the model's own scale: a steer may write at most
+    50 times the median norm of the activation it is added to, however big the model's norms."""
+    tokens = tiny_model.to_tokens(PROMPT)
+    _, cache = tiny_model.run_with_cache(tokens, names_filter=HOOK)
+    scale = float(cache[HOOK][0, 1:].norm(dim=-1).median())
+    x, y, _ = run_steered(tiny_model, tokens, [Steer(sae, 3, strength=40 * scale)])
+    assert float((y - x)[1:].norm(dim=-1).mean()) == pytest.approx(40 * scale, rel=1e-4)
+    value = 60 * scale / float(sae.W_dec[3].norm())
+    for steer in (Steer(sae, 3, strength=60 * scale), Steer(sae, 3, value, mode="clamp")):
+        with pytest.raises(ScopeError, match=r"times the activation's norm there .*smaller"):
+            run_steered(tiny_model, tokens, [steer])
+    assert not tiny_model.hook_dict[HOOK].fwd_hooks  # the refused run left no hook behind
+
+
 @pytest.mark.parametrize(
     "make,pattern",
     [
@@ -409,7 +430,7 @@ def test_chat_template_for_it_models(tiny_model):
         (lambda sae: Steer(sae, -1), r"out of range"),
         (lambda sae: Steer(sae, 3, strength=math.nan), r"strength nan is not a finite number"),
         (lambda sae: Steer(sae, 3, strength=math.inf), r"strength inf is not a finite number"),
-        (lambda sae: Steer(sae, 3, strength=1e6), r"strength 1000000.0 is absurd"),
+        (lambda sae: Steer(sae, 3, strength=1e7), r"strength 10000000.0 is absurd"),
         (lambda sae: Steer(sae, 3, mode="boost"), r"mode 'boost' is not one of add, clamp, ablate"),
         (lambda sae: Steer(sae, 3, unit="max"), None),
     ],
@@ -499,9 +520,11 @@ def test_max_unit_uses_the_recorded_max(tiny_model, sae, l0_store):
         x, y, _ = run_steered(
             tiny_model, tokens, [Steer(s, f, strength=2.0, unit="max")], store=store
         )
+        # what the feature writes at twice its recorded max: the same whatever its row's norm
         torch.testing.assert_close(
-            (y - x)[1:], (2.0 * top * unit(s, f)).expand_as(x[1:]), rtol=1e-5, atol=1e-4
+            (y - x)[1:], (2.0 * top * s.W_dec[f]).expand_as(x[1:]), rtol=1e-5, atol=1e-4
         )
+    assert not torch.allclose(sparse.W_dec.norm(dim=-1), torch.ones(256))
     dead = store.sql(
         "select feature from features where sae = 'L2.res.256.l0_13' and count = 0"
     ).fetchall()
