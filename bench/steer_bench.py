@@ -3,9 +3,12 @@
     python bench/steer_bench.py                    # CPU: 6 layers x d_model 512, 8k SAE at layer 3
     python bench/steer_bench.py --gemma-2b-shape   # GPU: 26 layers of gemma-2-2b's shape, 16k SAE at layer 12
     python bench/steer_bench.py --sweep-only       # only the 9-point sweep, batched vs one by one
+    python bench/steer_bench.py --model DIR        # any checkpoint, e.g. the demo's Gemma 3 270M
 
 Plain generation is the workbench's sampler with no hooks (KV cache on); transformer-lens'
-own `generate` is timed too for reference. Steered runs add one feature (add), clamp one
+own `generate` is timed too for reference, and plain generation again with the weights laid out
+as transformer-lens lays them (`load_model` stores the unembedding and gated MLPs transposed so
+transformer-lens' per-forward `W.T.contiguous()` copies nothing). Steered runs add one feature (add), clamp one
 (an SAE encode each step), and steer three features on two layers at once; each run builds
 fresh hooks. Greedy, no early stop, so every run makes the same number of tokens; the sampler
 at temperature 0.7 with top-p is timed unsteered. Medians of --repeats runs.
@@ -31,6 +34,7 @@ import torch
 from scope import load_model, load_sae
 from scope import testing as fixtures
 from scope.generate import Sampling, generate, generate_rows, prompt_tokens
+from scope.model import transposed_layout
 from scope.steer import Steer
 from scope.sweep import sweep
 
@@ -58,6 +62,15 @@ def make_sae(model, work: Path, layer: int, width: int, tokens: torch.Tensor):
     return load_sae(folder, device=next(model.parameters()).device, dtype=model.cfg.dtype)
 
 
+def tl_layout(model) -> None:
+    """The unembedding and gated MLPs laid out [in, out] as transformer-lens leaves them, so
+    each forward copies them (what ``transposed_layout`` undoes)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() == 2 and not param.is_contiguous():
+                setattr(module, name, torch.nn.Parameter(param.detach().contiguous(), False))
+
+
 def time_generation(
     model, tokens, sampling: Sampling, cases: dict[str, list[Steer]], repeats: int, device
 ) -> None:
@@ -81,6 +94,11 @@ def time_generation(
         repeats, device,
     )  # fmt: skip
     plain = results["plain (no hooks)"]
+    tl_layout(model)
+    results["plain, TL's layout"] = n / timed(
+        lambda: list(generate(model, tokens, sampling)), repeats, device
+    )
+    transposed_layout(model)
     print(f"{'transformer-lens generate':24} {tl:10.1f} tok/s")
     for case, tps in results.items():
         print(f"{case:24} {tps:10.1f} tok/s   {tps / plain:.2f}x plain", flush=True)
@@ -123,6 +141,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--gemma-2b-shape", action="store_true")
+    ap.add_argument("--model", help="a checkpoint folder or hub name instead of random weights")
     ap.add_argument(
         "--layers", type=int, default=None, help="layers of the gemma-2-2b-shaped model (26)"
     )
@@ -130,11 +149,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-points", type=int, default=9)
     ap.add_argument("--sweep-only", action="store_true", help="time only the sweeps")
+    ap.add_argument("--no-sweep", action="store_true", help="time only the generations")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scope-steer-bench-"))
     try:
-        if args.gemma_2b_shape:
+        if args.model:
+            ckpt, layers, width = args.model, (3, 9), 4096
+        elif args.gemma_2b_shape:
             ckpt = fixtures.build_gemma2_2b_shape(work / "model", n_layers=args.layers or 26)
             layers, width = (6, 12), 16384
         else:
@@ -170,6 +192,8 @@ def main() -> None:
               flush=True)  # fmt: skip
         if not args.sweep_only:
             time_generation(model, tokens, sampling, cases, args.repeats, device)
+        if args.no_sweep:
+            return
         n = args.sweep_points
         sweep_times = time_sweeps(model, late, sampling, n, args.repeats, device)
         for case, (one_by_one, batched) in sweep_times.items():
