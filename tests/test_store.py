@@ -177,3 +177,13 @@ def test_feature_view_renders_inline_with_visible_tokens(store_path):
     page = odd._repr_html_()
     assert "\x1b" not in page and "\\x1b]0;pwned\\x07" in page and "&lt;b&gt;" in page
     assert visible(" a\n\t") == "·a↵→"
+
+
+def test_sae_keys_read_in_layer_order():
+    """Pages, tables and menus list L3 before L9 before L15 (not L15, L3, L9 as text sorts)."""
+    from scope.store.reader import natural
+
+    keys = ["L15.res.4k", "L3.res.4k", "L9.res.4k", "L9.res.4k.l0_61", "L9.mlp.16k", "L12.att.2k"]
+    assert sorted(keys, key=natural) == [
+        "L3.res.4k", "L9.mlp.16k", "L9.res.4k", "L9.res.4k.l0_61", "L12.att.2k", "L15.res.4k"
+    ]  # fmt: skip

@@ -29,7 +29,7 @@ with st.expander("Add a feature", expanded=not steers):
     unit = cols[3].selectbox(
         "unit",
         ["max", "absolute"],
-        help="max: multiples of the feature's recorded max activation",
+        help="max: the feature firing at this multiple of its recorded max (what it writes there)",
         disabled=mode != "add",
     )
     strength = cols[4].number_input(

@@ -14,7 +14,7 @@ m = view.model
 
 st.title("Overview")
 st.caption(f"store `{s.root}` · snapshot {s.version.name} · state {s.manifest.state}")
-cols = st.columns(4)
+cols = st.columns([1.6, 1, 1, 1])  # room for a model name like gemma-3-270m
 cols[0].metric("model", str(m["name"]).rsplit("/", 1)[-1], help=str(m["name"]))
 cols[1].metric("layers × d_model", f"{m['n_layers']} × {m['d_model']}")
 cols[2].metric("tokens recorded", f"{sum(p['tokens'] for p in view.parts):,}")

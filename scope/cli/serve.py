@@ -45,6 +45,7 @@ def streamlit_command(home: Path, store: str, model: str | None, device: str | N
     args = [sys.executable, "-m", "streamlit", "run", str(home),
             "--server.headless", "true", "--server.address", address, "--server.port", str(port),
             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+            "--client.toolbarMode", "viewer",  # no "Deploy" button: the explorer is local
             "--", "--store", str(Path(store).expanduser().resolve())]  # fmt: skip
     if model:
         args += ["--model", model]

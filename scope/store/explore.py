@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scope.errors import ScopeError
-from scope.store.reader import Rows, Store
+from scope.store.reader import Rows, Store, natural
 
 SORTS = {
     "hits": "hits",
@@ -183,7 +183,7 @@ def overview(store: Store) -> Overview:
             "release": ident[r["sae"]].get("release") or ident[r["sae"]].get("source"),
             "neuronpedia_id": ident[r["sae"]].get("neuronpedia_id"),
         }
-        for r in saes.arrow().to_pylist()
+        for r in sorted(saes.arrow().to_pylist(), key=lambda r: natural(r["sae"]))
     ]
     import pyarrow as pa
 

@@ -8,6 +8,7 @@ connection (a connection is not safe to share between threads).
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
 INTERVALS = 5
 PER_INTERVAL = 5
 SNAPSHOT_TABLES = ("features", "topk", "samples", "hist", "l0", "saes")
+
+
+def natural(key: str) -> list[tuple[int, int, str]]:
+    """A sort key that puts L3.res.4k before L9.res.4k before L15.res.4k (numbers as numbers)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key)]
 
 
 def sql_string(text: str) -> str:
@@ -237,8 +243,9 @@ class Store:
 
     @property
     def saes(self) -> dict[str, dict[str, Any]]:
-        """SAE key -> identity (release, id, hook, width, sha256, Neuronpedia id)."""
-        return dict(self.manifest.saes)
+        """SAE key -> identity (release, id, hook, width, sha256, Neuronpedia id), keys in
+        natural order (L3.res.4k, L9.res.4k, L15.res.4k)."""
+        return {k: self.manifest.saes[k] for k in sorted(self.manifest.saes, key=natural)}
 
     def key_of(self, sae: SAE) -> str | None:
         """The key this store recorded ``sae`` under (found by its weights), or None."""
