@@ -34,11 +34,12 @@ TOKENS = 25_000
 def demo(store: Path, port: int, log: Path) -> subprocess.Popen:
     """`./dev demo` in its own process group (a terminal's foreground job), using this venv."""
     env = {**os.environ, "SCOPE_VENV": sys.prefix, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [str(ROOT / "dev"), "demo", "--tokens", str(TOKENS), "--store", str(store),
-         "--port", str(port)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [str(ROOT / "dev"), "demo", "--tokens", str(TOKENS), "--store", str(store),
+             "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
 
 
 def stop(proc: subprocess.Popen, sig: int) -> int:

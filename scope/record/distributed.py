@@ -380,23 +380,24 @@ def _drive(
     )
 
 
+def _unpack(files: dict[str, bytes], root: Path) -> Path:
+    """Write files sent from a worker (relative path -> contents) under ``root``."""
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
 def _fold(merger: ShardMerger, result: ShardResult, staging: Path, n: int) -> None:
     """Write the shard's files to a folder here (kept until the next snapshot) and fold the
     shard into the merged state."""
-    root = staging / f"shard-{result.shard:04d}"
-    for rel, data in result.files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
+    root = _unpack(result.files, staging / f"shard-{result.shard:04d}")
     merger.add(root, name=f"shard {result.shard}/{n}")
 
 
 def _lens(merger: ShardMerger, files: dict[str, bytes], staging: Path) -> None:
     """Keep the lens tables a worker computed for the store's first snapshot."""
-    root = staging / "lens-tables"
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    merger.use_lens(root)
+    merger.use_lens(_unpack(files, staging / "lens-tables"))
 
 
 def _snapshot(merger: ShardMerger, staging: Path) -> None:
