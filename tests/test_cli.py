@@ -16,12 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from scope import testing as fixtures
 from scope.cli import app
 from scope.cli import record as cli_record
+from scope.errors import ScopeError
 
 runner = CliRunner()
 
@@ -327,3 +329,27 @@ def test_import_scope_is_lazy_and_every_name_resolves():
     assert report["light"] and report["cli_light"], report
     assert report["missing"] == [] and report["dir"] == [] and report["same"]
     assert report["functions"] == [True, True, True, True]
+
+
+def test_port_check_refuses_a_listener_but_not_a_just_stopped_explorer():
+    """Stopping the explorer and starting it again on the same port works at once: the
+    connections the stopped server closed (TIME_WAIT) do not count as the port being held.
+    A program still listening on the port is refused with a message naming the port."""
+    import socket
+
+    from scope.cli.serve import check_port
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    with pytest.raises(ScopeError, match=f"127.0.0.1:{port}.*--port"):
+        check_port("127.0.0.1", port)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server closes first, as an HTTP server does: its side enters TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    check_port("127.0.0.1", port)

@@ -28,9 +28,14 @@ def app_script() -> Path:
 
 
 def check_port(address: str, port: int) -> None:
-    """Refuse a port another program holds, before Streamlit starts and fails less clearly."""
+    """Refuse a port another program holds, before Streamlit starts and fails less clearly.
+
+    The port is tried the way the server binds it (SO_REUSEADDR, as Tornado does), so the
+    closed connections an explorer stopped a moment ago leaves behind (TIME_WAIT) do not hold
+    the port; only a program listening on it does."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address, port))
         except OSError as e:
