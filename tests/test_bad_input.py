@@ -273,15 +273,18 @@ def test_steer_labels_say_the_unit(tiny_sae_dir):
 
 def test_progress_without_a_terminal_prints_lines(monkeypatch):
     import io
+    import time
 
     from rich.console import Console
 
+    from scope.cli import common as cli_common
     from scope.cli import record as cli_record
     from scope.record import RecordProgress
 
     text = io.StringIO()
     console = Console(file=text, force_terminal=False, width=200)
-    monkeypatch.setattr(cli_record, "LOG_SECONDS", 3600.0)
+    monkeypatch.setattr(cli_common, "LOG_SECONDS", 3600.0)
+    monkeypatch.setattr(time, "monotonic", lambda: 5.0)  # a machine booted 5 s ago
     with cli_record.progress_bar(console) as show:
         show(RecordProgress(10, 100, 50.0, 1, 10))  # the first line comes at once
         show(RecordProgress(50, 100, 50.0, 5, 10))  # then not before LOG_SECONDS

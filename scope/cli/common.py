@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -131,6 +132,25 @@ def load_model_and_saes(
             if spec not in cache:
                 cache[spec] = load_sae(spec, device=device, dtype=dtype, hook=hook)
     return loaded, [cache[spec] for spec in specs]
+
+
+LOG_SECONDS = 10.0
+"""Without a terminal, a progress line at most this often (and at the end)."""
+
+
+class LogEvery:
+    """When progress printed as lines (no terminal) is due: the first at once, then at most
+    one per ``LOG_SECONDS``, and always the last (``final``)."""
+
+    def __init__(self) -> None:
+        self.last = float("-inf")  # not 0: the monotonic clock starts near 0 at boot
+
+    def due(self, final: bool = False) -> bool:
+        now = time.monotonic()
+        if not final and now - self.last < LOG_SECONDS:
+            return False
+        self.last = now
+        return True
 
 
 def human(n: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -23,6 +22,7 @@ from scope.cli.common import (
     DtypeOpt,
     FieldOpt,
     HookOpt,
+    LogEvery,
     RecordedStoreOpt,
     RequiredModelOpt,
     SaeOpt,
@@ -82,19 +82,13 @@ def progress_bar(console: Console) -> Iterator[Callable[[RecordProgress], None]]
         yield show
 
 
-LOG_SECONDS = 10.0
-"""Without a terminal, a progress line at most this often (and at the end)."""
-
-
 def log_lines(console: Console) -> Callable[[RecordProgress], None]:
     """An ``on_progress`` that prints "recorded N/M tokens (P%), R tok/s, ETA T" lines."""
-    last = [0.0]
+    every = LogEvery()
 
     def show(p: RecordProgress) -> None:
-        now = time.monotonic()
-        if now - last[0] < LOG_SECONDS and p.tokens < p.total:
+        if not every.due(final=p.tokens >= p.total):
             return
-        last[0] = now
         left = (p.total - p.tokens) / p.tokens_per_s if p.tokens_per_s > 0 else 0.0
         console.print(
             f"recorded {p.tokens:,}/{p.total:,} tokens ({p.tokens / max(p.total, 1):.0%}), "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -14,8 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scope.cli.common import err, out
-from scope.cli.record import LOG_SECONDS, _print_summary
+from scope.cli.common import LogEvery, err, out
+from scope.cli.record import _print_summary
 
 if TYPE_CHECKING:
     from scope.corpus import CorpusSpec
@@ -95,13 +94,11 @@ def status_bar(console: Console) -> Iterator[Callable[[ScaleProgress], None]]:
 
 
 def _log_lines(console: Console) -> Callable[[ScaleProgress], None]:
-    last = [0.0]
+    every = LogEvery()
 
     def show(p: ScaleProgress) -> None:
-        now = time.monotonic()
-        if now - last[0] < LOG_SECONDS and p.shards_done < p.shards:
+        if not every.due(final=p.shards_done >= p.shards):
             return
-        last[0] = now
         console.print(
             f"recorded {_tokens(p)} tokens, {p.shards_done}/{p.shards} shards merged, "
             f"{len(p.running)} recording, {p.tokens_per_s:,.0f} tok/s, ETA {_eta(p)}",

@@ -3,7 +3,6 @@ a Gemma Scope release with cards."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from scope.cli.common import (
     DeviceOpt,
     DtypeOpt,
     FieldOpt,
+    LogEvery,
     RequiredModelOpt,
     app,
     err,
@@ -31,9 +31,6 @@ from scope.errors import ScopeError
 
 if TYPE_CHECKING:
     from scope.train import CacheProgress, StepReport
-
-LOG_SECONDS = 10.0
-"""Without a terminal, a progress line at most this often."""
 
 
 def hooks_from(layers: list[int] | None, site: str, hooks: list[str] | None) -> tuple[str, ...]:
@@ -101,21 +98,15 @@ def progress(console: Console) -> Iterator[tuple[Callable[[Any], None], Callable
 
 
 def _log_lines(console: Console) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
-    last = [0.0]
-
-    def due() -> bool:
-        if time.monotonic() - last[0] < LOG_SECONDS:
-            return False
-        last[0] = time.monotonic()
-        return True
+    every = LogEvery()
 
     def on_cache(p: CacheProgress) -> None:
-        if due():
+        if every.due():
             rate = p.rows / p.seconds if p.seconds > 0 else 0
             console.print(f"cached {p.rows:,} tokens, {rate:,.0f} tok/s", highlight=False)
 
     def on_step(r: StepReport) -> None:
-        if due() or r.step == r.steps:
+        if every.due(final=r.step == r.steps):
             figures = ", ".join(
                 f"{_short(h)} L0 {r.l0[h]:.1f} FVU {r.fvu[h]:.3f}" for h in sorted(r.l0)
             )
