@@ -294,3 +294,31 @@ def test_progress_without_a_terminal_prints_lines(monkeypatch):
         "recorded 10/100 tokens (10%), 50 tok/s, ETA 0:00:02",
         "recorded 100/100 tokens (100%), 50 tok/s, ETA 0:00:00",
     ]
+
+
+def test_train_progress_without_a_terminal_prints_lines(monkeypatch):
+    """`scope train` in a log: the first cache and step lines at once, then at most one per
+    LOG_SECONDS, and the last step always."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from scope.cli import common as cli_common
+    from scope.cli import train as cli_train
+    from scope.train.cache import CacheProgress
+    from scope.train.loop import StepReport
+
+    text = io.StringIO()
+    monkeypatch.setattr(cli_common, "LOG_SECONDS", 3600.0)
+    monkeypatch.setattr(time, "monotonic", lambda: 5.0)  # a machine booted 5 s ago
+    on_cache, on_step = cli_train._log_lines(Console(file=text, force_terminal=False, width=200))
+    hook = "blocks.3.hook_resid_post"
+    on_cache(CacheProgress(1000, 8, 2.0))
+    on_cache(CacheProgress(2000, 16, 4.0))
+    on_step(StepReport(1, 10, 4096, 2.0, {hook: 61.5}, {hook: 0.25}))
+    on_step(StepReport(10, 10, 40960, 20.0, {hook: 60.0}, {hook: 0.125}))
+    assert text.getvalue().splitlines() == [
+        "cached 1,000 tokens, 500 tok/s",
+        "step 10/10, 40,960 tokens, 2,048 tok/s: L3.res L0 60.0 FVU 0.125",
+    ]
