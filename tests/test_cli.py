@@ -24,6 +24,7 @@ from scope import testing as fixtures
 from scope.cli import app
 from scope.cli import record as cli_record
 from scope.errors import ScopeError
+from scope.store import Store
 
 runner = CliRunner()
 
@@ -244,11 +245,61 @@ def test_ctrl_c_stops_record_after_a_batch_and_resume_finishes(
         patched.setattr(cli_record, "progress_bar", interrupting_bar)
         stopped = runner.invoke(app, args, env={"COLUMNS": "240"})
     assert stopped.exit_code == 2, stopped.output
+    assert "SIGINT: stopping after this batch" in stopped.output  # said at once
     assert "stopped by SIGINT after 4/" in stopped.output and "--resume" in stopped.output
     assert signal.getsignal(signal.SIGINT) is handler  # the command gives the handler back
     resumed = runner.invoke(app, [*args, "--resume"], env={"COLUMNS": "240"})
     assert resumed.exit_code == 0, resumed.output
     assert "tok/s" in resumed.output and "L2.res.256" in resumed.output
+
+
+def test_second_ctrl_c_stops_record_at_once_and_resume_finishes(
+    tiny_dir, tiny_sae_dir, tmp_path, monkeypatch
+):
+    """Ctrl-C twice: the second stops inside the batch, without waiting for it. The store keeps
+    what its last checkpoint saved, the message says so, and --resume then completes it with
+    every token counted once."""
+    real_bar = cli_record.progress_bar
+    shown: list[int] = []
+
+    @contextmanager
+    def interrupting_bar(console: Console) -> Iterator[Callable[..., None]]:
+        with real_bar(console) as show:
+
+            def show_then_interrupt(p: object) -> None:
+                show(p)
+                shown.append(1)
+                if len(shown) == 2:  # a checkpoint after the first batch is on disk
+                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGINT)
+
+            yield show_then_interrupt
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    store = tmp_path / "s"
+    args = ["record", "--model", str(tiny_dir), "--sae", str(tiny_sae_dir), "--corpus",
+            str(corpus), "--field", "body", "--tokens", "1k", "--ctx", "32", "--batch-size", "4",
+            "--store", str(store), "--device", "cpu", "--checkpoint-seconds", "0"]  # fmt: skip
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patched:
+        patched.setattr(cli_record, "progress_bar", interrupting_bar)
+        stopped = runner.invoke(app, args, env={"COLUMNS": "240"})
+    assert stopped.exit_code == 2, stopped.output
+    assert "stopped at once by a second Ctrl-C" in stopped.output, stopped.output
+    assert "--resume" in stopped.output and "stopped by SIGINT after" not in stopped.output
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert json.loads((store / "manifest.json").read_text())["parts"][-1]["next"] >= 4
+    resumed = runner.invoke(app, [*args, "--resume"], env={"COLUMNS": "240"})
+    assert resumed.exit_code == 0, resumed.output
+    whole = [tmp_path / "whole" if a == str(store) else a for a in args]
+    assert runner.invoke(app, [str(a) for a in whole]).exit_code == 0
+    stats = "select sae, feature, count, max, mean from features order by sae, feature"
+    again, once = (
+        Store(store).sql(stats).fetchall(),
+        Store(tmp_path / "whole").sql(stats).fetchall(),
+    )
+    assert [r[:3] for r in again] == [r[:3] for r in once]  # every token counted once
+    np.testing.assert_allclose([r[3:] for r in again], [r[3:] for r in once], rtol=1e-6)
 
 
 def test_cli_quiets_libraries_only_while_a_command_runs(monkeypatch):

@@ -188,18 +188,34 @@ def record(
     if workers is not None or shards is not None or threads is not None:
         raise ScopeError("--workers, --shards and --threads go with --ray: add --ray auto or local")
     loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
-    with stop_on_signals() as should_stop, progress_bar(err) as on_progress:
-        summary = run_record(
-            loaded,
-            saes_,
-            spec,
-            store,
-            settings,
-            resume=resume,
-            on_progress=on_progress,
-            should_stop=should_stop,
-        )
+    try:
+        with stop_on_signals(say_stopping) as should_stop, progress_bar(err) as on_progress:
+            summary = run_record(
+                loaded,
+                saes_,
+                spec,
+                store,
+                settings,
+                resume=resume,
+                on_progress=on_progress,
+                should_stop=should_stop,
+            )
+    except KeyboardInterrupt:
+        raise ScopeError(
+            f"stopped at once by a second Ctrl-C: the store keeps what its last checkpoint saved "
+            f"(one every {checkpoint_seconds:g} s, --checkpoint-seconds): run the same command "
+            "with --resume to continue from there"
+        ) from None
     _print_summary(summary)
+
+
+def say_stopping(signal_name: str) -> None:
+    """What the first Ctrl-C (or SIGTERM) prints at once: the stop waits for the batch."""
+    err.print(
+        f"{signal_name}: stopping after this batch, then saving; Ctrl-C again stops at once "
+        "(keeping what the last checkpoint saved)",
+        highlight=False,
+    )
 
 
 def _print_summary(summary: RecordSummary) -> None:

@@ -1,6 +1,7 @@
 """Record every feature of many SAEs over a corpus in one pass into a store."""
 
-from scope.record.loop import RecordProgress, stop_on_signals
+from scope.interrupt import stop_on_signals
+from scope.record.loop import RecordProgress
 from scope.record.runner import record
 from scope.record.settings import RecordSettings, RecordSummary
 from scope.record.state import FeatureState

@@ -6,12 +6,9 @@ requests are callbacks, so a UI or the CLI drives a recording the same way. With
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -20,6 +17,7 @@ import torch
 
 from scope.acts import SAEActs, sae_acts
 from scope.errors import ScopeError
+from scope.interrupt import StopFn
 from scope.record.state import FeatureState
 from scope.record.windows import Batch, PartWindows, read_batches
 
@@ -46,8 +44,6 @@ class RecordProgress:
 
 
 ProgressFn = Callable[[RecordProgress], None]
-StopFn = Callable[[], str | None]
-"""Asked between batches: a reason to stop (e.g. "SIGINT"), or None to go on."""
 
 
 class Forwarded(NamedTuple):
@@ -176,28 +172,3 @@ def run_batches(
     while queued:
         fold(queued.popleft())
     return counted_tokens
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[StopFn]:
-    """Turn Ctrl-C and SIGTERM into a stop request that ``record`` honours between batches (a
-    batch is never half-applied; a checkpoint is saved). For command-line programs: yields the
-    ``should_stop`` function to pass to ``record``. Off the main thread, nothing is installed."""
-    requested: list[str] = []
-
-    def should_stop() -> str | None:
-        return requested[0] if requested else None
-
-    if threading.current_thread() is not threading.main_thread():
-        yield should_stop
-        return
-
-    def ask(signum: int, _frame: Any) -> None:
-        requested.append(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield should_stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

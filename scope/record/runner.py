@@ -16,8 +16,9 @@ from scope.corpus import CHUNK_BITS, CorpusSpec
 from scope.errors import ScopeError
 from scope.fit import check_fit
 from scope.identity import sae_info, sae_keys
+from scope.interrupt import StopFn
 from scope.record.finalize import finalize
-from scope.record.loop import ProgressFn, StopFn, run_batches
+from scope.record.loop import ProgressFn, run_batches
 from scope.record.settings import RecordSettings, RecordSummary
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_states, save_states
 from scope.record.tables import sae_summary, vocab_table

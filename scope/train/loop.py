@@ -22,11 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -35,6 +32,7 @@ import numpy as np
 import torch
 
 from scope.errors import ScopeError
+from scope.interrupt import stop_on_signals
 from scope.train.cache import ActivationCache, as_tensor
 from scope.train.settings import TrainSettings
 
@@ -258,27 +256,6 @@ def _batch_figures(out: TrainStepOutput) -> tuple[float, float]:
     return l0, float(((sae_out - sae_in) ** 2).sum() / var)
 
 
-@contextmanager
-def _interrupt_between_steps() -> Iterator[list[bool]]:
-    """Ctrl-C (SIGINT) or SIGTERM sets a flag, checked between steps, instead of stopping
-    inside one: a step updates every SAE, and a checkpoint must not hold some SAEs a step
-    ahead of the others."""
-    asked = [False]
-    if threading.current_thread() is not threading.main_thread():
-        yield asked
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        asked[0] = True
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield asked
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def run(
     t: Training,
     *,
@@ -290,7 +267,9 @@ def run(
     and raises KeyboardInterrupt; the next ``start`` resumes there."""
     end = t.steps if stop_after is None else min(stop_after, t.steps)
     rows = t.cache.state.rows
-    with _interrupt_between_steps() as interrupted:
+    # stopped between steps, never inside one: a step updates every SAE, and a checkpoint
+    # must not hold some SAEs a step ahead of the others
+    with stop_on_signals() as should_stop:
         while t.step < end:
             t0 = time.perf_counter()
             idx = batch_rows(t.settings, rows, t.step)
@@ -307,7 +286,7 @@ def run(
             if on_step is not None:
                 tokens = t.step * t.settings.batch_size
                 on_step(StepReport(t.step, t.steps, tokens, t.seconds, l0s, fvus))
-            if interrupted[0]:
+            if should_stop():
                 save_checkpoint(t)
                 raise KeyboardInterrupt
     return t
