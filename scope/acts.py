@@ -1,5 +1,6 @@
 """The one activation path: one forward pass that stops after the deepest hook any SAE reads,
-every SAE's JumpReLU codes from it, and the mask of tokens that count.
+every SAE's codes from it (through its codec, ``scope.codec``), and the mask of tokens that
+count.
 
 Everything that needs feature activations goes through here: recording, sweep metrics, the
 prompt inspector, evals, training and the scripts. BOS, padding and every other special token
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 
+from scope.codec import codec_of
+from scope.codec import encode as encode
 from scope.identity import hook_site
 
 if TYPE_CHECKING:
@@ -33,8 +36,15 @@ class SAEActs(NamedTuple):
 
 
 def hook_names(saes: Sequence[SAE]) -> list[str]:
-    """The distinct hooks the SAEs read, sorted."""
-    return sorted({str(s.cfg.metadata.hook_name) for s in saes})
+    """The distinct hooks the SAEs read (a transcoder's input hook), sorted."""
+    return sorted({codec_of(s).read_hook for s in saes})
+
+
+def enable_hooks(model: HookedSAETransformer, hooks: Sequence[str]) -> None:
+    """Turn on the hook points transformer-lens leaves off by default that ``hooks`` name
+    (``hook_mlp_in``, which transcoders read)."""
+    if any(h.endswith(".hook_mlp_in") for h in hooks) and not model.cfg.use_hook_mlp_in:
+        model.set_use_hook_mlp_in(True)
 
 
 def deepest_layer(saes: Sequence[SAE]) -> int:
@@ -51,6 +61,7 @@ def capture(
 ) -> dict[str, torch.Tensor]:
     """Run the model up to ``stop_at_layer`` and return the activations at ``hooks``."""
     out: dict[str, torch.Tensor] = {}
+    enable_hooks(model, hooks)
 
     def grab(act: torch.Tensor, hook: Any) -> None:
         out[hook.name] = act
@@ -59,14 +70,6 @@ def capture(
         tokens, return_type=None, stop_at_layer=stop_at_layer, fwd_hooks=[(h, grab) for h in hooks]
     )
     return out
-
-
-def encode(sae: SAE, x: torch.Tensor) -> Float[torch.Tensor, "... d_sae"]:
-    """JumpReLU codes exactly as ``sae.encode`` computes them (relu(pre) where pre > threshold,
-    no b_dec subtraction), in two passes: the threshold clamped at 0 folds the relu into the
-    mask. ``x`` is [..., d_in] (``site_input`` flattens attn.hook_z's heads)."""
-    pre = x.to(sae.W_enc.dtype) @ sae.W_enc + sae.b_enc
-    return pre.masked_fill_(pre <= sae.threshold.clamp(min=0), 0)
 
 
 def site_input(act: torch.Tensor) -> Float[torch.Tensor, "batch pos d_in"]:
@@ -106,7 +109,7 @@ def sae_acts(
     skip = ~counted
     codes = []
     for sae in saes:
-        c = encode(sae, site_input(acts[sae.cfg.metadata.hook_name]))
+        c = encode(sae, site_input(acts[codec_of(sae).read_hook]))
         if c.is_cuda:  # a boolean index needs its size on the host: a wait for the device
             c.masked_fill_(skip[..., None], 0)
         else:
@@ -120,6 +123,7 @@ __all__ = [
     "capture",
     "counted_mask",
     "deepest_layer",
+    "enable_hooks",
     "encode",
     "hook_names",
     "sae_acts",

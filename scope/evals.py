@@ -15,7 +15,8 @@ Per SAE (names follow SAEBench's core eval where one exists):
 
 BOS, padding and special tokens are excluded from every figure, as Gemma Scope did: they are
 never spliced or counted, and a prediction counts only when both its input and its target
-token count. Splicing replaces one site at a time (the other SAEs stay off). One forward pass
+token count. A transcoder's figures are of its output hook (reconstructed from its input,
+skip term included), and splicing replaces that output. Splicing replaces one site at a time (the other SAEs stay off). One forward pass
 per batch feeds every SAE's statistics; the spliced and ablated passes come per SAE.
 """
 
@@ -30,7 +31,8 @@ import pyarrow as pa
 import torch
 from jaxtyping import Bool, Float
 
-from scope.acts import counted_mask, encode, site_input
+from scope.acts import counted_mask, enable_hooks, site_input
+from scope.codec import codec_of, reconstruct
 from scope.corpus import CorpusSpec, ReadReport, Windows, iter_windows
 from scope.errors import ScopeError
 from scope.identity import sae_info, sae_keys
@@ -121,8 +123,10 @@ def evaluate_batches(
 ) -> list[EvalRow]:
     """Evaluate ``saes`` over ``batches`` of (tokens [batch, pos], lengths [batch])."""
     device = next(model.parameters()).device
-    hooks = sorted({str(s.cfg.metadata.hook_name) for s in saes})
-    totals = [_Totals(s.cfg.d_in, s.cfg.d_sae, device) for s in saes]
+    codecs = [codec_of(s) for s in saes]
+    hooks = sorted({c.read_hook for c in codecs} | {c.write_hook for c in codecs})
+    enable_hooks(model, hooks)
+    totals = [_Totals(s.W_dec.shape[-1], s.cfg.d_sae, device) for s in saes]
     clean_ce = torch.zeros((), dtype=torch.float64, device=device)
     n_pred = 0
     acts: dict[str, torch.Tensor] = {}
@@ -139,10 +143,10 @@ def evaluate_batches(
         clean_logp = torch.log_softmax(logits[:, :-1][pred].float(), dim=-1)  # [n, vocab]
         clean_ce += -clean_logp.gather(-1, targets[:, None]).double().sum()
         n_pred += int(pred.sum())
-        for sae, t in zip(saes, totals, strict=True):
-            x = acts[str(sae.cfg.metadata.hook_name)]
-            codes = encode(sae, x)
-            recon = (codes @ sae.W_dec + sae.b_dec).to(x.dtype)
+        for sae, codec, t in zip(saes, codecs, totals, strict=True):
+            x = acts[codec.write_hook]  # what the SAE reconstructs: a transcoder's output
+            codes, recon = reconstruct(sae, acts[codec.read_hook])
+            recon = recon.to(x.dtype)
             xc, rc, cc = x[counted].double(), recon[counted].double(), codes[counted]
             t.n += xc.shape[0]
             t.x_sum += xc.sum(0)
@@ -154,7 +158,7 @@ def evaluate_batches(
             t.l0.append(fired.sum(-1).cpu())
             t.preds += int(pred.sum())
             for i, fill in enumerate((recon, torch.zeros_like(x))):
-                hook = (str(sae.cfg.metadata.hook_name), _splice(fill, counted))
+                hook = (codec.write_hook, _splice(fill, counted))
                 spliced = model.run_with_hooks(tokens, fwd_hooks=[hook])
                 ce, kl = _losses(spliced, clean_logp, targets, pred)
                 t.ce[i] += ce

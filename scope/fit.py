@@ -44,6 +44,14 @@ def check_fit(model: HookedSAETransformer, sae: SAE) -> None:
             f"{info.hook_name} but {model.cfg.model_name} has {what} {size} there: pick an SAE "
             "trained on this model"
         )
+    if info.hook_out != info.hook_name:  # a transcoder: its output must fit where it writes
+        size_out, d_out = hook_size(model, info.hook_out), int(sae.W_dec.shape[-1])
+        if size_out != d_out:
+            raise ScopeError(
+                f"transcoder {info.release or info.source} {info.sae_id or ''} writes d_out "
+                f"{d_out} to {info.hook_out} but {model.cfg.model_name} has {size_out} there: "
+                "pick a transcoder trained on this model"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

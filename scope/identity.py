@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from scope.codec import codec_of
 from scope.errors import ScopeError
 
 if TYPE_CHECKING:
@@ -69,8 +70,10 @@ class SAEInfo:
     source: str
     """Where the weights came from: a file path or ``hub:<repo>/<folder>``."""
     hook_name: str
+    """The hook the SAE reads (a transcoder's input)."""
     layer: int | None
     site: str
+    """``res``, ``mlp``, ``att``, ``tc`` (a transcoder) or the hook's own name."""
     d_in: int
     d_sae: int
     dtype: str
@@ -80,6 +83,16 @@ class SAEInfo:
     sha256: str
     """sha256 of the weights as stored (fp32 arrays of the file), taken once at load: the same
     SAE in bf16 on a GPU and in fp32 on a laptop has the same hash."""
+    hook_out: str = ""
+    """The hook the SAE writes: steering and splicing act here (a transcoder's output; for an
+    SAE its one hook)."""
+    architecture: str = "jumprelu"
+    """sae-lens' architecture name."""
+    codec: str = "fused-jumprelu"
+    """How codes are computed (``scope.codec.Codec.name``)."""
+    folded: bool = False
+    """Decoder norms folded into the encoder at load (``fold_dec_norm``): codes as
+    Neuronpedia shows them, and a different sha256."""
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -104,8 +117,11 @@ def sae_sha256(sae: SAE) -> str:
 
 def sae_info(sae: SAE) -> SAEInfo:
     meta = sae.cfg.metadata
-    hook = meta.hook_name or ""
+    codec = codec_of(sae)
+    hook = codec.read_hook
     layer, site = hook_site(hook)
+    if codec.transcoder:
+        site = "tc"
     return SAEInfo(
         key=f"L{layer}.{site}.{width_label(sae.cfg.d_sae)}",
         release=meta.get("release"),
@@ -120,6 +136,10 @@ def sae_info(sae: SAE) -> SAEInfo:
         neuronpedia_id=meta.get("neuronpedia_id"),
         model_name=meta.get("model_name"),
         sha256=sae_sha256(sae),
+        hook_out=codec.write_hook,
+        architecture=codec.architecture,
+        codec=codec.name,
+        folded=bool(meta.get("scope_folded")),
     )
 
 

@@ -1,5 +1,6 @@
-"""Load JumpReLU SAEs: Gemma Scope by release and id (through sae-lens), a local params.npz in
-Gemma Scope's layout, or a folder that sae-lens saved. Sites map to hooks; fits are checked.
+"""Load SAEs and transcoders: Gemma Scope by release and id (through sae-lens), a local params.npz
+in Gemma Scope's layout, or a folder that sae-lens saved (any architecture ``scope.codec``
+serves exactly; the rest are refused at load). Sites map to hooks; fits are checked.
 
 Lookup order for a release and id: ``saes/<repo>/<folder>/params.npz`` (the release's own
 folder structure, so an air-gapped machine uses the same names), then the Hugging Face hub
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from scope.codec import prepare
 from scope.errors import ScopeError, closest
 from scope.identity import (
     SITE_HOOKS,
@@ -241,8 +243,9 @@ def load_sae(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     hook: str | None = None,
+    fold_dec_norm: bool = False,
 ) -> SAE:
-    """Load a JumpReLU SAE as a sae-lens ``SAE``.
+    """Load an SAE (or transcoder) as a sae-lens ``SAE``, its codec chosen (``scope.codec``).
 
     - ``load_sae("gemma-scope-2b-pt-res-canonical", "layer_20/width_16k/canonical")``: a release
       and id from sae-lens' registry; params.npz is read from ``saes/`` first, else the hub.
@@ -253,7 +256,10 @@ def load_sae(
       id in one string, as ``--sae`` takes them.
 
     Weights take ``dtype`` (default: fp32 on the CPU, bf16 on a GPU); thresholds stay fp32 so
-    which features fire does not change with the dtype.
+    which features fire does not change with the dtype. ``fold_dec_norm=True`` folds the
+    decoder rows' norms into the encoder (sae-lens' ``fold_W_dec_norm``): codes then measure
+    each feature's write in units of its unit-norm direction, as Neuronpedia shows them; the
+    SAE's sha256 is then that of the folded weights.
     """
     from scope.model import resolve_device, resolve_dtype
 
@@ -293,8 +299,10 @@ def load_sae(
     else:
         raise _unknown_release(target)
     _check_finite(sae, target)
+    if fold_dec_norm:
+        _fold(sae, target)
     sae.cfg.metadata["scope_sha256"] = weights_sha256(sae.state_dict())  # before any cast
-    _set_dtype(sae, torch_dtype)
+    prepare(sae, torch_dtype)  # the codec (or a refusal), then the dtype
     sae.eval()
     return sae
 
@@ -309,10 +317,15 @@ def load_recorded_sae(
     when it has them, else from the folder it was read from. Refuses weights that changed since
     the recording (their sha256 differs), which would make the store's features lie."""
     where = info.get("source") or ""
+    fold = bool(info.get("folded"))
     if info.get("release") and info.get("sae_id"):
-        sae = load_sae(info["release"], info["sae_id"], device=device, dtype=dtype)
+        sae = load_sae(
+            info["release"], info["sae_id"], device=device, dtype=dtype, fold_dec_norm=fold
+        )
     elif where and not where.startswith("hub:") and Path(where).is_dir():
-        sae = load_sae(where, device=device, dtype=dtype, hook=info.get("hook_name"))
+        sae = load_sae(
+            where, device=device, dtype=dtype, hook=info.get("hook_name"), fold_dec_norm=fold
+        )
     else:
         raise ScopeError(
             f"the SAE {info.get('key')} was recorded from {where or 'an unknown place'}, which "
@@ -328,6 +341,14 @@ def load_recorded_sae(
     return sae
 
 
+def _fold(sae: SAE, label: str) -> None:
+    try:
+        sae.fold_W_dec_norm()
+    except NotImplementedError as err:  # sae-lens refuses where folding would change codes
+        raise ScopeError(f"SAE {label}: decoder norms cannot be folded ({err})") from err
+    sae.cfg.metadata["scope_folded"] = True
+
+
 def _check_finite(sae: SAE, label: str) -> None:
     for name, param in sae.named_parameters():
         bad = (~torch.isfinite(param)).sum().item()
@@ -336,16 +357,6 @@ def _check_finite(sae: SAE, label: str) -> None:
                 f"SAE {label}: {name} has {bad} non-finite values (NaN or inf); "
                 "the file is damaged: download or export it again"
             )
-
-
-def _set_dtype(sae: SAE, dtype: torch.dtype) -> None:
-    """Weights in ``dtype``; the JumpReLU threshold in fp32 (bf16 would round it and move
-    features across it)."""
-    for name, param in sae.named_parameters():
-        param.requires_grad_(False)
-        param.data = param.data.to(torch.float32 if name == "threshold" else dtype)
-    sae.dtype = dtype
-    sae.cfg.dtype = str(dtype).removeprefix("torch.")
 
 
 __all__ = [

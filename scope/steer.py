@@ -35,7 +35,8 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Float, Int
 
-from scope.acts import encode, site_input
+from scope.acts import enable_hooks, site_input
+from scope.codec import codec_of, encode, feature_write
 from scope.errors import ScopeError
 from scope.fit import check_fit
 from scope.sae import recorded_key, sae_info, sae_key
@@ -103,8 +104,14 @@ class Steer:
 
     @property
     def hook_name(self) -> str:
-        """The hook point the SAE reads, where the intervention happens."""
-        return str(self.sae.cfg.metadata.hook_name)
+        """The hook point the SAE writes, where the intervention happens (a transcoder's
+        output hook; an SAE's one hook)."""
+        return codec_of(self.sae).write_hook
+
+    @property
+    def read_hook(self) -> str:
+        """The hook point the SAE reads: the feature's activation is measured there."""
+        return codec_of(self.sae).read_hook
 
     def describe(self, store: Any = None) -> dict[str, Any]:
         """The steer as a plain dict. ``sae`` is the key ``store`` recorded this SAE under (so
@@ -114,7 +121,7 @@ class Steer:
             "sae": sae_key(self.sae, store.saes if store is not None else None),
             "release": info.release,
             "sae_id": info.sae_id,
-            "hook": info.hook_name,
+            "hook": info.hook_out,
             "feature": self.feature,
             "mode": self.mode,
             "strength": self.strength,
@@ -172,6 +179,9 @@ class Intervention:
         """The batch size the rows were built for; None: any (every steer on every row)."""
         self.seen = 0
         """Positions seen so far in this run."""
+        self.reads: dict[str, torch.Tensor] = {}
+        """A transcoder's input at this forward, by read hook (filled by its ``Reader``): a
+        clamp at its output hook encodes what it read."""
         self._placed: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         """Per group, device and dtype: its amounts (float) or rows (long), made once."""
 
@@ -179,6 +189,10 @@ class Intervention:
     def steers(self) -> list[Steer]:
         """The steers at this hook point, in the order they apply."""
         return [g.steer for g in self.groups]
+
+    def read_hooks(self) -> list[str]:
+        """The transcoders' input hooks this intervention needs a ``Reader`` at."""
+        return sorted({s.read_hook for s in self.steers if s.read_hook != s.hook_name})
 
     def span(self, steer: Steer, start: int, stop: int) -> slice:
         """The positions of ``start .. stop - 1`` that ``steer`` touches, relative to ``start``."""
@@ -215,7 +229,9 @@ class Intervention:
                 continue  # already relative, and limited when built
             write = float(g.amounts.abs().max())
             if steer.mode != "add" or steer.unit == "max":
-                write *= float(steer.sae.W_dec[steer.feature].float().norm())
+                xin = self.reads.get(steer.read_hook, x) if steer.read_hook != hook_name else x
+                row = feature_write(steer.sae, steer.feature, xin)
+                write *= float(row.float().norm(dim=-1).max())
             if write > WRITE_LIMIT * scale:
                 raise ScopeError(
                     f"{steer.key}/{steer.feature} at strength {steer.strength:g} would write "
@@ -248,33 +264,53 @@ class Intervention:
                 continue
             # add works in x's dtype; clamp's value meets the SAE's codes in theirs
             amount = self.amount(i, x if g.steer.mode == "add" else g.steer.sae.W_enc)
+            read = self.reads.get(g.steer.read_hook) if g.steer.read_hook != hook.name else None
             if isinstance(g.rows, slice):
-                _apply(g.steer, x[g.rows, where], amount)  # a view: in place
+                xin = None if read is None else read[g.rows, where]
+                _apply(g.steer, x[g.rows, where], amount, xin)  # a view: in place
             else:
                 rows = self.index(i, x.device)
                 xs = x[rows, where]  # a copy: written back
-                _apply(g.steer, xs, amount)
+                _apply(g.steer, xs, amount, None if read is None else read[rows, where])
                 x[rows, where] = xs
         return x.reshape(act.shape)
 
 
+class Reader:
+    """The hook at a transcoder's input that hands each forward's activation to the
+    ``Intervention`` at its output hook (which the same forward reaches later)."""
+
+    def __init__(self, target: Intervention) -> None:
+        self.target = target
+
+    def __call__(self, act: torch.Tensor, hook: Any) -> None:
+        self.target.reads[hook.name] = site_input(act)
+
+
 def _apply(
-    steer: Steer, xs: Float[torch.Tensor, "rows pos d_in"], amount: Float[torch.Tensor, "rows 1 1"]
+    steer: Steer,
+    xs: Float[torch.Tensor, "rows pos d_out"],
+    amount: Float[torch.Tensor, "rows 1 1"],
+    xin: Float[torch.Tensor, "rows pos d_in"] | None = None,
 ) -> None:
-    """Steer ``xs`` in place (a view of the hook's activation), each row by its own amount."""
-    w_dec = steer.sae.W_dec[steer.feature].to(xs.dtype)
+    """Steer ``xs`` in place (a view of the write hook's activation), each row by its own
+    amount. ``xin``: what a transcoder read at these positions (an SAE reads ``xs`` itself)."""
+    xin = xs if xin is None else xin
     if steer.mode == "add":
         if steer.unit == "max":  # the feature's own write at `amount`, decoded
-            xs += amount * w_dec
+            xs += amount * feature_write(steer.sae, steer.feature, xin).to(xs.dtype)
             return
+        w_dec = steer.sae.W_dec[steer.feature].to(xs.dtype)
         direction = w_dec / w_dec.float().norm().clamp(min=1e-12).to(xs.dtype)
         if steer.unit == "norm":
             xs += amount * xs.float().norm(dim=-1, keepdim=True).to(xs.dtype) * direction
         else:
             xs += amount * direction
         return
-    current = encode(steer.sae, xs)[..., steer.feature : steer.feature + 1]
-    xs += (amount - current).to(xs.dtype) * w_dec
+    current = encode(steer.sae, xin)[..., steer.feature : steer.feature + 1]
+    xs += (amount - current).to(xs.dtype) * feature_write(steer.sae, steer.feature, xin).to(
+        xs.dtype
+    )
 
 
 def build_hooks(
@@ -356,10 +392,19 @@ def check_steers(model: Any, steers: Sequence[Steer], store: Any = None) -> None
 @contextmanager
 def attach(model: Any, hooks: Sequence[tuple[str, Any]]) -> Iterator[None]:
     """Put ``(hook name, fn(act, hook))`` pairs on ``model``'s hook points for the block, after
-    any hooks already there, and take exactly these off at the end, however it ends. Plain
+    any hooks already there, and take exactly these off at the end, however it ends. An
+    ``Intervention`` steering a transcoder brings a ``Reader`` at the transcoder's input. Plain
     PyTorch hook handles: cheap enough to wrap every forward pass of a generation, and
     independent of transformer-lens' nesting of ``model.hooks`` contexts."""
     handles = []
+    readers = [
+        (read, Reader(fn))
+        for _, fn in hooks
+        if isinstance(fn, Intervention)
+        for read in fn.read_hooks()
+    ]
+    hooks = [*readers, *hooks]
+    enable_hooks(model, [name for name, _ in hooks])
     try:
         for name, fn in hooks:
             point = model.hook_dict.get(name)
@@ -399,6 +444,7 @@ __all__ = [
     "POSITIONS",
     "UNITS",
     "Intervention",
+    "Reader",
     "Steer",
     "attach",
     "RowSteer",

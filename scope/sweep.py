@@ -145,7 +145,7 @@ def measure_rows(
     for i, cont in enumerate(conts):
         tail[i, : len(cont)] = torch.tensor(cont, dtype=seq.dtype)
     seq = torch.cat([seq, tail.to(seq.device)], dim=1)
-    hooks = sorted({s.hook_name for s in steers})
+    hooks = sorted({s.read_hook for s in steers})  # where each feature's activation is read
     got: dict[str, torch.Tensor] = {}
 
     def grab(act: torch.Tensor, hook: Any) -> None:
@@ -160,7 +160,7 @@ def measure_rows(
     out = []
     for i, (cont, steer) in enumerate(zip(conts, steers, strict=True)):
         span = slice(n_prompt, n_prompt + len(cont))  # the continuation
-        f, hook = steer.feature, steer.hook_name
+        f, hook = steer.feature, steer.read_hook
         target = encode(steer.sae, site_input(after[hook])[i, span])[..., f].float().mean().item()
         text = encode(steer.sae, site_input(got[hook])[i, span])[..., f].float().mean().item()
         pred = slice(n_prompt - 1, n_prompt + len(cont) - 1)  # positions that predict it

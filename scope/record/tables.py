@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from scope.codec import codec_of
 from scope.identity import hook_site
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState
 
@@ -160,7 +161,7 @@ def lens_table(sae_key: str, sae: SAE, model: HookedSAETransformer) -> pa.Table:
     cosine. Chunked over features so the [features, vocab] product never exists whole."""
     w_dec = sae.W_dec.detach()
     w_out = w_dec  # the direction each feature writes into the residual stream
-    layer, site = hook_site(sae.cfg.metadata.hook_name)
+    layer, site = hook_site(codec_of(sae).write_hook)  # a transcoder writes its output hook
     if site == "att":  # z is [heads x d_head]: map through the layer's W_O
         w_o = model.blocks[layer].attn.W_O.detach().to(w_dec.dtype)  # [heads, d_head, d_model]
         w_out = torch.einsum("fhd,hdm->fm", w_dec.reshape(-1, *w_o.shape[:2]), w_o)
