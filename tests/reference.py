@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from scope.acts import enable_hooks
 from scope.corpus import Windows
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, sample_key
 
@@ -29,7 +30,10 @@ class Reference:
 
 def reference(model, sae, windows: Windows, k: int, m: int) -> Reference:
     d = sae.cfg.d_sae
-    hook = sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
+    meta = sae.cfg.metadata
+    enable_hooks(model, [meta.hook_name])  # a transcoder may read hook_mlp_in
+    # sae-lens attaches an SAE at its hook and a transcoder at its output hook
+    hook = (meta.hook_name_out or meta.hook_name) + ".hook_sae_acts_post"
     special = set(model.tokenizer.all_special_ids)
     ref = Reference(np.zeros(d, np.int64), np.zeros(d), np.zeros(d), np.zeros(d), {}, {}, 0, {})
     cands: dict[int, list] = {f: [] for f in range(d)}

@@ -196,6 +196,7 @@ def test_no_network_fails_fast_and_quietly(tmp_path):
     result = run_offline(
         """
         import time
+        import transformers, transformer_lens, huggingface_hub  # imports are not the failure
         from scope import load_model, ScopeError
         start = time.perf_counter()
         try:

@@ -417,7 +417,7 @@ def test_a_write_that_swamps_the_activation_is_refused_at_the_first_forward(tiny
     for steer in (Steer(sae, 3, strength=60 * scale), Steer(sae, 3, value, mode="clamp")):
         with pytest.raises(ScopeError, match=r"times the activation's norm there .*smaller"):
             run_steered(tiny_model, tokens, [steer])
-    assert not tiny_model.hook_dict[HOOK].fwd_hooks  # the refused run left no hook behind
+    assert no_hooks(tiny_model)  # the refused run left no hook behind, TL's or torch's
 
 
 @pytest.mark.parametrize(
