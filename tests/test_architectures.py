@@ -227,13 +227,17 @@ def KINDS_HOOKS(sae):  # noqa: N802 - read as a table lookup
     return codec.read_hook, codec.write_hook
 
 
+def check_evals(model, name, sae, tokens):
+    lengths = (tokens != model.tokenizer.pad_token_id).sum(1)
+    (row,) = evaluate_batches(model, [sae], [(tokens, lengths)], keys=[name])
+    want = _brute_force_ce(model, sae, tokens, lengths)
+    assert row.ce_loss_with_sae == pytest.approx(want, rel=1e-5), name
+    assert row.kl_div_with_sae > 1e-3, name  # the splice changes the model: teeth
+
+
 def test_evals_equal_a_brute_force_splice(kinds, tiny_model, tokens):
-    lengths = (tokens != tiny_model.tokenizer.pad_token_id).sum(1)
     for name, sae in kinds.items():
-        (row,) = evaluate_batches(tiny_model, [sae], [(tokens, lengths)], keys=[name])
-        want = _brute_force_ce(tiny_model, sae, tokens, lengths)
-        assert row.ce_loss_with_sae == pytest.approx(want, rel=1e-5), name
-        assert row.kl_div_with_sae > 1e-3, name  # the splice changes the model: teeth
+        check_evals(tiny_model, name, sae, tokens)
 
 
 def _write_hook_acts(model, sae, tokens, steers):
@@ -274,25 +278,29 @@ def test_clamp_to_own_value_changes_nothing(kinds, tiny_model):
             assert not torch.equal(clean, tiny_model(tokens)), name
 
 
-def test_clamp_and_add_move_the_write_hook_exactly(kinds, tiny_model):
+def check_steering(tiny_model, name, sae):
     tokens = tiny_model.to_tokens(PROMPT)
+    read, write = KINDS_HOOKS(sae)
+    x = site_input(capture(tiny_model, tokens, [read], 2)[read])
+    codes = sae.encode(x)[0]
+    f = int((codes[1:] > 0).sum(0).argmax())
+    clean, got = _write_hook_acts(tiny_model, sae, tokens, [Steer(sae, f, 2.5, mode="clamp")])
+    delta = (got[write] - clean[write])[0, 1:]
+    want = (2.5 - codes[1:, f : f + 1]) * feature_write(sae, f, x[0, 1:])
+    torch.testing.assert_close(delta, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[write][0, 0], clean[write][0, 0])  # never BOS
+    if read != write:
+        assert torch.equal(got[read], clean[read]), name  # the input is untouched
+    clean, got = _write_hook_acts(tiny_model, sae, tokens, [Steer(sae, f, 3.0)])
+    row = sae.W_dec[f]
+    want = 3.0 * row / row.norm()
+    torch.testing.assert_close((got[write] - clean[write])[0, 1:],
+                               want.expand(tokens.shape[1] - 1, -1), rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_clamp_and_add_move_the_write_hook_exactly(kinds, tiny_model):
     for name, sae in kinds.items():
-        read, write = KINDS_HOOKS(sae)
-        x = site_input(capture(tiny_model, tokens, [read], 2)[read])
-        codes = sae.encode(x)[0]
-        f = int((codes[1:] > 0).sum(0).argmax())
-        clean, got = _write_hook_acts(tiny_model, sae, tokens, [Steer(sae, f, 2.5, mode="clamp")])
-        delta = (got[write] - clean[write])[0, 1:]
-        want = (2.5 - codes[1:, f : f + 1]) * feature_write(sae, f, x[0, 1:])
-        torch.testing.assert_close(delta, want, rtol=1e-4, atol=1e-5)
-        assert torch.equal(got[write][0, 0], clean[write][0, 0])  # never BOS
-        if read != write:
-            assert torch.equal(got[read], clean[read]), name  # the input is untouched
-        clean, got = _write_hook_acts(tiny_model, sae, tokens, [Steer(sae, f, 3.0)])
-        row = sae.W_dec[f]
-        want = 3.0 * row / row.norm()
-        torch.testing.assert_close((got[write] - clean[write])[0, 1:],
-                                   want.expand(tokens.shape[1] - 1, -1), rtol=1e-4, atol=1e-5)  # fmt: skip
+        check_steering(tiny_model, name, sae)
 
 
 def test_unsupported_architecture_is_refused_at_load(tmp_path):
@@ -346,3 +354,29 @@ def sae_acts_of(sae, x):
     from scope.codec import encode
 
     return encode(sae, x)
+
+
+def test_skip_transcoder_on_gemma3_records_steers_and_evaluates_exactly(tmp_path):
+    """Gemma Scope 2's transcoder shape on the tiny Gemma 3: a JumpReLU skip transcoder from
+    hook_mlp_in to hook_mlp_out; recording reads the input, steering and splicing edit the
+    output (the input untouched), each equal to its brute-force answer."""
+    from scope import load_model
+
+    model = load_model(fixtures.build_gemma3(tmp_path / "g3", n_layers=3), device="cpu")
+    sae = build_sae(model, "jumprelu_skip_transcoder", tmp_path / "tc")
+    assert sae_info(sae).key == f"L1.tc.{D_SAE}" and codec_of(sae).skip
+    tokens = model.to_tokens([PROMPT, PROMPT[::-1][:60]], padding_side="right")
+    x = site_input(capture(model, tokens, [MLP_IN], 2)[MLP_IN])
+    _, out = reconstruct(sae, x)
+    torch.testing.assert_close(out, sae(x), rtol=1e-6, atol=1e-6)
+    check_evals(model, "tc", sae, tokens)
+    check_steering(model, "tc", sae)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(fixtures.training_text()[10:13]))
+    spec = CorpusSpec(paths=(str(corpus),), ctx=24, max_tokens=300)
+    record(model, [sae], spec, tmp_path / "store", RecordSettings(ctx=24, k=4, samples=3))
+    store = Store(tmp_path / "store")
+    ref = reference(model, sae, build_windows(spec, model.tokenizer), 4, 3)
+    count = [r[0] for r in store.sql("select count from features order by feature").fetchall()]
+    np.testing.assert_array_equal(count, ref.count)
+    assert sum(count) > 0
