@@ -13,6 +13,11 @@ Interventions are hooks at each SAE's own hook point (``blocks.L.hook_resid_post
   on the same tensor adds exactly zero.
 - ``ablate``: clamp to 0.
 
+A transcoder is steered at its output hook (``Steer.hook_name``); a clamp there reads the
+feature's activation from what the transcoder read at its input hook in the same forward
+(a ``Reader`` there hands it over), and decodes through ``scope.codec.feature_write``, so
+SAEs of every architecture the codec serves clamp exactly.
+
 Positions: the prompt, the generated tokens, or all; BOS never. A position is counted from the
 first forward pass of a run: one ``with steering(...)`` block, or one ``generate`` call, where
 each later forward continues the sequence (a KV cache feeds one new token at a time). Every run
