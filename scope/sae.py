@@ -223,8 +223,14 @@ def _from_folder(path: Path, device: str, hook_name: str | None, label: str) -> 
     elif (path / "cfg.json").is_file():
         refuse_unsafe_weights(path)
         sae = SAE.load_from_disk(path, device=device)
-        if hook_name:
+        if hook_name and hook_name != sae.cfg.metadata.hook_name:
             check_hook_name(hook_name)
+            if sae.cfg.metadata.hook_name_out:
+                raise ScopeError(
+                    f"--hook {hook_name} given for the transcoder in {path}: --hook moves an "
+                    "SAE's one hook, but a transcoder reads one hook and writes another; set "
+                    "hook_name and hook_name_out in its cfg.json instead"
+                )
             sae.cfg.metadata.hook_name = hook_name
     else:
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"

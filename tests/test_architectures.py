@@ -380,3 +380,10 @@ def test_skip_transcoder_on_gemma3_records_steers_and_evaluates_exactly(tmp_path
     count = [r[0] for r in store.sql("select count from features order by feature").fetchall()]
     np.testing.assert_array_equal(count, ref.count)
     assert sum(count) > 0
+
+
+def test_hook_override_is_refused_for_a_transcoder(kinds):
+    src = Path(sae_info(kinds["skip_transcoder"]).source)
+    with pytest.raises(ScopeError, match=r"--hook .* transcoder reads one hook and writes another"):
+        load_sae(src, device="cpu", hook="blocks.2.hook_resid_post")
+    assert codec_of(load_sae(src, device="cpu", hook=MLP_IN)).write_hook == MLP_OUT  # its own
