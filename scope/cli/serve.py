@@ -17,14 +17,21 @@ LOCAL = {"127.0.0.1", "localhost", "::1"}
 
 
 def app_script() -> Path:
-    """app/Home.py beside the scope package (a checkout or an editable install)."""
-    home = Path(__file__).resolve().parents[2] / "app" / "Home.py"
-    if not home.is_file():
-        raise ScopeError(
-            f"the explorer's pages are not at {home.parent}: run `scope app` from a checkout of "
-            "the workbench (pip install -e .)"
-        )
-    return home
+    """The explorer's Home.py: app/ of a checkout or an editable install, or the installed
+    package's scope/explorer/ (pyproject.toml ships app/ under that name)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scope.explorer")
+    where = list(spec.submodule_search_locations or []) if spec else []
+    where.append(str(Path(__file__).resolve().parents[2] / "app"))
+    for folder in where:
+        home = Path(folder) / "Home.py"
+        if home.is_file():
+            return home
+    raise ScopeError(
+        f"the explorer's pages are not in {' or '.join(where)}: reinstall the workbench "
+        "(pip install gemma-scope-workbench, or pip install -e . in a checkout)"
+    )
 
 
 def check_port(address: str, port: int) -> None:
