@@ -91,9 +91,7 @@ def chat_tokens(
         if not getattr(tok, "chat_template", None):
             raise ScopeError(f"{name} has no chat template: pass raw text (chat=False / --raw)")
         try:
-            ids = tok.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True
-            )
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         except Exception as e:  # jinja's own errors, e.g. Gemma 2 has no system role
             raise ScopeError(f"{name}'s chat template refused the messages: {e}") from None
         if hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
@@ -197,7 +195,9 @@ def generate_rows(
     stops there; the batch ends when every row has."""
     out: list[list[int]] = [[] for _ in rows]
     for step in row_steps(model, tokens, sampling, rows, seeds=seeds, store=store):
-        for i, (token, alive) in enumerate(zip(step.tokens.tolist(), step.live.tolist(), strict=True)):
+        for i, (token, alive) in enumerate(
+            zip(step.tokens.tolist(), step.live.tolist(), strict=True)
+        ):
             if alive:
                 out[i].append(token)
     return out

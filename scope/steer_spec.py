@@ -73,7 +73,9 @@ class SteerSpec:
         if isinstance(self.strength, bool) or not isinstance(self.strength, int | float):
             raise SpecError("strength", f"{self.strength!r} is not a number: give e.g. 8 or -4")
         if not math.isfinite(self.strength):
-            raise SpecError("strength", f"{self.strength} is not a finite number: give e.g. 8 or -4")
+            raise SpecError(
+                "strength", f"{self.strength} is not a finite number: give e.g. 8 or -4"
+            )
         limit = STRENGTH_LIMITS[self.unit]
         if abs(self.strength) > limit:
             raise SpecError(

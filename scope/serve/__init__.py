@@ -17,12 +17,13 @@ batch (``scope.serve.engine``). ``run`` serves an app with uvicorn after the saf
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scope.errors import ScopeError
-from scope.serve.app import Served, create_app
-from scope.serve.requests import ApiError, Limits
+
+if TYPE_CHECKING:
+    from scope.serve.app import Served, create_app
+    from scope.serve.requests import ApiError, Limits
 
 LOCAL = {"127.0.0.1", "localhost", "::1"}
 """Addresses only this machine can reach."""
@@ -30,7 +31,17 @@ LOCAL = {"127.0.0.1", "localhost", "::1"}
 GRACE_SECONDS = 5
 """On Ctrl-C, requests in flight get this long to finish before they are cancelled."""
 
-log = logging.getLogger("scope.serve")
+_LAZY = {"Served": "scope.serve.app", "create_app": "scope.serve.app",
+         "ApiError": "scope.serve.requests", "Limits": "scope.serve.requests"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    # the app and its model libraries load on first use: the CLI imports LOCAL cheaply
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scope.serve' has no attribute {name!r}")
 
 
 def check_address(address: str, api_key: str | None, no_auth: bool) -> str | None:

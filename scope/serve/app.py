@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from scope.errors import ScopeError
-from scope.generate import Sampling, chat_tokens, uses_chat
+from scope.generate import Sampling, chat_tokens
 from scope.serve.engine import Engine, Event, Job, Row, ShuttingDown, Token
 from scope.serve.requests import ApiError, Limits, Request, bad, read_request
 from scope.steer import Steer
@@ -172,9 +172,13 @@ def _plan(served: Served, req: Request) -> Plan:
     tokens = chat_tokens(model, req.messages, served.chat if req.chat else False, 0)
     n_prompt = tokens.shape[1]
     room = model.cfg.n_ctx - n_prompt
-    max_tokens = req.max_tokens if req.max_tokens is not None else min(served.limits.max_tokens, room)
+    max_tokens = (
+        req.max_tokens if req.max_tokens is not None else min(served.limits.max_tokens, room)
+    )
     if max_tokens > room or room < 1:
-        name = "max_tokens" if req.max_tokens is not None else ("messages" if req.chat else "prompt")
+        name = (
+            "max_tokens" if req.max_tokens is not None else ("messages" if req.chat else "prompt")
+        )
         raise bad(name, f"the prompt is {n_prompt} tokens and {max_tokens} more are asked for: "
                   f"{n_prompt + max_tokens} > the model's context of {model.cfg.n_ctx}; shorten "
                   "the prompt or lower max_tokens")  # fmt: skip
@@ -185,7 +189,9 @@ def _plan(served: Served, req: Request) -> Plan:
     rows = [Row(steers=steers, seed=req.seed + j, length=max_tokens) for j in range(req.n)]
     if req.compare:
         rows += [Row(steers=[], seed=req.seed + j, length=max_tokens) for j in range(req.n)]
-    return Plan(request=req, tokens=tokens, sampling=sampling, steers=steers, specs=list(specs), rows=rows)
+    return Plan(
+        request=req, tokens=tokens, sampling=sampling, steers=steers, specs=list(specs), rows=rows
+    )
 
 
 class Choice:
@@ -252,11 +258,15 @@ def _completion_logprobs(tok: Any, tokens: list[Token], offset: int) -> dict[str
             "text_offset": offsets}  # fmt: skip
 
 
-async def _complete(served: Served, engine: Engine, request: HttpRequest, *, chat: bool) -> Response:
+async def _complete(
+    served: Served, engine: Engine, request: HttpRequest, *, chat: bool
+) -> Response:
     if denied := _check_key(served, request):
         return denied
     try:
-        req = read_request(await _body(served, request), chat=chat, served=served.name, limits=served.limits)
+        req = read_request(
+            await _body(served, request), chat=chat, served=served.name, limits=served.limits
+        )
         plan = _plan(served, req)
     except ApiError as e:
         return JSONResponse(e.body(), status_code=e.status)
@@ -271,7 +281,9 @@ async def _complete(served: Served, engine: Engine, request: HttpRequest, *, cha
         except RuntimeError:  # the loop is gone: nobody is listening
             job.cancel()
 
-    job = Job(tokens=plan.tokens, sampling=plan.sampling, rows=plan.rows, logprobs=req.logprobs, emit=emit)
+    job = Job(
+        tokens=plan.tokens, sampling=plan.sampling, rows=plan.rows, logprobs=req.logprobs, emit=emit
+    )
     engine.submit(job)
     reply = Reply(served, plan, job, chat)
     first = await _next(events, request, job)
@@ -340,7 +352,11 @@ class Reply:
             if c.finish is not None:
                 self.job.stop_row(t.row)
             text, toks, ids = new.get(t.row, ("", [], []))
-            new[t.row] = (text + c.piece(), toks + ([t] if t.logprob is not None else []), ids + [t.id])
+            new[t.row] = (
+                text + c.piece(),
+                toks + ([t] if t.logprob is not None else []),
+                ids + [t.id],
+            )
         self.over = event.done or all(c.finish is not None for c in self.choices)
         if self.over:
             for c in self.choices:
@@ -355,7 +371,9 @@ class Reply:
         if self.plan.request.logprobs is None:
             return None
         tok = self.served.model.tokenizer
-        return _chat_logprobs(tok, tokens) if self.chat else _completion_logprobs(tok, tokens, offset)
+        return (
+            _chat_logprobs(tok, tokens) if self.chat else _completion_logprobs(tok, tokens, offset)
+        )
 
     def _usage(self) -> dict[str, int]:
         prompt = int(self.plan.tokens.shape[1])
@@ -383,7 +401,9 @@ class Reply:
             out[key].append(item)
         return out
 
-    async def stream(self, first: Event, events: asyncio.Queue[Event], request: HttpRequest) -> AsyncIterator[str]:
+    async def stream(
+        self, first: Event, events: asyncio.Queue[Event], request: HttpRequest
+    ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         sent_role: set[int] = set()
         event: Event | None = first
@@ -427,7 +447,11 @@ class Reply:
             item["delta"] = delta
         else:
             item["text"] = text or ""
-        chunk = self._head(kind) | {"choices": [], key: [item]} if key != "choices" else self._head(kind) | {"choices": [item]}
+        chunk = (
+            self._head(kind) | {"choices": [], key: [item]}
+            if key != "choices"
+            else self._head(kind) | {"choices": [item]}
+        )
         return f"data: {json.dumps(chunk)}\n\n"
 
 

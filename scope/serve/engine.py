@@ -101,7 +101,13 @@ class Job:
     def group(self) -> tuple[Any, ...]:
         """Requests with the same group run as one batch."""
         s = self.sampling
-        return (tuple(self.tokens[0].tolist()), s.temperature, s.top_p, s.freq_penalty, s.stop_at_eos)
+        return (
+            tuple(self.tokens[0].tolist()),
+            s.temperature,
+            s.top_p,
+            s.freq_penalty,
+            s.stop_at_eos,
+        )
 
 
 class Run:
@@ -151,13 +157,18 @@ class Run:
             if self.done[k]:
                 continue
             self.made[k] += 1
-            finish = "stop" if ids[k] in self.ends else "length" if self.made[k] >= row.length else None
+            finish = (
+                "stop" if ids[k] in self.ends else "length" if self.made[k] >= row.length else None
+            )
             self.done[k] = finish is not None
             lp = tops = None
             if job.logprobs is not None and logp is not None:
                 lp = float(logp[k, ids[k]])
                 if top is not None and job.logprobs:
-                    vals, idx = top.values[k, : job.logprobs].tolist(), top.indices[k, : job.logprobs].tolist()
+                    vals, idx = (
+                        top.values[k, : job.logprobs].tolist(),
+                        top.indices[k, : job.logprobs].tolist(),
+                    )
                     tops = list(zip(idx, vals, strict=True))
                 else:
                     tops = []
@@ -181,6 +192,23 @@ class Run:
             self.steps.close()  # type: ignore[attr-defined]
 
 
+@dataclass
+class Stats:
+    """Counts of what an engine ran."""
+
+    batches: int = 0
+    """Batches started (a retried batch counts again)."""
+    rows: int = 0
+    """Generations started."""
+    largest: int = 0
+    """Rows in the largest batch."""
+
+    def count(self, run: Run) -> None:
+        self.batches += 1
+        self.rows += len(run.rows)
+        self.largest = max(self.largest, len(run.rows))
+
+
 class Engine:
     """Runs jobs on ``model`` in its own thread (``start``/``close``)."""
 
@@ -190,10 +218,14 @@ class Engine:
         self.runs: list[Run] = []
         self.thread: threading.Thread | None = None
         self.closing = threading.Event()
+        self.stats = Stats()
+        """What it has run so far: batches, rows, the largest batch."""
 
     def start(self) -> None:
         if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name="scope-serve-engine", daemon=True)
+            self.thread = threading.Thread(
+                target=self._loop, name="scope-serve-engine", daemon=True
+            )
             self.thread.start()
 
     def submit(self, job: Job) -> None:
@@ -228,6 +260,7 @@ class Engine:
         while not self.closing.is_set():
             for group in _groups(self._take(block=not self.runs)):
                 self.runs.append(Run(self.model, group))
+                self.stats.count(self.runs[-1])
             for run in list(self.runs):
                 if self.closing.is_set():
                     break
@@ -278,4 +311,4 @@ def _groups(jobs: Sequence[Job]) -> list[list[Job]]:
     return list(found.values())
 
 
-__all__ = ["Engine", "Event", "Job", "Row", "ShuttingDown", "Token"]
+__all__ = ["Engine", "Event", "Job", "Row", "ShuttingDown", "Stats", "Token"]

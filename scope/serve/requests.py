@@ -32,7 +32,9 @@ class ApiError(Exception):
         return {
             "error": {
                 "message": self.message,
-                "type": kind.get(self.status, "invalid_request_error" if self.status < 500 else "server_error"),
+                "type": kind.get(
+                    self.status, "invalid_request_error" if self.status < 500 else "server_error"
+                ),
                 "param": self.param,
                 "code": self.code,
             }
@@ -96,14 +98,14 @@ UNSUPPORTED: dict[str, Any] = {
 def read_request(data: Any, *, chat: bool, served: str, limits: Limits) -> Request:
     """Check a request body (parsed JSON) for the chat or completions endpoint."""
     if not isinstance(data, dict):
-        raise bad("body", "must be a JSON object like {\"model\": ..., \"messages\": [...]}")
+        raise bad("body", 'must be a JSON object like {"model": ..., "messages": [...]}')
     model = data.get("model")
     if model is not None and model != served:
         raise ApiError(404, f"model: {model!r} is not served here; this server serves {served!r} "
                        "(GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
     for name, noop in UNSUPPORTED.items():
         if data.get(name, noop) not in (noop, None):
-            raise bad(name, f"is not supported by this server: leave it out")
+            raise bad(name, "is not supported by this server: leave it out")
     messages = _messages(data.get("messages")) if chat else _prompt(data.get("prompt"))
     max_tokens = data.get("max_completion_tokens") if chat else None
     name = "max_completion_tokens" if max_tokens is not None else "max_tokens"
@@ -127,7 +129,11 @@ def read_request(data: Any, *, chat: bool, served: str, limits: Limits) -> Reque
     _whole("seed", seed, 0, 2**63 - 1 - limits.n, "a non-negative whole number")
     stop = data.get("stop")
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
         raise bad("stop", "give a string or a list of up to 4 non-empty strings")
     n = data.get("n", 1)
     _whole("n", n, 1, limits.n, "this server's cap")
@@ -155,7 +161,10 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if role not in ("system", "user", "assistant"):
             raise bad(f"{where}.role", f"{role!r} is not one of system, user, assistant")
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
                 raise bad(f"{where}.content", "only text parts ({\"type\": \"text\", \"text\": ...}) are supported")  # fmt: skip
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
@@ -218,7 +227,9 @@ def _steers(value: Any, limits: Limits) -> list[SteerSpec] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise bad("steer", 'give a list like [{"sae": "L12.res.16k", "feature": 1234, "strength": 8}]')
+        raise bad(
+            "steer", 'give a list like [{"sae": "L12.res.16k", "feature": 1234, "strength": 8}]'
+        )
     if len(value) > limits.steers:
         raise bad("steer", f"{len(value)} steers: give at most {limits.steers}")
     specs = []
