@@ -1,6 +1,7 @@
 """Generation, plain or steered: the prompt as tokens, a seeded sampler, tokens as a stream.
 
 - ``prompt_tokens`` formats a prompt (Gemma's chat template for -it models, or raw text);
+  ``chat_tokens`` a conversation;
 - ``sample_token`` picks the next token from logits and one uniform draw (``sample_rows``: a
   batch of rows at once, each with its own draw);
 - ``generate`` yields continuation tokens one at a time (KV cache on) with steers active, with
@@ -8,7 +9,8 @@
   torch RNG is never touched, and two runs with the same seed draw the same numbers whatever
   their steers, so a baseline and a steered run differ only by the steering;
 - ``generate_rows`` makes many such runs as one batch (a row per run, each with its own steers
-  and its own generator), as a strength sweep does;
+  and its own generator), as a strength sweep does; ``row_steps`` gives the same batch step by
+  step with each step's logits (a server streams it, with log-probabilities);
 - ``text_stream`` turns a token stream into text pieces (``st.write_stream``, a terminal);
 - ``compare`` generates the baseline and the steered continuation of one prompt.
 """
@@ -18,14 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 
 from scope.errors import ScopeError
-from scope.fit import check_fit
-from scope.steer import Steer, attach, build_hooks, build_row_hooks, check_steers
+from scope.steer import Steer, attach, build_row_hooks, check_steers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,20 +68,38 @@ def prompt_tokens(
     models), else raw. Refuses an empty prompt or one that leaves no room in the context."""
     if not prompt or not prompt.strip():
         raise ScopeError("the prompt is empty: give some text to continue")
+    return chat_tokens(model, [{"role": "user", "content": prompt}], chat, max_new_tokens)
+
+
+def uses_chat(model: Any, chat: bool | None) -> bool:
+    """Whether prompts to ``model`` go through its chat template: ``chat``, or when None, for
+    -it models only."""
     name = str(getattr(model, "scope_source", model.cfg.model_name))
-    use_chat = chat if chat is not None else name.rstrip("/").endswith("-it")
+    return chat if chat is not None else name.rstrip("/").endswith("-it")
+
+
+def chat_tokens(
+    model: Any, messages: Sequence[dict[str, str]], chat: bool | None, max_new_tokens: int
+) -> Int[torch.Tensor, "1 pos"]:
+    """A conversation (``[{"role": "user", "content": ...}, ...]``) as tokens, BOS first: in
+    the model's chat template with the model's turn opened when ``chat`` (None: for -it
+    models), else the contents as plain text, one after another on their own lines. Refuses
+    one that leaves no room for ``max_new_tokens`` in the context."""
+    name = str(getattr(model, "scope_source", model.cfg.model_name))
     tok = model.tokenizer
-    if use_chat:
+    if uses_chat(model, chat):
         if not getattr(tok, "chat_template", None):
             raise ScopeError(f"{name} has no chat template: pass raw text (chat=False / --raw)")
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        try:
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # jinja's own errors, e.g. Gemma 2 has no system role
+            raise ScopeError(f"{name}'s chat template refused the messages: {e}") from None
         if hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
             ids = ids["input_ids"]
         tokens = torch.tensor([list(ids)], dtype=torch.long)
     else:
-        tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)  # count them all
+        text = "\n\n".join(m["content"] for m in messages)
+        tokens = model.to_tokens(text, prepend_bos=True, truncate=False)  # count them all
     total = tokens.shape[1] + max_new_tokens
     if total > model.cfg.n_ctx:
         raise ScopeError(
@@ -130,7 +149,8 @@ def sample_rows(
     return order.gather(-1, index[:, None])[:, 0] if order is not None else index
 
 
-def _end_tokens(tokenizer: Any) -> set[int]:
+def end_tokens(tokenizer: Any) -> set[int]:
+    """The tokens a generation stops at: <eos> and <end_of_turn>, where the tokenizer has them."""
     ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
     return {int(t) for t in ends - {None, tokenizer.unk_token_id}}
 
@@ -148,16 +168,14 @@ def generate(
     *,
     store: Any = None,
 ) -> Iterator[int]:
-    """Continuation tokens of ``tokens``, one at a time, with ``steers`` on (``store`` for unit
-    "max"). The steers are checked now; the tokens come as the iterator is read. Each call is
-    one run with fresh hooks, put on the model only for each forward pass, so the model is
-    plain between tokens and after the run however it ends. Random numbers come from this
-    run's generator seeded from ``sampling.seed``: the same seed draws the same numbers."""
-    for s in steers:
-        check_fit(model, s.sae)
-    hooks = build_hooks(steers, tokens.shape[1], store)
-    draws = _draws(sampling.seed, sampling.max_new_tokens)[None]
-    return (int(step[0]) for step, _ in _steps(model, tokens, sampling, hooks, draws))
+    """Continuation tokens of ``tokens``, one at a time, with ``steers`` on (``store`` gives
+    unit-max steers their max). The steers are checked now; the tokens come as the iterator
+    is read. Each call is one run with fresh hooks, put on the model only for each forward
+    pass, so the model is plain between tokens and after the run however it ends. Random
+    numbers come from this run's generator seeded from ``sampling.seed``: the same seed draws
+    the same numbers."""
+    steps = row_steps(model, tokens, sampling, [steers], store=store)
+    return (int(step.tokens[0]) for step in steps)
 
 
 def generate_rows(
@@ -175,22 +193,58 @@ def generate_rows(
     gives what ``generate(model, tokens, sampling, rows[i])`` with that seed gives, up to
     rounding (a batch may pick other kernels than one row). A row that reaches an end token
     stops there; the batch ends when every row has."""
-    if not rows:
-        raise ScopeError("no rows to generate: give at least one list of steers (empty: unsteered)")
-    seeds = [sampling.seed] * len(rows) if seeds is None else list(seeds)
-    if len(seeds) != len(rows):
-        raise ScopeError(f"{len(seeds)} seeds for {len(rows)} rows: give one seed per row")
-    for row in rows:
-        for s in row:
-            check_fit(model, s.sae)
-    hooks = build_row_hooks(rows, tokens.shape[1], store)
-    draws = torch.stack([_draws(seed, sampling.max_new_tokens) for seed in seeds])
     out: list[list[int]] = [[] for _ in rows]
-    for step, live in _steps(model, tokens, sampling, hooks, draws):
-        for i, (token, alive) in enumerate(zip(step.tolist(), live.tolist(), strict=True)):
+    for step in row_steps(model, tokens, sampling, rows, seeds=seeds, store=store):
+        for i, (token, alive) in enumerate(
+            zip(step.tokens.tolist(), step.live.tolist(), strict=True)
+        ):
             if alive:
                 out[i].append(token)
     return out
+
+
+class Step(NamedTuple):
+    """One step of a batched generation."""
+
+    tokens: Int[torch.Tensor, " batch"]
+    """Each row's next token (rows that ended draw on, unread)."""
+    live: Bool[torch.Tensor, " batch"]
+    """Rows still going when it was drawn: not past an end token nor their length."""
+    logits: Float[torch.Tensor, "batch d_vocab"]
+    """The logits each row's token was drawn from, steering on, before any sampling setting."""
+
+
+def row_steps(
+    model: Any,
+    tokens: Int[torch.Tensor, "1 pos"],
+    sampling: Sampling,
+    rows: Sequence[Sequence[Steer]],
+    *,
+    seeds: Sequence[int] | None = None,
+    lengths: Sequence[int] | None = None,
+    store: Any = None,
+) -> Iterator[Step]:
+    """``generate_rows`` step by step: row i runs with the steers ``rows[i]``, draws from its
+    own generator seeded with ``seeds[i]`` (default ``sampling.seed``) and makes at most
+    ``lengths[i]`` tokens (default ``sampling.max_new_tokens``), so it draws exactly the
+    numbers ``generate`` with that seed and ``max_new_tokens`` draws. The steers are checked
+    now; steps run as the iterator is read, and stop when every row has ended."""
+    if not rows:
+        raise ScopeError("no rows to generate: give at least one list of steers (empty: unsteered)")
+    seeds = [sampling.seed] * len(rows) if seeds is None else list(seeds)
+    lengths = [sampling.max_new_tokens] * len(rows) if lengths is None else list(lengths)
+    for name, given in (("seeds", seeds), ("lengths", lengths)):
+        if len(given) != len(rows):
+            raise ScopeError(f"{len(given)} {name} for {len(rows)} rows: give one per row")
+    if min(lengths) < 1:
+        raise ScopeError(f"lengths {lengths} must each be at least 1 token")
+    ready = [check_steers(model, row, store) for row in rows]
+    hooks = build_row_hooks(ready, tokens.shape[1])
+    longest = max(lengths)
+    draws = torch.zeros(len(rows), longest, dtype=torch.float64)
+    for i, (seed, n) in enumerate(zip(seeds, lengths, strict=True)):
+        draws[i, :n] = _draws(seed, n)
+    return _steps(model, tokens, sampling, hooks, draws, torch.tensor(lengths))
 
 
 @torch.inference_mode()
@@ -200,14 +254,17 @@ def _steps(
     sampling: Sampling,
     hooks: list[tuple[str, Any]],
     draws: Float[torch.Tensor, "batch steps"],
-) -> Iterator[tuple[Int[torch.Tensor, " batch"], Bool[torch.Tensor, " batch"]]]:
-    """Each step's next token of every row, and which rows were still going (had not yet made
-    an end token) when it was drawn. Rows that ended run on, unread: rows never mix."""
+    lengths: Int[torch.Tensor, " batch"],
+) -> Iterator[Step]:
+    """Each step's next token of every row, which rows were still going (had not yet made an
+    end token nor reached their length) when it was drawn, and the logits. Rows that ended run
+    on, unread: rows never mix."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     n_rows, device = draws.shape[0], tokens.device
-    ends = _end_tokens(model.tokenizer) if sampling.stop_at_eos else set()
+    ends = end_tokens(model.tokenizer) if sampling.stop_at_eos else set()
     end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
+    lengths = lengths.to(device)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
 
     def next_logits(step: torch.Tensor) -> torch.Tensor:
@@ -221,8 +278,8 @@ def _steps(
     live = torch.ones(n_rows, dtype=torch.bool, device=device)
     for i in range(draws.shape[1]):
         step = sample_rows(logits, sampling, draws[:, i], counts)
-        yield step, live
-        live = live & ~torch.isin(step, end_ids)
+        yield Step(step, live, logits)
+        live = live & ~torch.isin(step, end_ids) & (lengths > i + 1)
         if i + 1 == draws.shape[1] or not bool(live.any()):
             return
         if counts is not None:
@@ -287,11 +344,11 @@ def compare(
         )
     sampling = sampling or Sampling(**sampling_kw)
     tokens = prompt_tokens(model, prompt, sampling.chat, sampling.max_new_tokens)
-    check_steers(model, steers, store)  # before the baseline runs
+    ready = check_steers(model, steers, store)  # before the baseline runs
     out: dict[str, list[int]] = {}
-    for which, active in (("baseline", ()), ("steered", steers)):
+    for which, active in (("baseline", []), ("steered", ready)):
         out[which] = []
-        for token in generate(model, tokens, sampling, active, store=store):
+        for token in generate(model, tokens, sampling, active):
             out[which].append(token)
             if on_token:
                 on_token(which, token)
@@ -311,10 +368,14 @@ def compare(
 __all__ = [
     "Comparison",
     "Sampling",
+    "Step",
+    "chat_tokens",
     "compare",
     "generate",
     "generate_rows",
     "prompt_tokens",
+    "row_steps",
+    "uses_chat",
     "sample_rows",
     "sample_token",
     "text_stream",

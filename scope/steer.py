@@ -4,8 +4,9 @@ Interventions are hooks at each SAE's own hook point (``blocks.L.hook_resid_post
 
 - ``add``: x += strength * W_dec[f] / |W_dec[f]| (``unit="absolute"``), or strength times the
   norm of x at that position along the same direction (``unit="norm"``), or x += strength *
-  max_f * W_dec[f] (``unit="max"``, needs a store): what the feature writes when it fires at
-  strength times its recorded max, the same intervention however the SAE's decoder rows are
+  max_f * W_dec[f] (``unit="max"``): what the feature writes when it fires at strength times
+  its recorded max ``max_f`` (``Steer.max_act``: a number, read once from a store by whoever
+  holds it, ``feature_max`` or ``with_maxes``; the steering math never opens a store), the same intervention however the SAE's decoder rows are
   scaled (Gemma Scope's have unit norm; SAEs trained elsewhere often do not).
 - ``clamp``: encode x, set feature f to ``strength``, decode, and keep the SAE's error term. As
   decoding is linear this is x += (strength - a_f(x)) * W_dec[f]: nothing else changes. a_f(x)
@@ -24,6 +25,10 @@ each later forward continues the sequence (a KV cache feeds one new token at a t
 builds fresh hooks, so positions never carry over from one run to the next, and the hooks are
 removed when the run ends, also after an exception.
 
+One serialisable form names a steer by its SAE's key for every face (an HTTP request, the
+CLI, the lab, saved experiments): ``scope.steer_spec.SteerSpec``, resolved into ``Steer``
+objects against the loaded SAEs.
+
 Batches: every row runs with the same steers (``build_hooks``), or row i with its own list
 (``build_row_hooks``). Steers that differ only in strength share one hook with a strength per
 row, so the points of a strength sweep run as one batch through the same steering math.
@@ -34,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -72,9 +77,12 @@ class Steer:
     mode: str = "add"
     """add, clamp or ablate."""
     unit: str = "absolute"
-    """add only: absolute, max (the feature's recorded max, needs a store) or norm (of x)."""
+    """add only: absolute, max (the feature's recorded max, ``max_act``) or norm (of x)."""
     positions: str = "all"
     """prompt, generated or all. BOS is never steered."""
+    max_act: float | None = None
+    """unit max: the feature's recorded max activation (``feature_max`` reads it from a store;
+    ``with_maxes`` fills it in for a list of steers); unused by other units."""
 
     def __post_init__(self) -> None:
         d_sae = self.sae.cfg.d_sae
@@ -100,6 +108,10 @@ class Steer:
         if self.unit != "absolute" and self.mode != "add":
             raise ScopeError(
                 f"unit {self.unit!r} applies to mode 'add' only; clamp values are activations"
+            )
+        if self.max_act is not None and not (math.isfinite(self.max_act) and self.max_act > 0):
+            raise ScopeError(
+                f"max_act {self.max_act} must be a positive number: the feature's recorded max"
             )
 
     @property
@@ -135,23 +147,51 @@ class Steer:
         }
 
 
-def _max_activation(store: Any, steer: Steer) -> float:
-    """The feature's recorded max, from the store's SAE with the same weights."""
-    key = recorded_key(steer.sae, store.saes)
+def feature_max(store: Any, sae: Any, feature: int) -> float:
+    """The feature's recorded max activation in ``store`` (its SAE with the same weights), for
+    ``Steer(..., unit="max", max_act=...)``. Refuses an SAE the store did not record and a
+    feature that never fired."""
+    key = recorded_key(sae, store.saes)
     if key is None:
         raise ScopeError(
-            f"the store {store.root} did not record this SAE ({steer.key}; it has "
+            f"the store {store.root} did not record this SAE ({sae_info(sae).key}; it has "
             f"{', '.join(store.saes)}): record it, or steer with unit 'absolute'"
         )
     rows = store.sql(
-        "select max from features where sae = ? and feature = ?", [key, steer.feature]
+        "select max from features where sae = ? and feature = ?", [key, feature]
     ).fetchall()
     top = float(rows[0][0]) if rows else 0.0
     if top <= 0:
         raise ScopeError(
-            f"{key}/{steer.feature} never fired in {store.root}: its max is 0, so unit 'max' means nothing"
+            f"{key}/{feature} never fired in {store.root}: its max is 0, so unit 'max' means nothing"
         )
     return top
+
+
+def with_maxes(steers: Sequence[Steer], store: Any = None) -> list[Steer]:
+    """``steers`` with every unit-max steer's ``max_act`` filled in from ``store`` (looked up
+    once per feature); steers that have it, or need none, are kept as they are. Refuses a
+    unit-max steer without its max when there is no store."""
+    found: dict[tuple[int, int], float] = {}
+    out = []
+    for s in steers:
+        if s.unit != "max" or s.max_act is not None:
+            out.append(s)
+            continue
+        if store is None:
+            raise _needs_max(s)
+        at = (id(s.sae), s.feature)
+        if at not in found:
+            found[at] = feature_max(store, s.sae, s.feature)
+        out.append(replace(s, max_act=found[at]))
+    return out
+
+
+def _needs_max(s: Steer) -> ScopeError:
+    return ScopeError(
+        f"{s.key}/{s.feature}: unit 'max' needs a recorded store (--store), or the feature's "
+        "max as max_act"
+    )
 
 
 class RowSteer(NamedTuple):
@@ -162,7 +202,8 @@ class RowSteer(NamedTuple):
     rows: slice | list[int]
     """The batch rows it applies to: a slice when they are consecutive (every row: ``slice(None)``)."""
     amounts: torch.Tensor
-    """[len(rows)] float64: per row, add's strength times its unit scale, or clamp's value."""
+    """[len(rows)] float64: per row, add's strength (times the recorded max for unit "max"),
+    or clamp's value."""
 
 
 class Intervention:
@@ -171,15 +212,11 @@ class Intervention:
     a second forward of several positions is a new sequence and is refused (build new hooks).
     Each steer applies to its rows of the batch at its row's strength (``build_row_hooks``)."""
 
-    def __init__(
-        self, groups: list[RowSteer], prompt_len: int, scales: dict[int, float], batch: int | None
-    ) -> None:
+    def __init__(self, groups: list[RowSteer], prompt_len: int, batch: int | None) -> None:
         self.groups = groups
         """The steers at this hook point with their rows, applied in order."""
         self.prompt_len = prompt_len
         """Positions before this are the prompt; from it on, generated tokens."""
-        self.scales = scales
-        """id(steer) -> its recorded max, for unit "max"."""
         self.batch = batch
         """The batch size the rows were built for; None: any (every steer on every row)."""
         self.seen = 0
@@ -318,37 +355,29 @@ def _apply(
     )
 
 
-def build_hooks(
-    steers: Sequence[Steer], prompt_len: int, store: Any = None
-) -> list[tuple[str, Intervention]]:
+def build_hooks(steers: Sequence[Steer], prompt_len: int) -> list[tuple[str, Intervention]]:
     """Fresh (hook name, Intervention) pairs for ONE run, one per hook point, that apply
     ``steers`` to every row of any batch; positions count from the first forward they see.
-    ``steering`` and ``generate`` build their own per run."""
-    return _build([steers], prompt_len, store, every_row=True)
+    Unit-max steers carry their max (``with_maxes``). ``steering`` and ``generate`` build
+    their own per run."""
+    return _build([steers], prompt_len, every_row=True)
 
 
 def build_row_hooks(
-    rows: Sequence[Sequence[Steer]], prompt_len: int, store: Any = None
+    rows: Sequence[Sequence[Steer]], prompt_len: int
 ) -> list[tuple[str, Intervention]]:
     """Like ``build_hooks`` for a batch of ``len(rows)`` sequences where row i runs with the
     steers ``rows[i]`` (none: unsteered). Steers that differ only in strength share one
     hook: ``rows=[[Steer(sae, f, strength=s)] for s in (0, 4, 8)]`` is a strength sweep."""
-    return _build(rows, prompt_len, store, every_row=False)
+    return _build(rows, prompt_len, every_row=False)
 
 
 def _build(
-    rows: Sequence[Sequence[Steer]], prompt_len: int, store: Any, every_row: bool
+    rows: Sequence[Sequence[Steer]], prompt_len: int, every_row: bool
 ) -> list[tuple[str, Intervention]]:
-    flat = [s for row in rows for s in row]
-    missing = [s for s in flat if s.unit == "max" and store is None]
-    if missing:
-        raise ScopeError(
-            f"{missing[0].key}/{missing[0].feature}: unit 'max' needs a recorded store (--store)"
-        )
-    maxes: dict[tuple[int, int], float] = {}
-    for s in flat:
-        if s.unit == "max" and (id(s.sae), s.feature) not in maxes:
-            maxes[id(s.sae), s.feature] = _max_activation(store, s)
+    for s in (s for row in rows for s in row):
+        if s.unit == "max" and s.max_act is None:
+            raise _needs_max(s)
     # per hook point: the j-th steer of a row at that hook, by everything but its strength
     found: dict[str, dict[tuple[Any, ...], tuple[Steer, list[int], list[float]]]] = {}
     for r, row in enumerate(rows):
@@ -356,27 +385,27 @@ def _build(
         for s in row:
             j = count[s.hook_name] = count.get(s.hook_name, -1) + 1
             key = (j, id(s.sae), s.feature, s.mode, s.unit, s.positions)
-            _, where, strengths = found.setdefault(s.hook_name, {}).setdefault(key, (s, [], []))
+            _, where, amounts = found.setdefault(s.hook_name, {}).setdefault(key, (s, [], []))
             where.append(r)
-            strengths.append(s.strength)
+            amounts.append(_amount(s))
     hooks = []
     for hook, groups in found.items():
-        made, scales = [], {}
+        made = []
         for key in sorted(groups, key=lambda k: k[0]):  # stable: each row keeps its order
-            s, where, strengths = groups[key]
-            scale = maxes.get((id(s.sae), s.feature), 1.0)
-            if s.unit == "max":
-                scales[id(s)] = scale
-            amounts = torch.tensor(strengths, dtype=torch.float64)
-            if s.mode == "add":
-                amounts = amounts * scale
-            elif s.mode == "ablate":
-                amounts = torch.zeros_like(amounts)
-            made.append(RowSteer(s, slice(None) if every_row else _rows(where), amounts))
-        hooks.append(
-            (hook, Intervention(made, prompt_len, scales, None if every_row else len(rows)))
-        )
+            s, where, amounts = groups[key]
+            rows_at = slice(None) if every_row else _rows(where)
+            made.append(RowSteer(s, rows_at, torch.tensor(amounts, dtype=torch.float64)))
+        hooks.append((hook, Intervention(made, prompt_len, None if every_row else len(rows))))
     return hooks
+
+
+def _amount(s: Steer) -> float:
+    """What a steer's hook applies: add's strength (times the max for unit "max"), clamp's value."""
+    if s.mode == "ablate":
+        return 0.0
+    if s.mode == "add" and s.unit == "max":
+        return s.strength * float(s.max_act or 0.0)
+    return s.strength
 
 
 def _rows(where: list[int]) -> slice | list[int]:
@@ -386,12 +415,15 @@ def _rows(where: list[int]) -> slice | list[int]:
     return where
 
 
-def check_steers(model: Any, steers: Sequence[Steer], store: Any = None) -> None:
+def check_steers(model: Any, steers: Sequence[Steer], store: Any = None) -> list[Steer]:
     """Raise a ScopeError now, before anything runs, for a steer that cannot run on ``model``:
-    an SAE that does not fit it, or unit max without a store or with a feature that never fired."""
+    an SAE that does not fit it, or unit max without its max (no store, or a feature that
+    never fired). Gives the steers with their maxes filled in (``with_maxes``)."""
     for s in steers:
         check_fit(model, s.sae)
-    build_hooks(steers, 1, store)
+    ready = with_maxes(steers, store)
+    build_hooks(ready, 1)
+    return ready
 
 
 @contextmanager
@@ -434,12 +466,10 @@ def steering(
     model: Any, steers: Sequence[Steer], *, prompt_len: int, store: Any = None
 ) -> Iterator[list[tuple[str, Intervention]]]:
     """``with steering(model, steers, prompt_len=n): model(tokens)`` runs ``model`` with the
-    steers on; ``store`` is needed for unit "max". Each ``with`` is one run: fresh hooks
+    steers on; ``store`` gives unit-max steers their max (or give them ``max_act``). Each ``with`` is one run: fresh hooks
     whose positions start at 0 (positions from ``prompt_len`` on count as generated), removed
     when the block ends, also on an exception. Gives the (hook name, Intervention) pairs."""
-    for s in steers:
-        check_fit(model, s.sae)
-    hooks = build_hooks(steers, prompt_len, store)
+    hooks = build_hooks(check_steers(model, steers, store), prompt_len)
     with attach(model, hooks):
         yield hooks
 
@@ -456,5 +486,7 @@ __all__ = [
     "build_hooks",
     "build_row_hooks",
     "check_steers",
+    "feature_max",
     "steering",
+    "with_maxes",
 ]

@@ -29,7 +29,8 @@ from scope.acts import encode, site_input
 from scope.errors import ScopeError
 from scope.generate import Sampling, generate_rows, prompt_tokens
 from scope.sae import sae_key
-from scope.steer import Steer, attach, build_row_hooks, check_steers
+from scope.steer import Steer, attach, build_row_hooks, check_steers, with_maxes
+from scope.steer_spec import SteerSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,19 @@ class SweepPoint:
     """Mean KL(steered || baseline) of the next-token distributions along the continuation."""
     loss: float
     """Mean cross-entropy of the continuation under the unsteered model."""
+    unit: str = "absolute"
+    """The steer's unit (add only): absolute, max or norm."""
+    positions: str = "all"
+    """Where it steered: prompt, generated or all."""
+    feature: int | None = None
+    """The feature steered (the sweep's own; in a saved table, its ``feature`` column)."""
+
+    def spec(self) -> SteerSpec:
+        """The point's steer as a ``SteerSpec``: run it again with ``resolve``."""
+        if self.feature is None:
+            raise ScopeError("this point does not say its feature: take it from its sweep")
+        return SteerSpec(sae=self.sae, feature=self.feature, strength=self.strength,
+                         mode=self.mode, unit=self.unit, positions=self.positions)  # fmt: skip
 
 
 PointFn = Callable[[SweepPoint, int, int], None]
@@ -81,10 +95,12 @@ class Sweep:
     """The experiment's id (time and a random suffix): its file names under experiments/."""
 
     def table(self) -> pa.Table:
-        """One row per point, with the experiment id, feature and prompt."""
+        """One row per point, with the experiment id, feature and prompt, and the point's
+        ``SteerSpec`` in its CLI form (``spec``)."""
         return pa.Table.from_pylist(
             [
                 {**vars(p), "experiment": self.id, "feature": self.feature, "prompt": self.prompt}
+                | {"spec": str(p.spec())}
                 for p in self.points
             ]
         )
@@ -151,7 +167,7 @@ def measure_rows(
     def grab(act: torch.Tensor, hook: Any) -> None:
         got[hook.name] = act.detach().clone()
 
-    steering = build_row_hooks([[s] for s in steers], n_prompt, store)
+    steering = build_row_hooks([[s] for s in with_maxes(steers, store)], n_prompt)
     with attach(model, [*steering, *((h, grab) for h in hooks)]):  # grab sees the steered act
         steered_logits = model(seq)
     after = dict(got)
@@ -233,7 +249,7 @@ def sweep(
         for mode in modes or [steer.mode]
         for strength in strengths
     ]
-    check_steers(model, plan, store)
+    plan = check_steers(model, plan, store)  # unit max: each point with its max
     recorded = store.saes if store is not None else None
     rows: list[Steer | None] = [None, *plan]  # None: the baseline
     baseline: list[int] = []
@@ -254,7 +270,8 @@ def sweep(
         for (point, cont), m in zip(steered, metrics, strict=True):
             done = SweepPoint(strength=point.strength, mode=point.mode, sae=sae_key(point.sae, recorded),
                               hook=point.hook_name, text=model.tokenizer.decode(cont, skip_special_tokens=True),
-                              tokens=cont, **m)  # fmt: skip
+                              tokens=cont, unit=point.unit, positions=point.positions,
+                              feature=point.feature, **m)  # fmt: skip
             points.append(done)
             if on_point:
                 on_point(done, len(points) - 1, len(plan))

@@ -7,10 +7,11 @@
 
 The feature is the one whose mean activation on sentences about the concept (--concept, Golden
 Gate Bridge sentences by default) most exceeds its mean on neutral sentences (--neutral), unless
---feature names it. Its decoder row is then added at every position, times --times-max the
-highest activation it reached on the concept sentences (the feature firing that many times as
-strongly as it did there), and the steered continuation is printed next to the baseline (same
-seed, same sampling).
+--feature names it. It is then steered with unit "max" at strength --times-max, where its max is
+the highest activation it reached on the concept sentences: its decoder row is added at every
+position as if it fired that many times as strongly as it did there. The steered continuation
+is printed next to the baseline (same seed, same sampling), and the steer in the form
+`scope steer --steer` and `scope serve` take.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from scope import load_model, load_sae
 from scope.acts import sae_acts
 from scope.generate import Sampling, compare
 from scope.steer import Steer
+from scope.steer_spec import SteerSpec
 
 CONCEPT = [
     "The Golden Gate Bridge spans the strait at the entrance to San Francisco Bay.",
@@ -78,11 +80,11 @@ def main() -> None:
         raise SystemExit(
             f"feature {feature} never fires on the --concept sentences: give ones it fires on"
         )
-    # along the unit decoder direction: what the feature writes at times-max its concept max
-    strength = args.times_max * float(concept_max[feature]) * float(sae.W_dec[feature].norm())
+    # what the feature writes at times-max its max on the concept sentences
+    steer = Steer(sae, feature, args.times_max, unit="max", max_act=float(concept_max[feature]))
     print(f"feature {feature}: mean {concept_mean[feature]:.2f} on the concept, {neutral_mean[feature]:.2f} "
-          f"on neutral text; steering at {strength:.1f}")  # fmt: skip
-    result = compare(model, args.prompt, [Steer(sae, feature, strength=strength)],
+          f"on neutral text; max {steer.max_act:.2f}; steering {SteerSpec.of(steer)}")  # fmt: skip
+    result = compare(model, args.prompt, [steer],
                      sampling=Sampling(max_new_tokens=args.max_new_tokens, seed=args.seed))  # fmt: skip
     print(f"prompt:   {args.prompt}\nbaseline: {result.baseline}\nsteered:  {result.steered}")
 

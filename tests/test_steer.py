@@ -20,7 +20,7 @@ from scope.generate import (
     sample_token,
     text_stream,
 )
-from scope.steer import Steer, build_hooks, steering
+from scope.steer import Steer, build_hooks, steering, with_maxes
 from scope.sweep import parse_strengths, sweep
 
 HOOK = "blocks.2.hook_resid_post"
@@ -530,7 +530,7 @@ def test_max_unit_uses_the_recorded_max(tiny_model, sae, l0_store):
     ).fetchall()
     if dead:
         with pytest.raises(ScopeError, match="never fired"):
-            build_hooks([Steer(sae, dead[0][0], strength=1.0, unit="max")], 3, store)
+            with_maxes([Steer(sae, dead[0][0], strength=1.0, unit="max")], store)
 
 
 def test_sweep_in_a_store_with_l0_variants_joins_its_features(tiny_model, sae, l0_store):

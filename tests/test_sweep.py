@@ -148,7 +148,7 @@ def test_rows_stop_at_their_end_token(tiny_model, sae, tokens, monkeypatch):
     rows = [[s] for s in steers]
     unstopped = sequential(tiny_model, tokens, free, rows)
     end = unstopped[2][3]  # row 2 ends at its 4th token; others where (if) they make it
-    monkeypatch.setattr(scope.generate, "_end_tokens", lambda tokenizer: {end})
+    monkeypatch.setattr(scope.generate, "end_tokens", lambda tokenizer: {end})
     stopping = replace(free, stop_at_eos=True)
     got = generate_rows(tiny_model, tokens, stopping, rows)
     assert got == sequential(tiny_model, tokens, stopping, rows)

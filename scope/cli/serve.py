@@ -1,4 +1,5 @@
-"""`scope app`: serve the explorer (app/Home.py) over a store, on 127.0.0.1 by default."""
+"""`scope app`: serve the explorer (app/Home.py) over a store; `scope serve`: a steered model
+behind an OpenAI-compatible API. Both on 127.0.0.1 by default."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ from typing import Annotated
 
 import typer
 
-from scope.cli.common import DeviceOpt, app, err, friendly, out
+from scope.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    HookOpt,
+    RequiredModelOpt,
+    SaeOpt,
+    app,
+    err,
+    friendly,
+    load_model_and_saes,
+    out,
+)
 from scope.errors import ScopeError
-
-LOCAL = {"127.0.0.1", "localhost", "::1"}
+from scope.serve import LOCAL
 
 
 def app_script() -> Path:
@@ -96,3 +107,61 @@ def serve(
     sys.stdout.flush()
     cmd = streamlit_command(home, store, model, device, address, port)
     os.execv(cmd[0], cmd)
+
+
+@app.command("serve")
+@friendly
+def serve_api(
+    model: RequiredModelOpt,
+    sae: SaeOpt = None,
+    store: Annotated[
+        str | None, typer.Option(help="Recorded store: steers with unit max read its maxes.")
+    ] = None,
+    steer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Default steer for requests that send none: KEY/FEATURE:STRENGTH[:MODE]"
+            "[@POSITIONS], e.g. L12.res.16k/1234:8. Repeat for several."
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port to serve on.", min=1, max=65535)] = 8000,
+    address: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SCOPE_API_KEY", help="Require this bearer token (or set SCOPE_API_KEY)."
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option(help="Serve a non-local address without an API key.")
+    ] = False,
+    max_tokens: Annotated[int, typer.Option(help="Cap on max_tokens per completion.", min=1)] = 512,
+    raw: Annotated[bool, typer.Option(help="No chat template, even for -it models.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    hook: HookOpt = None,
+) -> None:
+    """Serve the model, steerable with the SAEs, behind an OpenAI-compatible API (/v1)."""
+    from scope.serve import Limits, check_address, create_app, run
+    from scope.steer_spec import SteerSpec
+    from scope.store import Store
+
+    warning = check_address(address, api_key, no_auth)  # before anything loads
+    defaults = [SteerSpec.parse(text) for text in steer or []]
+    check_port(address, port)
+    opened = Store(store) if store else None
+    loaded, saes = load_model_and_saes(model, sae or [], device=device, dtype=dtype, hook=hook)
+    api = create_app(loaded, saes, store=opened, steer=defaults, api_key=api_key,
+                     chat=False if raw else None, limits=Limits(max_tokens=max_tokens))  # fmt: skip
+    served = api.state.served
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {warning}")
+    host = f"[{address}]" if ":" in address else address
+    out.print(f"serving {served.name} at http://{host}:{port}/v1  (Ctrl-C stops it)")
+    out.print(
+        f"SAE keys: {', '.join(served.saes) or 'none (give --sae to steer)'}", highlight=False
+    )
+    if defaults:
+        out.print(f"default steers: {', '.join(str(s) for s in defaults)}", highlight=False)
+    sys.stdout.flush()
+    run(api, address, port)

@@ -24,7 +24,16 @@ from scope.cli.common import (
 from scope.errors import ScopeError
 
 FeatureOpt = Annotated[
-    list[int], typer.Option("--feature", "-f", help="Feature index; repeat for several.")
+    list[int] | None, typer.Option("--feature", "-f", help="Feature index; repeat for several.")
+]
+SteerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--steer",
+        help="KEY/FEATURE:STRENGTH[:MODE][@POSITIONS] (L2.res.256/7:8, L2.res.256/7:4xmax, "
+        "L2.res.256/7:ablate); KEY is an --sae's key or the --sae itself. Repeat for several; "
+        "instead of --feature/--strength/--mode.",
+    ),
 ]
 SaeListOpt = Annotated[
     list[str],
@@ -44,20 +53,38 @@ StoreOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option(help="No chat template, even for -it models.")]
 
 
-def _setup(model: str, sae: list[str], feature: list[int], device: str | None, dtype: str | None,
-           hook: str | None, store: str | None) -> tuple[Any, list[Any], Any]:  # fmt: skip
-    """The model, one SAE per feature (one --sae serves them all) and the store, if any."""
-    from scope.store import Store
+def feature_specs(sae: list[str], feature: list[int], strengths: list[float], mode: str,
+                  unit: str, positions: str) -> list[Any]:  # fmt: skip
+    """The ``SteerSpec`` of each --feature, its SAE named by its --sae (one --sae serves all
+    features, one --strength all strengths), checked before anything loads."""
+    from scope.steer_spec import SteerSpec
 
     if not feature:
-        raise ScopeError("give --feature at least once")
+        raise ScopeError("give --feature at least once (or --steer)")
     if len(sae) not in (1, len(feature)):
         raise ScopeError(
             f"give one --sae for all features or one per --feature ({len(sae)} SAEs, {len(feature)} features)"
         )
-    specs = sae if len(sae) == len(feature) else sae * len(feature)
-    loaded, saes = load_model_and_saes(model, specs, device=device, dtype=dtype, hook=hook)
-    return loaded, saes, Store(store) if store else None
+    if len(strengths) not in (1, len(feature)):
+        raise ScopeError("give one --strength for all features or one per --feature")
+    saes = sae * len(feature) if len(sae) == 1 else sae
+    strengths = strengths * len(feature) if len(strengths) == 1 else strengths
+    return [SteerSpec(sae=s, feature=f, strength=v, mode=mode, unit=unit, positions=positions)
+            for s, f, v in zip(saes, feature, strengths, strict=True)]  # fmt: skip
+
+
+def _setup(model: str, sae: list[str], specs: list[Any], device: str | None, dtype: str | None,
+           hook: str | None, store: str | None) -> tuple[Any, list[Any], Any, list[Any]]:  # fmt: skip
+    """The model, the steers of ``specs`` (named by an --sae or its key), the store and each
+    --sae's SAE."""
+    from scope.steer_spec import resolve, sae_map
+    from scope.store import Store
+
+    opened = Store(store) if store else None
+    loaded, saes = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
+    unique = list({id(s): s for s in saes}.values())
+    keys = {**sae_map(unique, opened), **dict(zip(sae, saes, strict=True))}
+    return loaded, resolve(specs, keys, opened, where="--steer"), opened, saes
 
 
 def _sampling(
@@ -119,8 +146,9 @@ def check_output(path: str | None, flag: str, *, folder: bool) -> None:
 def steer(
     model: RequiredModelOpt,
     sae: SaeListOpt,
-    feature: FeatureOpt,
     prompt: PromptOpt,
+    feature: FeatureOpt = None,
+    steer: SteerOpt = None,
     strength: Annotated[
         list[float] | None, typer.Option(help="One for all features, or one per --feature.")
     ] = None,
@@ -140,20 +168,20 @@ def steer(
 ) -> None:
     """Generate from a prompt without and with steering (same seed), streaming the tokens."""
     from scope.generate import compare
-    from scope.steer import Steer
+    from scope.steer_spec import SteerSpec
 
-    if not strength and mode != "ablate":
-        raise ScopeError(
-            "give --strength (e.g. --strength 8; with --unit max, 4 means 4x the recorded max), "
-            "or --mode ablate"
-        )
-    loaded, saes, opened = _setup(model, sae, feature, device, dtype, hook, store)
-    strengths = strength or [0.0]
-    if len(strengths) not in (1, len(feature)):
-        raise ScopeError("give one --strength for all features or one per --feature")
-    strengths = strengths * len(feature) if len(strengths) == 1 else strengths
-    steers = [Steer(s, f, strength=v, mode=mode, unit=unit, positions=positions)
-              for s, f, v in zip(saes, feature, strengths, strict=True)]  # fmt: skip
+    if steer:
+        if feature or strength:
+            raise ScopeError("give --steer, or --feature with --strength, not both")
+        specs = [SteerSpec.parse(text) for text in steer]
+    else:
+        if not strength and mode != "ablate":
+            raise ScopeError(
+                "give --strength (e.g. --strength 8; with --unit max, 4 means 4x the recorded "
+                "max), or --mode ablate"
+            )
+        specs = feature_specs(sae, feature or [], strength or [0.0], mode, unit, positions)
+    loaded, steers, opened, _ = _setup(model, sae, specs, device, dtype, hook, store)
     sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)
     label = "steered: " + ", ".join(f"{s.key}/{s.feature} {describe(s)}" for s in steers)
     show = _streamer(loaded.tokenizer, {"baseline": "baseline", "steered": label})
@@ -201,19 +229,18 @@ def sweep(
     """Steer one feature at many strengths (several --sae: several layers); measure and save."""
     from rich.table import Table
 
-    from scope.steer import Steer
     from scope.sweep import parse_strengths
     from scope.sweep import sweep as run_sweep
 
     values = parse_strengths(strengths)
+    (spec,) = feature_specs(sae[:1], [feature], [0.0], mode, unit, positions)
     if batch_size < 1:
         raise ScopeError(
             f"--batch-size {batch_size} must be at least 1 (1 runs one generation at a time)"
         )
     check_output(out_dir, "--out", folder=True)
     check_output(plot, "--plot", folder=False)
-    loaded, saes, opened = _setup(model, sae, [feature] * len(sae), device, dtype, hook, store)
-    base = Steer(saes[0], feature, mode=mode, unit=unit, positions=positions)
+    loaded, (base,), opened, saes = _setup(model, sae, [spec], device, dtype, hook, store)
     sampling = _sampling(max_new_tokens, temperature, top_p, freq_penalty, seed, raw)
     mode_list = [m.strip() for m in modes.split(",")] if modes else None
     total = len(values) * len(saes) * len(mode_list or [mode])
