@@ -347,6 +347,26 @@ def load_recorded_sae(
     return sae
 
 
+def open_recorded(
+    store: Any, model: str | None = None, *, device: str | None = None
+) -> tuple[Any, dict[str, SAE]]:
+    """The model and SAEs a store recorded (``model`` overrides the manifest's name), checked:
+    a model whose weights differ from the recorded one, or changed SAE weights, are refused.
+    Gives (model, store key -> SAE)."""
+    from scope.model import load_model
+    from scope.record.runner import model_identity
+
+    recorded = store.manifest.model
+    loaded = load_model(model or recorded.name, device=device)
+    if model_identity(loaded).fingerprint != recorded.fingerprint:
+        raise ScopeError(
+            f"{model or recorded.name} is not the model {store.root} was recorded with "
+            f"({recorded.name}): its weights differ; name that one with --model"
+        )
+    dev = str(next(loaded.parameters()).device)
+    return loaded, {key: load_recorded_sae(info, device=dev) for key, info in store.saes.items()}
+
+
 def _fold(sae: SAE, label: str) -> None:
     try:
         sae.fold_W_dec_norm()
@@ -370,6 +390,7 @@ __all__ = [
     "SAEInfo",
     "hook_site",
     "load_recorded_sae",
+    "open_recorded",
     "load_sae",
     "recorded_key",
     "sae_info",

@@ -8,12 +8,13 @@ their explanations, labels and notes.
 """
 
 from scope.explain.models import HTTPModel, LocalModel
-from scope.explain.run import METHOD, Explanation, explain_features
+from scope.explain.run import METHOD, ExplainReport, Explanation, explain_features
 from scope.explain.score import Score, balanced_accuracy
 from scope.explain.search import Hit, search
 
 __all__ = [
     "METHOD",
+    "ExplainReport",
     "Explanation",
     "HTTPModel",
     "Hit",

@@ -14,8 +14,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -23,44 +23,26 @@ from scope.errors import ScopeError
 from scope.explain.models import Explainer
 from scope.explain.score import Sets, detection, fuzzing, split
 from scope.store import Store
+from scope.store.explanations import SCHEMA, Explanation
 from scope.store.writer import add_side_table
 
 METHOD = "delphi-top-intervals"
 """How explanations are made: shown top and interval examples, detection and fuzzing."""
+EMPTY_LIMIT = 3
+"""Features in a row with no text from the explainer before the run stops."""
 FLUSH_EVERY = 8
 """Features per file of the side table (a killed run loses at most this many)."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class Explanation:
-    """One explanation of a feature, with its scores (a row of the ``explanations`` table)."""
+class ExplainReport(NamedTuple):
+    """What one ``explain_features`` call did."""
 
-    sae: str
-    feature: int
-    explanation: str
-    explainer: str
-    scorer: str
-    method: str
-    prompt_hash: str
-    """sha256 of the prompt, the explainer and the settings: the same inputs, the same hash."""
-    detection: float | None
-    fuzzing: float | None
-    n_pos: int
-    n_neg: int
-    n_shown: int
-    hard_negatives: int
-    unreadable: int
-    """Scorer answers that were neither Yes nor No (counted as wrong)."""
-    created: float
-
-
-SCHEMA = pa.schema(
-    [("sae", pa.string()), ("feature", pa.int32()), ("explanation", pa.string()),
-     ("explainer", pa.string()), ("scorer", pa.string()), ("method", pa.string()),
-     ("prompt_hash", pa.string()), ("detection", pa.float64()), ("fuzzing", pa.float64()),
-     ("n_pos", pa.int32()), ("n_neg", pa.int32()), ("n_shown", pa.int32()),
-     ("hard_negatives", pa.int32()), ("unreadable", pa.int32()), ("created", pa.float64())]
-)  # fmt: skip
+    made: list[Explanation]
+    """The explanations it added, in the order they finished."""
+    already: int
+    """Targets skipped: this explainer had explained them (``redo`` explains them again)."""
+    empty: list[tuple[str, int]]
+    """Targets the explainer gave no text for (nothing stored; a later run tries again)."""
 
 
 def done(store: Store, explainer: str) -> set[tuple[str, int]]:
@@ -76,13 +58,11 @@ def done(store: Store, explainer: str) -> set[tuple[str, int]]:
 
 def _one(
     explainer: Explainer, scorer: Explainer, key: str, feature: int, top: float, sets: Sets
-) -> Explanation:
+) -> Explanation | None:
+    """The feature's explanation and scores; None when the explainer gave no text."""
     prompt, text = explainer.explain(sets.shown, top)
     if not text:
-        raise ScopeError(
-            f"the explainer {explainer.name} returned no text for {key}/{feature}: check that it "
-            "serves chat completions (or give a chat model)"
-        )
+        return None
     det, fuz = detection(scorer, text, sets), fuzzing(scorer, text, sets)
     settings = {"method": METHOD, "explainer": explainer.name, "style": explainer.style}
     digest = hashlib.sha256((prompt + json.dumps(settings, sort_keys=True)).encode())
@@ -106,10 +86,10 @@ def explain_features(
     concurrency: int = 1,
     redo: bool = False,
     progress: Callable[[int, int], None] | None = None,
-) -> list[Explanation]:
+) -> ExplainReport:
     """Explain and score ``targets`` ((sae key, feature) pairs) of the store at ``store_path``
     with ``explainer`` (scored by ``scorer``, default the explainer), ``model`` and ``saes``
-    being the store's own (store key -> SAE). Returns what this call added."""
+    being the store's own (store key -> SAE)."""
     store = Store(store_path)
     scorer = scorer or explainer
     skip = set() if redo else done(store, explainer.name)
@@ -136,10 +116,21 @@ def explain_features(
             sets = split(store, model, saes[key], key, f, examples)
             yield key, f, float(top[0][0]) if top else 0.0, sets
 
-    def finished(result: Explanation) -> None:
-        pending.append(result)
+    empty: list[tuple[str, int]] = []
+
+    def finished(result: Explanation | None, key: str, f: int) -> None:
         if progress:
-            progress(len(made) + len(pending), len(todo))
+            progress(len(made) + len(pending) + len(empty) + 1, len(todo))
+        if result is None:
+            empty.append((key, f))
+            if len(empty) >= EMPTY_LIMIT and not made and not pending:
+                raise ScopeError(
+                    f"the explainer {explainer.name} returned no text for {len(empty)} features "
+                    f"in a row ({', '.join(f'{k}/{i}' for k, i in empty)}): check that it serves "
+                    "chat completions, or give a chat model"
+                )
+            return
+        pending.append(result)
         if len(pending) >= FLUSH_EVERY:
             flush()
 
@@ -148,19 +139,21 @@ def explain_features(
     try:
         if concurrency <= 1:
             for key, f, top, sets in prepared():
-                finished(_one(explainer, scorer, key, f, top, sets))
+                finished(_one(explainer, scorer, key, f, top, sets), key, f)
         else:
             with ThreadPoolExecutor(concurrency) as pool:
-                futures: list[Future[Explanation]] = []
+                futures: list[tuple[Future[Explanation | None], str, int]] = []
                 for key, f, top, sets in prepared():
-                    futures.append(pool.submit(_one, explainer, scorer, key, f, top, sets))
-                    while futures and futures[0].done():  # in order, as they finish
-                        finished(futures.pop(0).result())
-                for fut in futures:
-                    finished(fut.result())
+                    fut = pool.submit(_one, explainer, scorer, key, f, top, sets)
+                    futures.append((fut, key, f))
+                    while futures and futures[0][0].done():  # in order, as they finish
+                        done_fut, k, i = futures.pop(0)
+                        finished(done_fut.result(), k, i)
+                for fut, k, i in futures:
+                    finished(fut.result(), k, i)
     finally:
         flush()  # whatever finished is kept, also on an error or Ctrl-C
-    return made
+    return ExplainReport(made=made, already=len(targets) - len(todo), empty=empty)
 
 
-__all__ = ["METHOD", "SCHEMA", "Explanation", "done", "explain_features"]
+__all__ = ["METHOD", "SCHEMA", "ExplainReport", "Explanation", "done", "explain_features"]

@@ -6,9 +6,10 @@ For a feature, its store rows give the windows:
   random windows (every fifth of its activation range);
 - held out for scoring (never shown): the odd ranks and the other interval windows, so the
   positives span the activation range;
-- non-activating: as many windows as there are positives, where the feature is exactly 0 on
-  every token: hard negatives from the top windows of its nearest features by decoder cosine
-  (``lens.neighbours``), the rest drawn at random from the store's windows.
+- non-activating: as many stretches of text as there are positives, each the longest run of
+  tokens of a window on which the feature is exactly 0 (at least ``MIN_QUIET`` tokens, cut to
+  an example's length): hard negatives from the top windows of its nearest features by decoder
+  cosine (``lens.neighbours``), the rest from windows drawn at random from the store.
 
 Every window's per-token activations are computed again through the model and the SAE (the
 one forward -> encode path, ``scope.acts.sae_acts``): exact values, and a negative is checked
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scope.acts import sae_acts
-from scope.explain.prompts import Shown, detection_question, fuzzing_question, window
+from scope.explain.prompts import CONTEXT, Shown, detection_question, fuzzing_question, window
 
 if TYPE_CHECKING:
     from scope.store import Store
@@ -45,6 +46,8 @@ class Sets:
     shown_ids: list[int]
     positive_ids: list[int]
     negative_ids: list[int]
+    negative_spans: list[tuple[int, int]]
+    """Where each negative lies in its window's tokens (BOS and specials left out)."""
     hard: int
     """How many negatives came from the nearest features' top windows."""
 
@@ -149,6 +152,7 @@ def split(
     want = len(positives)
     negatives: list[Shown] = []
     negative_ids: list[int] = []
+    spans: list[tuple[int, int]] = []
     hard = 0
     for pool, is_hard in (
         (hard_pool[: 4 * want], True),
@@ -158,15 +162,40 @@ def split(
         for w in pool:
             if len(negatives) >= want or (is_hard and hard >= (want + 1) // 2):
                 break
-            if w in got and got[w].tokens and max(got[w].acts, default=0.0) == 0.0:
-                negatives.append(window(got[w].tokens, got[w].acts))
+            span = quiet_span(got[w].acts) if w in got else None
+            if span is not None:
+                lo, hi = span
+                negatives.append(Shown(tokens=got[w].tokens[lo:hi], acts=got[w].acts[lo:hi]))
                 negative_ids.append(w)
+                spans.append(span)
                 hard += is_hard
                 used.add(w)
     return Sets(
         shown=shown, positives=positives, negatives=negatives, shown_ids=shown_ids,
-        positive_ids=[w for w in positive_ids if w in acts], negative_ids=negative_ids, hard=hard,
+        positive_ids=[w for w in positive_ids if w in acts], negative_ids=negative_ids,
+        negative_spans=spans, hard=hard,
     )  # fmt: skip
+
+
+MIN_QUIET = 8
+"""The fewest tokens a non-activating example has."""
+
+
+def quiet_span(acts: Sequence[float]) -> tuple[int, int] | None:
+    """The longest run of tokens where the feature is 0, cut to an example's length, or None
+    when it is shorter than MIN_QUIET."""
+    best, start = (0, 0), None
+    for i, a in enumerate([*acts, 1.0]):  # a sentinel closes the last run
+        if a == 0.0 and start is None:
+            start = i
+        elif a != 0.0 and start is not None:
+            if i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    lo, hi = best
+    if hi - lo < MIN_QUIET:
+        return None
+    return lo, min(hi, lo + 2 * CONTEXT + 1)
 
 
 def _random_windows(store: Store, rng: random.Random, used: set[int], n: int) -> list[int]:

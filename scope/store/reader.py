@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from scope.errors import ScopeError, closest
 from scope.identity import recorded_key
+from scope.store.explanations import feature_explanations
 from scope.store.manifest import Manifest, read_manifest
 from scope.store.view import Example, FeatureView
 from scope.store.writer import SIDE_TABLES
@@ -378,6 +379,7 @@ class Store:
             neuronpedia_url=f"https://www.neuronpedia.org/{np_id}/{f}" if np_id else None,
             label=label,
             notes=notes,
+            explanations=tuple(feature_explanations(self, key, f)),
         )
 
 

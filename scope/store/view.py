@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scope.store.explanations import Explanation
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class FeatureView:
     neuronpedia_url: str | None
     label: str = ""
     notes: str = ""
+    explanations: tuple[Explanation, ...] = ()
+    """Its explanations with their scores, best first (``scope explain``)."""
 
     @property
     def address(self) -> str:
