@@ -141,6 +141,9 @@ def explain(
         int, typer.Option(help="Features in flight at once (endpoints).", min=1)
     ] = 8,
     redo: Annotated[bool, typer.Option("--redo", help="Explain features already done.")] = False,
+    sample: Annotated[
+        int | None, typer.Option(help="Explain N of the selected features, drawn at random.", min=1)
+    ] = None,
     model: Annotated[
         str | None, typer.Option(help="The store's model, if not where it was recorded from.")
     ] = None,
@@ -154,6 +157,10 @@ def explain(
 
     opened = Store(store)
     chosen = targets(opened, sae or [], features, live, labelled)
+    if sample is not None and sample < len(chosen):
+        import random
+
+        chosen = sorted(random.Random(0).sample(chosen, sample))
     if not chosen:
         err.print("nothing to explain: no feature matches", highlight=False)
         return

@@ -300,6 +300,13 @@ def feature(
     )
     if view.neuronpedia_url:
         say(view.neuronpedia_url)
+    for e in view.explanations:
+        scores = "  ".join(
+            f"{name} {value:.2f}"
+            for name, value in (("detection", e.detection), ("fuzzing", e.fuzzing))
+            if value is not None
+        )
+        say(f"explained: {visible(e.explanation)}  ({scores or 'not scored'}; {e.explainer})")
     if view.histogram:
         lo, hi = view.histogram[0][0], view.histogram[-1][1]
         say(f"histogram {lo:.3g} {sparkline([c for _, _, c in view.histogram])} {hi:.3g}")
