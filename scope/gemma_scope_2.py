@@ -13,6 +13,7 @@ loader (``tests/test_gemma_scope_2.py`` compares the two).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -33,11 +34,16 @@ def folder_site(folder: str) -> str | None:
 
 
 def id_width(sae_id: str) -> int | None:
-    """The width an id names: ``layer_9_width_16k_l0_medium`` -> 16384, ``width_1m`` -> 2**20."""
+    """The width an id names. Gemma Scope widths are powers of two named in round thousands
+    (16k = 16384, 65k = 65536, 262k = 262144, 1m = 2**20); None for an id without one."""
     m = re.search(r"width_(\d+)([km]?)(?![A-Za-z0-9])", sae_id)
     if m is None:
         return None
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20}[m.group(2)]
+    if not m.group(2):
+        return int(m.group(1))
+    named = int(m.group(1)) * (1000 if m.group(2) == "k" else 1000_000)
+    power = 1 << round(math.log2(max(named, 1)))
+    return power if abs(power - named) <= 0.05 * power else named
 
 
 def gemma_scope_2_converter(release: str, sae_id: str) -> Any:

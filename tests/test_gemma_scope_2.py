@@ -474,3 +474,19 @@ def test_damaged_file_refused_by_record_before_anything(tmp_path, monkeypatch, g
     result = runner.invoke(app, record_args(gemma3_dir, corpus, tmp_path / "store", RES))
     assert result.exit_code == 2 and "non-finite" in result.output
     assert not (tmp_path / "store").exists()
+
+
+def test_id_widths_are_the_releases_powers_of_two():
+    """16k, 65k, 262k and 1m name 2**14, 2**16, 2**18 and 2**20 features, as sae-lens' Gemma
+    Scope width table has them; a file of another width is refused (test above)."""
+    from scope.gemma_scope_2 import id_width
+
+    widths = {
+        id_width(sae_id)
+        for lookup in sae_registry().values()
+        if lookup.conversion_func == "gemma_3"
+        for sae_id in lookup.saes_map
+    }
+    assert widths == {1 << 14, 1 << 16, 1 << 18, 1 << 20}
+    assert id_width("layer_1/width_131k/canonical") == 131072 and id_width("width_1000") == 1000
+    assert id_width("layer_9") is None
