@@ -118,6 +118,12 @@ def _hub_config(repo_id: str, folder: str, force: bool) -> Path | None:
         )
     except EntryNotFoundError:  # also raised offline when the cache lacks it, as in sae-lens
         return None
+    except Exception as err:  # hub errors come in many types; all mean "not reachable"
+        raise ScopeError(
+            f"could not get {repo_id}/{folder}/config.json from the Hugging Face hub "
+            f"({type(err).__name__}): check your connection, or set HF_HUB_OFFLINE=1 to use "
+            "the cache"
+        ) from err
 
 
 def _raw_config(path: Path | None, repo_id: str, folder: str, what: str) -> dict[str, Any]:
