@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scope.errors import ScopeError, closest
+from scope.gemma_scope_2 import folder_site
 from scope.identity import SITE_HOOKS, hook_site, sae_info, width_label
 from scope.sae import infer_hook, sae_registry, saes_dir
 
@@ -76,8 +77,6 @@ _TC_INPUT_HOOKS = {
 
 
 def _registry_row(release: str, lookup: Any, sae_id: str, folder: str, root: Path) -> SAEListing:
-    from scope.gemma_scope_2 import folder_site
-
     gemma_3 = lookup.conversion_func == "gemma_3"
     if gemma_3:
         site = folder_site(folder)
