@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from scope.errors import ScopeError, closest
-from scope.identity import SITE_HOOKS, hook_site, sae_info
+from scope.gemma_scope_2 import folder_site
+from scope.identity import SITE_HOOKS, hook_site, sae_info, width_label
 from scope.sae import infer_hook, sae_registry, saes_dir
 
 if TYPE_CHECKING:
@@ -60,15 +62,63 @@ class SAEListing:
 
     release: str
     sae_id: str
+    site: str | None
+    """res, mlp, att, or tc (a transcoder: reads the MLP's input, writes its output)."""
+    layer: int | None
+    width: str | None
+    """As the id names it: ``16k``, ``1m``."""
+    l0: str | None
+    """The L0 variant the id names: ``l0_medium`` (Gemma Scope 2), ``average_l0_71`` or
+    ``canonical`` (Gemma Scope)."""
     hook_name: str | None
+    """The hook it reads, as sae-lens' loader for the release names it."""
     neuronpedia_id: str | None
     local: bool
     """True when its weights are already under saes/."""
 
 
+_TC_INPUT_HOOKS = {
+    "gemma_2_transcoder": "blocks.{layer}.ln2.hook_normalized",
+    "gemma_3": "blocks.{layer}.hook_mlp_in",
+}
+"""The input hook sae-lens' loader gives a release's transcoders."""
+
+
+def _registry_row(release: str, lookup: Any, sae_id: str, folder: str, root: Path) -> SAEListing:
+    gemma_3 = lookup.conversion_func == "gemma_3"
+    if gemma_3:
+        site = folder_site(folder)
+    elif m := re.search(r"-(res|mlp|att)\b", release):
+        site = m.group(1)
+    else:
+        site = "tc" if "transcoder" in release else None
+    m_layer = re.search(r"layer_(\d+)", sae_id)
+    layer = int(m_layer.group(1)) if m_layer else None
+    hook = None
+    if layer is not None and site in SITE_HOOKS:
+        hook = SITE_HOOKS[site].format(layer=layer)
+    elif layer is not None and site == "tc" and lookup.conversion_func in _TC_INPUT_HOOKS:
+        hook = _TC_INPUT_HOOKS[lookup.conversion_func].format(layer=layer)
+    m_width = re.search(r"width_(\d+[km]?)(?![A-Za-z0-9])", sae_id)
+    m_l0 = re.search(r"(?:^|[/_])((?:average_)?l0_\w+|canonical)$", sae_id)
+    weights = "params.safetensors" if gemma_3 else "params.npz"
+    return SAEListing(
+        release=release,
+        sae_id=sae_id,
+        site=site,
+        layer=layer,
+        width=m_width.group(1) if m_width else None,
+        l0=m_l0.group(1) if m_l0 else None,
+        hook_name=hook,
+        neuronpedia_id=lookup.neuronpedia_id.get(sae_id),
+        local=(root / lookup.repo_id.split("/")[-1] / folder / weights).is_file(),
+    )
+
+
 def list_saes(model: HookedSAETransformer | str) -> list[SAEListing]:
     """SAEs that fit ``model`` (a loaded model, or a hub name): sae-lens' registry entries
-    for its name, and, for a loaded model, saes/ entries whose width fits one of its hooks."""
+    for its name (Gemma Scope 1 and 2, transcoders, and what else sae-lens knows), and, for a
+    loaded model, saes/ entries whose width fits one of its hooks."""
     from scope.params import npz_shapes
 
     name = model.split("/")[-1] if isinstance(model, str) else model.cfg.model_name
@@ -76,23 +126,11 @@ def list_saes(model: HookedSAETransformer | str) -> list[SAEListing]:
     rows: list[SAEListing] = []
     root = saes_dir()
     for release, lookup in sae_registry().items():
-        if lookup.model not in names:
-            continue
-        site = re.search(r"-(res|mlp|att)\b", release)
-        for sae_id, folder in lookup.saes_map.items():
-            layer = re.search(r"layer_(\d+)", sae_id)
-            hook = (
-                SITE_HOOKS[site.group(1)].format(layer=layer.group(1)) if site and layer else None
-            )
-            rows.append(
-                SAEListing(
-                    release=release,
-                    sae_id=sae_id,
-                    hook_name=hook,
-                    neuronpedia_id=lookup.neuronpedia_id.get(sae_id),
-                    local=(root / lookup.repo_id.split("/")[-1] / folder / "params.npz").is_file(),
-                )
-            )
+        if lookup.model in names:
+            rows += [
+                _registry_row(release, lookup, sae_id, folder, root)
+                for sae_id, folder in lookup.saes_map.items()
+            ]
     registry_repos = {lookup.repo_id.split("/")[-1] for lookup in sae_registry().values()}
     if root.is_dir() and not isinstance(model, str):
         for params in sorted(root.rglob("params.npz")):
@@ -101,16 +139,23 @@ def list_saes(model: HookedSAETransformer | str) -> list[SAEListing]:
                 continue  # listed above under its registry release
             hook = infer_hook(params.parent)
             shapes = npz_shapes(params)
-            d_in = shapes.get("W_enc", (0,))[0]
+            d_in, d_sae = shapes.get("W_enc", (0, 0))
             try:
                 fits = hook is not None and hook_size(model, hook) == d_in
             except ScopeError:
                 fits = False
-            if fits:
+            if fits and hook is not None:
+                sae_id = str(params.parent.relative_to(root / release))
+                layer, site = hook_site(hook)
+                m_l0 = re.search(r"(average_l0_\d+)", sae_id)
                 rows.append(
                     SAEListing(
                         release=release,
-                        sae_id=str(params.parent.relative_to(root / release)),
+                        sae_id=sae_id,
+                        site=site,
+                        layer=layer,
+                        width=width_label(d_sae),
+                        l0=m_l0.group(1) if m_l0 else None,
                         hook_name=hook,
                         neuronpedia_id=None,
                         local=True,

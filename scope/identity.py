@@ -143,11 +143,21 @@ def sae_info(sae: SAE) -> SAEInfo:
     )
 
 
+def _l0_variant(names: str) -> str | None:
+    """The L0 variant an SAE's id or path names: Gemma Scope 2's ``l0_medium`` (with what
+    follows it: ``l0_small_affine``, ``l0_medium_seed_1``), Gemma Scope's ``average_l0_71`` ->
+    ``l0_71``; None if neither."""
+    if m := re.search(r"_(l0_(?:small|medium|big)(?:_[A-Za-z0-9]+)*)(?![A-Za-z0-9_])", names):
+        return m.group(1)
+    m = re.search(r"average_l0_(\d+)", names)
+    return f"l0_{m.group(1)}" if m else None
+
+
 def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
     """The key of each SAE among SAEs recorded together: ``L12.res.16k``, or, when several share
-    a layer, site and width, ``L12.res.16k.l0_71`` (the L0 variant named by its id or path),
-    else ``L12.res.16k.<hash prefix>``. Keys depend only on the SAEs, never on their order;
-    the same weights twice are refused."""
+    a layer, site and width, the L0 variant named by its id or path (``L12.res.16k.l0_71``,
+    ``L9.res.16k.l0_medium``), else ``L12.res.16k.<hash prefix>``. Keys depend only on the
+    SAEs, never on their order; the same weights twice are refused."""
     if len({(i.sha256, i.hook_name) for i in infos}) != len(infos):
         raise ScopeError("the same SAE is given twice: give each --sae once")
     base = [i.key for i in infos]
@@ -156,10 +166,8 @@ def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
         if base.count(info.key) == 1:
             out.append(info.key)
             continue
-        variant = re.search(r"average_l0_(\d+)", f"{info.sae_id} {info.source}")
-        out.append(
-            f"{info.key}.l0_{variant.group(1)}" if variant else f"{info.key}.{info.sha256[:8]}"
-        )
+        variant = _l0_variant(f"{info.sae_id} {info.source}")
+        out.append(f"{info.key}.{variant}" if variant else f"{info.key}.{info.sha256[:8]}")
     if len(set(out)) != len(out):  # two L0 variants with the same number: tell them by hash
         out = [
             f"{i.key}.{i.sha256[:8]}" if out.count(k) > 1 else k

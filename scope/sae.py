@@ -1,12 +1,14 @@
-"""Load SAEs and transcoders: Gemma Scope by release and id (through sae-lens), a local params.npz
-in Gemma Scope's layout, or a folder that sae-lens saved (any architecture ``scope.codec``
-serves exactly; the rest are refused at load). Sites map to hooks; fits are checked.
+"""Load SAEs and transcoders: Gemma Scope 1 and 2 by release and id (through sae-lens), a local
+params.npz in Gemma Scope's layout, or a folder that sae-lens saved (any architecture
+``scope.codec`` serves exactly; the rest are refused at load). Sites map to hooks; fits are
+checked.
 
-Lookup order for a release and id: ``saes/<repo>/<folder>/params.npz`` (the release's own
-folder structure, so an air-gapped machine uses the same names), then the Hugging Face hub
-or its local cache. Either way the SAE is built by ``sae_lens.SAE.from_pretrained``, which
-keeps the release's config and Neuronpedia id; only the reading of params.npz is ours, so a
-corrupt, truncated, pickled or non-finite file gets a clear error.
+Lookup order for a release and id: ``saes/<repo>/<folder>/params.npz`` (Gemma Scope 1) or
+``params.safetensors`` + ``config.json`` (Gemma Scope 2; see ``scope.gemma_scope_2``), in the
+release's own folder structure so an air-gapped machine uses the same names, then the Hugging
+Face hub or its local cache. Either way the SAE is built by ``sae_lens.SAE.from_pretrained``,
+which keeps the release's config and Neuronpedia id; only the reading of the files is ours, so
+a corrupt, truncated, pickled or non-finite file gets a clear error.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def _gemma_scope_converter(release: str, sae_id: str) -> Any:
             path, source = local, str(local)
         else:
             path, source = (
-                _hub_download(repo_id, folder_name, force_download, local),
+                _hub_download(repo_id, folder_name, force_download, local.parent),
                 f"hub:{repo_id}/{folder_name}",
             )
         params = read_params_npz(
@@ -107,7 +109,10 @@ def _gemma_scope_converter(release: str, sae_id: str) -> Any:
     return load
 
 
-def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
+def _hub_download(
+    repo_id: str, folder: str, force: bool, local: Path, filename: str = "params.npz"
+) -> Path:
+    """``folder/filename`` of ``repo_id`` from the hub, or only from its cache when offline."""
     from huggingface_hub import hf_hub_download
 
     from scope.model import hub_online
@@ -116,7 +121,7 @@ def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
         return Path(
             hf_hub_download(
                 repo_id=repo_id,
-                filename="params.npz",
+                filename=filename,
                 subfolder=folder,
                 force_download=force,
                 token=os.environ.get("HF_TOKEN") or None,
@@ -125,9 +130,9 @@ def _hub_download(repo_id: str, folder: str, force: bool, local: Path) -> Path:
         )
     except Exception as err:  # hub errors come in many types; all mean "not reachable"
         raise ScopeError(
-            f"could not get {repo_id}/{folder}/params.npz from the Hugging Face hub or its "
+            f"could not get {repo_id}/{folder}/{filename} from the Hugging Face hub or its "
             f"cache ({type(err).__name__}). Check your connection (unset HF_HUB_OFFLINE), or "
-            f"put the file at {local} for offline use"
+            f"put the file at {local / filename} for offline use"
         ) from err
 
 
@@ -138,11 +143,18 @@ def _from_release(release: str, sae_id: str, device: str) -> SAE:
     lookup = registry[release]
     if sae_id not in lookup.saes_map:
         raise _unknown_id(release, sae_id, list(lookup.saes_map))
-    if lookup.conversion_func == "gemma_2":
-        converter = _gemma_scope_converter(release, sae_id)
+    if lookup.conversion_func in ("gemma_2", "gemma_3"):  # Gemma Scope 1 and 2: local first
+        from scope.gemma_scope_2 import gemma_scope_2_converter
+
+        make = (
+            _gemma_scope_converter
+            if lookup.conversion_func == "gemma_2"
+            else gemma_scope_2_converter
+        )
+        converter = make(release, sae_id)
         sae = SAE.from_pretrained(release, sae_id, device=device, converter=converter)
         sae.cfg.metadata["scope_source"] = converter.seen["source"]
-    else:  # other releases (Gemma Scope 2, ...) load with sae-lens' own converter
+    else:  # other releases load with sae-lens' own converter
         sae = SAE.from_pretrained(release, sae_id, device=device)
         sae.cfg.metadata["scope_source"] = f"hub:{lookup.repo_id}/{lookup.saes_map[sae_id]}"
     sae.cfg.metadata["release"] = release
@@ -260,6 +272,8 @@ def load_sae(
     - ``load_sae("my-release", "layer_6/width_4k/average_l0_50")``: ``saes/my-release/<id>``.
     - ``load_sae("gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical")``: release and
       id in one string, as ``--sae`` takes them.
+    - ``load_sae("gemma-scope-2-270m-pt-res/layer_9_width_16k_l0_medium")``: Gemma Scope 2 (every
+      Gemma 3 size); params.safetensors + config.json from ``saes/`` first, else the hub.
 
     Weights take ``dtype`` (default: fp32 on the CPU, bf16 on a GPU); thresholds stay fp32 so
     which features fire does not change with the dtype. ``fold_dec_norm=True`` folds the

@@ -1,5 +1,6 @@
-"""Build test artifacts at test time: tiny Gemma 2 checkpoints with random weights and an
-offline tokenizer, and Gemma Scope-format params.npz files.
+"""Build test artifacts at test time: tiny Gemma 2 and 3 checkpoints with random weights and an
+offline tokenizer, and SAE files in Gemma Scope's layouts (params.npz; Gemma Scope 2's
+params.safetensors + config.json).
 
 Used by the tests, the benchmarks and anyone trying the CLI without downloads:
 
@@ -259,6 +260,28 @@ def write_params(folder: Path, params: dict[str, np.ndarray]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "params.npz", allow_pickle=False, **params)
     return folder / "params.npz"
+
+
+def write_gemma_scope_2(
+    folder: Path,
+    params: dict[str, np.ndarray],
+    config: dict[str, Any] | None = None,
+    skip: np.ndarray | None = None,
+) -> Path:
+    """Write ``params`` (Gemma Scope names, as ``gemma_scope_params`` gives them) in Gemma Scope
+    2's layout: ``params.safetensors`` with w_enc, w_dec, b_enc, b_dec, threshold (and
+    ``affine_skip_connection`` [d_in, d_out] when ``skip`` is given), plus ``config.json``."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {("w_" + k[2:] if k.startswith("W_") else k): v for k, v in params.items()}
+    if skip is not None:
+        tensors["affine_skip_connection"] = skip
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              folder / "params.safetensors")  # fmt: skip
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder / "params.safetensors"
 
 
 def seed_hf_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:

@@ -1,16 +1,19 @@
 """Brute-force reference for recording: one window at a time through
-run_with_cache_with_saes, statistics in float64 numpy with plain loops."""
+run_with_cache_with_saes, statistics in float64 numpy with plain loops; and the check that a
+store's tables equal it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import torch
 
 from scope.acts import enable_hooks
 from scope.corpus import Windows
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, sample_key
+from scope.store import Store
 
 
 @dataclass
@@ -72,3 +75,51 @@ def reference(model, sae, windows: Windows, k: int, m: int) -> Reference:
         ref.top[f] = sorted(c, key=lambda x: (-x[0], x[1]))[:k]
     ref.samples = {slot: sorted(v)[:m] for slot, v in samples.items()}
     return ref
+
+
+def assert_store_matches(store: Store, key: str, ref: Reference) -> None:
+    """The store's tables for SAE ``key`` equal the reference: counts, histograms, L0s, tokens,
+    top windows and samples exactly; means, maxima, stds and activations to float tolerance."""
+    feats = store.sql(
+        f"select count, mean, max, std from features where sae = '{key}' order by feature"
+    ).fetchall()
+    np.testing.assert_array_equal([r[0] for r in feats], ref.count)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_mean = np.where(ref.count > 0, ref.act_sum / ref.count, 0)
+    np.testing.assert_allclose([r[1] for r in feats], ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([r[2] for r in feats], ref.act_max, rtol=1e-5, atol=1e-6)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_var = np.where(ref.count > 0, ref.act_sumsq / ref.count - ref_mean**2, 0)
+    np.testing.assert_allclose(
+        [r[3] for r in feats], np.sqrt(np.maximum(ref_var, 0)), rtol=1e-4, atol=1e-5
+    )
+    hist = {
+        (f, b): c
+        for f, b, c in store.sql(
+            f"select feature, bin, count from hist where sae = '{key}'"
+        ).fetchall()
+    }
+    assert hist == ref.hist
+    l0 = dict(store.sql(f"select l0, count from l0 where sae = '{key}'").fetchall())
+    assert l0 == ref.l0
+    assert store.sql(f"select tokens from saes where sae = '{key}'").fetchall()[0][0] == ref.tokens
+    rows = store.sql(
+        f"select feature, rank, window_id, act, pos, acts from topk where sae = '{key}' order by feature, rank"
+    ).fetchall()
+    got: dict[int, list] = {}
+    for f, _, w, act, pos, acts in rows:
+        got.setdefault(f, []).append((act, w, pos, acts))
+    for f, expected in ref.top.items():
+        assert [g[1] for g in got.get(f, [])] == [e[1] for e in expected], f
+        for g, e in zip(got.get(f, []), expected, strict=True):
+            assert g[0] == pytest.approx(e[0], rel=1e-5) and g[2] == e[2]
+            np.testing.assert_allclose(
+                g[3], e[3], rtol=1e-5, atol=1e-5
+            )  # every token of the window
+    smp = store.sql(
+        f"select feature, bin, key, window_id from samples where sae = '{key}' order by feature, bin, key"
+    ).fetchall()
+    got_s: dict[tuple[int, int], list] = {}
+    for f, b, k, w in smp:
+        got_s.setdefault((f, b), []).append((k, w))
+    assert got_s == ref.samples

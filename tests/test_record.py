@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import reference
+from reference import assert_store_matches, reference
 
 from scope import ScopeError, load_sae
 from scope import testing as fixtures
@@ -124,53 +124,8 @@ def test_record_equals_brute_force(one_pass, tiny_model, saes, spec):
     for sae in saes:
         key = store.key_of(sae)
         ref = reference(tiny_model, sae, windows, K, M)
-        feats = store.sql(
-            f"select count, mean, max, std from features where sae = '{key}' order by feature"
-        ).fetchall()
-        count = np.array([r[0] for r in feats])
-        np.testing.assert_array_equal(count, ref.count)
-        assert count.sum() > 100 and (count == 0).mean() < 0.5  # the check is not vacuous
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ref_mean = np.where(ref.count > 0, ref.act_sum / ref.count, 0)
-        np.testing.assert_allclose([r[1] for r in feats], ref_mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose([r[2] for r in feats], ref.act_max, rtol=1e-5, atol=1e-6)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ref_var = np.where(ref.count > 0, ref.act_sumsq / ref.count - ref_mean**2, 0)
-        np.testing.assert_allclose(
-            [r[3] for r in feats], np.sqrt(np.maximum(ref_var, 0)), rtol=1e-4, atol=1e-5
-        )
-        hist = {
-            (f, b): c
-            for f, b, c in store.sql(
-                f"select feature, bin, count from hist where sae = '{key}'"
-            ).fetchall()
-        }
-        assert hist == ref.hist
-        l0 = dict(store.sql(f"select l0, count from l0 where sae = '{key}'").fetchall())
-        assert l0 == ref.l0
-        assert (
-            store.sql(f"select tokens from saes where sae = '{key}'").fetchall()[0][0] == ref.tokens
-        )
-        rows = store.sql(
-            f"select feature, rank, window_id, act, pos, acts from topk where sae = '{key}' order by feature, rank"
-        ).fetchall()
-        got: dict[int, list] = {}
-        for f, _, w, act, pos, acts in rows:
-            got.setdefault(f, []).append((act, w, pos, acts))
-        for f, expected in ref.top.items():
-            assert [g[1] for g in got.get(f, [])] == [e[1] for e in expected], f
-            for g, e in zip(got.get(f, []), expected, strict=True):
-                assert g[0] == pytest.approx(e[0], rel=1e-5) and g[2] == e[2]
-                np.testing.assert_allclose(
-                    g[3], e[3], rtol=1e-5, atol=1e-5
-                )  # every token of the window
-        smp = store.sql(
-            f"select feature, bin, key, window_id from samples where sae = '{key}' order by feature, bin, key"
-        ).fetchall()
-        got_s: dict[tuple[int, int], list] = {}
-        for f, b, k, w in smp:
-            got_s.setdefault((f, b), []).append((k, w))
-        assert got_s == ref.samples
+        assert_store_matches(store, key, ref)
+        assert ref.count.sum() > 100 and (ref.count == 0).mean() < 0.5  # not vacuous
 
 
 def test_interval_examples_cover_the_range(one_pass):

@@ -108,19 +108,23 @@ def saes(
     model: Annotated[str, typer.Option("--model", "-m", help="Hub name or folder.")],
     local_only: Annotated[bool, typer.Option(help="Only SAEs already under saes/.")] = False,
     layer: Annotated[int | None, typer.Option(help="Only this layer.")] = None,
-    site: Annotated[str | None, typer.Option(help="Only this site: res, mlp or att.")] = None,
+    site: Annotated[
+        str | None, typer.Option(help="Only this site: res, mlp, att or tc (transcoders).")
+    ] = None,
     width: Annotated[str | None, typer.Option(help="Only this width, e.g. 16k.")] = None,
     format: Annotated[
         str, typer.Option("--format", help="table, or tsv (never truncated, for scripts).")
     ] = "table",
 ) -> None:
-    """List the SAEs that fit a model: sae-lens' registry and the local saes/ library."""
+    """List the SAEs that fit a model: sae-lens' registry (Gemma Scope for Gemma 2, Gemma Scope 2
+    for every Gemma 3, transcoders as site tc) and the local saes/ library."""
     from scope.fit import list_saes
-    from scope.identity import SITE_HOOKS, hook_site
+    from scope.identity import SITE_HOOKS
     from scope.model import resolve_source
 
-    if site is not None and site not in SITE_HOOKS:
-        raise ScopeError(f"--site {site!r} is not one of {', '.join(SITE_HOOKS)}")
+    sites = [*SITE_HOOKS, *(["tc"] if "tc" not in SITE_HOOKS else [])]
+    if site is not None and site not in sites:
+        raise ScopeError(f"--site {site!r} is not one of {', '.join(sites)}")
     if format not in ("table", "tsv"):
         raise ScopeError(f"--format {format!r} is not one of table, tsv")
     source = resolve_source(model)
@@ -130,19 +134,17 @@ def saes(
 
         target = load_model(source, device="cpu")
     rows = [r for r in list_saes(target) if r.local or not local_only]
-    if layer is not None or site is not None:
-        rows = [
-            r for r in rows
-            if r.hook_name and (layer is None or hook_site(r.hook_name)[0] == layer)
-            and (site is None or hook_site(r.hook_name)[1] == site)
-        ]  # fmt: skip
-    if width is not None:
-        rows = [r for r in rows if f"width_{width}/" in f"{r.sae_id}/"]
+    rows = [
+        r for r in rows
+        if (layer is None or r.layer == layer) and (site is None or r.site == site)
+        and (width is None or r.width == width)
+    ]  # fmt: skip
     cells = [
-        (r.release, r.sae_id, r.hook_name or "-", r.neuronpedia_id or "-", "yes" if r.local else "")
+        (r.release, r.sae_id, r.site or "-", r.width or "-", r.l0 or "-", r.hook_name or "-",
+         r.neuronpedia_id or "-", "yes" if r.local else "")
         for r in rows
-    ]
-    columns = ("release", "id", "hook", "neuronpedia", "local")
+    ]  # fmt: skip
+    columns = ("release", "id", "site", "width", "l0", "hook", "neuronpedia", "local")
     if format == "tsv":
         print("\t".join(columns))
         for row in cells:
