@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from scope.errors import ScopeError, closest
 from scope.gemma_scope_2 import folder_site
-from scope.identity import SITE_HOOKS, hook_site, sae_info, width_label
+from scope.identity import MLP_INPUT, SITE_HOOKS, hook_site, sae_info, width_label
 from scope.sae import infer_hook, sae_registry, saes_dir
 
 if TYPE_CHECKING:
@@ -20,6 +20,11 @@ def hook_size(model: HookedSAETransformer, hook_name: str) -> int:
     """Width an SAE must have (d_in) to read ``hook_name`` of ``model``."""
     cfg = model.cfg
     if hook_name not in model.hook_dict:
+        if hook_name.endswith(".ln2.hook_out"):
+            raise ScopeError(
+                f"{cfg.model_name} has no hook {hook_name} (the MLP's input, which Gemma Scope's "
+                "transcoders read): load the model with scope.load_model, which adds it"
+            )
         layer, _ = hook_site(hook_name)
         if layer is not None and not 0 <= layer < cfg.n_layers:
             raise ScopeError(
@@ -77,11 +82,8 @@ class SAEListing:
     """True when its weights are already under saes/."""
 
 
-_TC_INPUT_HOOKS = {
-    "gemma_2_transcoder": "blocks.{layer}.ln2.hook_normalized",
-    "gemma_3": "blocks.{layer}.hook_mlp_in",
-}
-"""The input hook sae-lens' loader gives a release's transcoders."""
+_TC_INPUT_HOOKS = {"gemma_2_transcoder": MLP_INPUT, "gemma_3": MLP_INPUT}
+"""The input hook a release's transcoders read (``scope.sae`` sets it at load)."""
 
 
 def _registry_row(release: str, lookup: Any, sae_id: str, folder: str, root: Path) -> SAEListing:

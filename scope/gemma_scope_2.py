@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from scope.errors import ScopeError
+from scope.identity import MLP_INPUT
 from scope.params import SKIP_KEY, read_params_safetensors
 
 FOLDER_SITES = {"resid_post": "res", "mlp_out": "mlp", "attn_out": "att", "transcoder": "tc"}
@@ -169,7 +170,7 @@ def sae_lens_cfg(
         "res": f"blocks.{layer}.hook_resid_post",
         "att": f"blocks.{layer}.attn.hook_z",
         "mlp": f"blocks.{layer}.hook_mlp_out",
-        "tc": f"blocks.{layer}.hook_mlp_in",
+        "tc": MLP_INPUT.format(layer=layer),  # the config's pre_feedforward_layernorm.output
     }[site]
     d_in, d_sae = shapes["w_enc"]
     model_name = raw["model_name"]

@@ -21,6 +21,12 @@ from scope.errors import ScopeError
 if TYPE_CHECKING:
     from sae_lens import SAE
 
+MLP_INPUT = "blocks.{layer}.ln2.hook_out"
+"""The MLP's input: the pre-MLP RMSNorm's output, its weight applied (Hugging Face's
+``model.layers.L.pre_feedforward_layernorm`` output). Gemma Scope's transcoders read this.
+transformer-lens has no hook there (``hook_mlp_in`` is before the norm, ``ln2.hook_normalized``
+before its weight); ``scope.load_model`` adds ``ln2.hook_out``."""
+
 SITE_HOOKS = {
     "res": "blocks.{layer}.hook_resid_post",
     "mlp": "blocks.{layer}.hook_mlp_out",
@@ -43,10 +49,11 @@ def hook_site(hook_name: str) -> tuple[int | None, str]:
 
 
 def width_label(d_sae: int) -> str:
-    """16384 -> "16k", 1048576 -> "1m", as Gemma Scope names widths."""
+    """16384 -> "16k", 65536 -> "65k", 262144 -> "262k", 1048576 -> "1m": as Gemma Scope names
+    its widths (thousands, rounded down; millions at powers of two past 2**20)."""
     if d_sae % (1 << 20) == 0:
         return f"{d_sae >> 20}m"
-    return f"{d_sae >> 10}k" if d_sae % 1024 == 0 else str(d_sae)
+    return f"{d_sae // 1000}k" if d_sae % 1024 == 0 else str(d_sae)
 
 
 def gemma_scope_id(hook_name: str, d_sae: int, l0: float) -> str:
@@ -201,6 +208,7 @@ def sae_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]] | None = None) -
 
 
 __all__ = [
+    "MLP_INPUT",
     "SITE_HOOKS",
     "SAEInfo",
     "gemma_scope_id",

@@ -316,9 +316,32 @@ def load_model(
     gc.collect()
     model.move_model_modules_to_device()
     transposed_layout(model)
+    add_norm_output_hooks(model)
     model.eval()
     model.scope_source = source  # where it came from, for `scope info` and store manifests
     return model
+
+
+def add_norm_output_hooks(model: HookedSAETransformer) -> None:
+    """Give each block's pre-MLP norm a hook on its output, ``blocks.L.ln2.hook_out``: the MLP's
+    input exactly (``scope.identity.MLP_INPUT``), which Gemma Scope's transcoders read.
+    transformer-lens' own ``ln2.hook_normalized`` comes before the norm's weight."""
+    from transformer_lens.hook_points import HookPoint
+
+    for block in model.blocks:
+        norm = block.ln2
+        if isinstance(getattr(norm, "hook_out", None), HookPoint):
+            continue
+        norm.hook_out = HookPoint()  # [batch, pos, d_model]
+        norm.forward = _hooked_output(norm.forward, norm.hook_out)
+    model.setup()  # registers the new hook points in model.hook_dict
+
+
+def _hooked_output(forward: Any, hook: Any) -> Any:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return hook(forward(x))
+
+    return run
 
 
 def transposed_layout(model: HookedSAETransformer) -> None:

@@ -24,6 +24,7 @@ import torch
 from scope.codec import prepare
 from scope.errors import ScopeError, closest
 from scope.identity import (
+    MLP_INPUT,
     SITE_HOOKS,
     SAEInfo,
     hook_site,
@@ -157,6 +158,11 @@ def _from_release(release: str, sae_id: str, device: str) -> SAE:
     else:  # other releases load with sae-lens' own converter
         sae = SAE.from_pretrained(release, sae_id, device=device)
         sae.cfg.metadata["scope_source"] = f"hub:{lookup.repo_id}/{lookup.saes_map[sae_id]}"
+        if lookup.conversion_func == "gemma_2_transcoder":
+            # Gemma Scope's transcoders read the MLP's input; sae-lens names ln2.hook_normalized,
+            # which transformer-lens takes before the norm's weight (equal only with fold_ln)
+            layer, _ = hook_site(str(sae.cfg.metadata.hook_name))
+            sae.cfg.metadata.hook_name = MLP_INPUT.format(layer=layer)
     sae.cfg.metadata["release"] = release
     sae.cfg.metadata["sae_id"] = sae_id
     return sae

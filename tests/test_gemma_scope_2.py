@@ -70,7 +70,7 @@ def files(tmp_path_factory, gemma3) -> dict[tuple[str, str], Path]:
         "res": f"blocks.{LAYER}.hook_resid_post",
         "att": f"blocks.{LAYER}.attn.hook_z",
         "mlp": f"blocks.{LAYER}.hook_mlp_out",
-        "tc": f"blocks.{LAYER}.hook_resid_mid",  # what hook_mlp_in carries (see the README)
+        "tc": f"blocks.{LAYER}.ln2.hook_out",  # the MLP's input, which transcoders read
     }
     _, cache = gemma3.run_with_cache(text, names_filter=lambda n: n in hooks.values())
     acts = {site: cache[h][0, 1:].flatten(1) for site, h in hooks.items()}
@@ -154,10 +154,15 @@ def test_converter_equals_sae_lens_gemma_3_loader(offline_cache, monkeypatch, fi
     with monkeypatch.context() as m:
         m.setattr(loaders, "get_safetensors_tensor_shapes", _local_shapes)
         their_cfg, their_state, _ = loaders.gemma_3_sae_huggingface_loader(**args)
-    if which == ATT:  # the one key we set otherwise: see test_att_reads_hook_z_heads_flattened
+    if which == ATT:  # a key we set otherwise: see test_att_reads_hook_z_heads_flattened
         assert (cfg.pop("reshape_activations"), their_cfg.pop("reshape_activations")) == (
             "hook_z",
             "none",
+        )
+    if "transcoders" in release:  # and the input hook: see test_transcoders_read_the_mlps_input
+        assert (cfg.pop("hook_name"), their_cfg.pop("hook_name")) == (
+            f"blocks.{LAYER}.ln2.hook_out",
+            f"blocks.{LAYER}.hook_mlp_in",
         )
     assert cfg == their_cfg
     assert sorted(state) == sorted(their_state)
@@ -176,7 +181,8 @@ def test_converter_equals_sae_lens_gemma_3_loader(offline_cache, monkeypatch, fi
         assert cfg["architecture"] == "jumprelu_skip_transcoder"
     expected_hook = {"res": "hook_resid_post", "att": "attn.hook_z", "mlp": "hook_mlp_out"}
     site = release.removesuffix("-all").split("-")[-1]
-    assert cfg["hook_name"] == f"blocks.{LAYER}." + expected_hook.get(site, "hook_mlp_in")
+    if site != "transcoders":
+        assert cfg["hook_name"] == f"blocks.{LAYER}." + expected_hook[site]
     assert cfg["model_name"] == "google/gemma-3-270m" and cfg["d_sae"] == WIDTH
 
 
@@ -339,7 +345,7 @@ def test_scope_saes_lists_gemma_scope_2(tmp_path, monkeypatch, files):
     }  # fmt: skip
     assert [r for r in rows if r["local"]] == [by_id[RES]]
     assert by_id[TC_AFFINE]["site"] == "tc" and by_id[TC_AFFINE]["l0"] == "l0_small_affine"
-    assert by_id[TC_AFFINE]["hook"] == "blocks.5.hook_mlp_in"
+    assert by_id[TC_AFFINE]["hook"] == "blocks.5.ln2.hook_out"
     assert by_id[ATT]["hook"] == "blocks.5.attn.hook_z"
     assert by_id[("gemma-scope-2-270m-pt-res", "layer_9_width_1m_l0_big")]["width"] == "1m"
     # filters as for Gemma Scope 1
@@ -490,3 +496,29 @@ def test_id_widths_are_the_releases_powers_of_two():
     assert widths == {1 << 14, 1 << 16, 1 << 18, 1 << 20}
     assert id_width("layer_1/width_131k/canonical") == 131072 and id_width("width_1000") == 1000
     assert id_width("layer_9") is None
+
+
+def test_transcoders_read_the_mlps_input(offline_cache, gemma3_dir, gemma3):
+    """Gemma Scope 2's config names the transcoder's input ``pre_feedforward_layernorm.output``.
+    sae-lens maps it to ``hook_mlp_in``, which transformer-lens takes before the RMSNorm; the
+    workbench reads ``ln2.hook_out``, the norm's output: equal to Hugging Face's, unlike both
+    transformer-lens hooks sae-lens could name."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    seen = {}
+    norm = hf.model.layers[LAYER].pre_feedforward_layernorm
+    handle = norm.register_forward_hook(lambda m, i, o: seen.setdefault("x", o.detach()))
+    tokens = gemma3.to_tokens("The MLP reads the norm's output.")
+    with torch.no_grad():
+        hf(tokens)
+    handle.remove()
+    names = [f"blocks.{LAYER}.ln2.hook_out", f"blocks.{LAYER}.hook_mlp_in",
+             f"blocks.{LAYER}.ln2.hook_normalized"]  # fmt: skip
+    gemma3.set_use_hook_mlp_in(True)
+    _, cache = gemma3.run_with_cache(tokens, names_filter=lambda n: n in names)
+    torch.testing.assert_close(cache[names[0]], seen["x"], rtol=1e-4, atol=1e-4)
+    for other in names[1:]:
+        assert (cache[other] - seen["x"]).abs().max() > 0.1, other
+    sae = load_sae(*TC_AFFINE, device="cpu")
+    assert sae_info(sae).hook_name == names[0] and sae_info(sae).key.startswith("L5.tc.")

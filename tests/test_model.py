@@ -308,3 +308,17 @@ def test_gemma3_multimodal_folder_parity(tmp_path, factor):
     with torch.no_grad():
         diff = (model(tokens) - hf(input_ids=tokens).logits).abs().max().item()
     assert diff < 1e-4
+
+
+def test_mlp_input_hook_equals_hf_pre_feedforward_norm(tiny_model, tiny_hf):
+    """blocks.L.ln2.hook_out (added by load_model) is the MLP's input, as Gemma Scope's
+    transcoders read it: Hugging Face's pre_feedforward_layernorm output."""
+    seen = {}
+    norm = tiny_hf.model.layers[1].pre_feedforward_layernorm
+    handle = norm.register_forward_hook(lambda m, i, o: seen.setdefault("x", o.detach()))
+    tokens = tiny_model.to_tokens("The MLP reads the norm's output.")
+    with torch.no_grad():
+        tiny_hf(tokens)
+    handle.remove()
+    _, cache = tiny_model.run_with_cache(tokens, names_filter="blocks.1.ln2.hook_out")
+    torch.testing.assert_close(cache["blocks.1.ln2.hook_out"], seen["x"], rtol=1e-4, atol=1e-4)

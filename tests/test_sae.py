@@ -224,3 +224,12 @@ def test_sae_lens_saved_folder(tiny_sae_dir, tmp_path, tiny_acts):
     again = load_sae(tmp_path / "saved", device="cpu")
     assert sae_info(again).hook_name == "blocks.2.hook_resid_post"
     assert torch.equal(again.encode(tiny_acts), sae.encode(tiny_acts))
+
+
+def test_width_labels_are_gemma_scopes():
+    from scope.identity import width_label
+
+    widths = [4096, 16384, 32768, 65536, 131072, 262144, 524288, 1 << 20, 256]
+    assert [width_label(w) for w in widths] == [
+        "4k", "16k", "32k", "65k", "131k", "262k", "524k", "1m", "256",
+    ]  # fmt: skip
