@@ -41,6 +41,12 @@ REFUSED = {
     "temporal": "its codes depend on earlier tokens, so a token's features are not its own",
     "matching_pursuit": "its codes come from an iterative search, not one read-out per token",
 }
+REFUSED_RELEASES = {
+    "temporal": REFUSED["temporal"],
+    "mntss_clt_layer_transcoder": "a cross-layer transcoder's layer with its decoders summed "
+    "(sae-lens: for reading activations only), so steering and splicing it would not be exact",
+}
+"""sae-lens loaders (a release's ``conversion_func``) whose SAEs are refused, and why."""
 _JUMPRELU = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 # run-time normalisations sae-lens' encode applies; "expected_average_only_in" is folded into
 # the weights at load (sae-lens) and is the identity at run time
@@ -205,6 +211,7 @@ def needs_input(sae: SAE) -> bool:
 
 __all__ = [
     "REFUSED",
+    "REFUSED_RELEASES",
     "SUPPORTED",
     "TRANSCODERS",
     "Codec",

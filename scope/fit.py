@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scope.codec import REFUSED_RELEASES
 from scope.errors import ScopeError, closest
 from scope.gemma_scope_2 import folder_site
 from scope.identity import MLP_INPUT, SITE_HOOKS, hook_site, sae_info, width_label
@@ -78,6 +79,8 @@ class SAEListing:
     hook_name: str | None
     """The hook it reads, as sae-lens' loader for the release names it."""
     neuronpedia_id: str | None
+    refused: str | None = None
+    """Why the workbench refuses it (``scope.codec.REFUSED_RELEASES``), or None: served."""
     local: bool
     """True when its weights are already under saes/."""
 
@@ -113,6 +116,7 @@ def _registry_row(release: str, lookup: Any, sae_id: str, folder: str, root: Pat
         l0=m_l0.group(1) if m_l0 else None,
         hook_name=hook,
         neuronpedia_id=lookup.neuronpedia_id.get(sae_id),
+        refused=REFUSED_RELEASES.get(str(lookup.conversion_func)),
         local=(root / lookup.repo_id.split("/")[-1] / folder / weights).is_file(),
     )
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scope.codec import prepare
+from scope.codec import REFUSED_RELEASES, prepare
 from scope.errors import ScopeError, closest
 from scope.identity import (
     MLP_INPUT,
@@ -144,6 +144,10 @@ def _from_release(release: str, sae_id: str, device: str) -> SAE:
     lookup = registry[release]
     if sae_id not in lookup.saes_map:
         raise _unknown_id(release, sae_id, list(lookup.saes_map))
+    if lookup.conversion_func in REFUSED_RELEASES:  # before anything is downloaded
+        raise ScopeError(
+            f"SAE release {release!r} is not supported: {REFUSED_RELEASES[lookup.conversion_func]}"
+        )
     if lookup.conversion_func in ("gemma_2", "gemma_3"):  # Gemma Scope 1 and 2: local first
         from scope.gemma_scope_2 import gemma_scope_2_converter
 

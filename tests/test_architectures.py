@@ -387,3 +387,17 @@ def test_hook_override_is_refused_for_a_transcoder(kinds):
     with pytest.raises(ScopeError, match=r"--hook .* transcoder reads one hook and writes another"):
         load_sae(src, device="cpu", hook="blocks.2.hook_resid_post")
     assert codec_of(load_sae(src, device="cpu", hook=MLP_IN)).write_hook == MLP_OUT  # its own
+
+
+def test_listing_marks_what_is_refused_and_loading_it_is_refused_before_any_download():
+    from scope.fit import list_saes
+
+    rows = {r.release: r for r in list_saes("google/gemma-2-2b")}
+    assert rows["temporal-sae-gemma-2-2b"].refused and "earlier tokens" in str(
+        rows["temporal-sae-gemma-2-2b"].refused
+    )
+    assert "summed" in str(rows["mntss-gemma-2-2b-2.5m-clt-as-per-layer"].refused)
+    served = [r for r in rows.values() if r.refused is None]
+    assert {"gemma-scope-2b-pt-res", "gemma-scope-2b-pt-transcoders"} <= {r.release for r in served}
+    with pytest.raises(ScopeError, match=r"'temporal-sae-gemma-2-2b' is not supported: .*earlier"):
+        load_sae("temporal-sae-gemma-2-2b/blocks.12.hook_resid_post", device="cpu")

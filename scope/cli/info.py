@@ -141,10 +141,11 @@ def saes(
     ]  # fmt: skip
     cells = [
         (r.release, r.sae_id, r.site or "-", r.width or "-", r.l0 or "-", r.hook_name or "-",
-         r.neuronpedia_id or "-", "yes" if r.local else "")
+         r.neuronpedia_id or "-", "yes" if r.local else "",
+         f"refused: {r.refused}" if r.refused else "yes")
         for r in rows
     ]  # fmt: skip
-    columns = ("release", "id", "site", "width", "l0", "hook", "neuronpedia", "local")
+    columns = ("release", "id", "site", "width", "l0", "hook", "neuronpedia", "local", "served")
     if format == "tsv":
         print("\t".join(columns))
         for row in cells:
