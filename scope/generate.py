@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from scope.errors import ScopeError
+from scope.model import model_source
 from scope.steer import Steer, attach, build_row_hooks, check_steers
 
 
@@ -74,7 +75,7 @@ def prompt_tokens(
 def uses_chat(model: Any, chat: bool | None) -> bool:
     """Whether prompts to ``model`` go through its chat template: ``chat``, or when None, for
     -it models only."""
-    name = str(getattr(model, "scope_source", model.cfg.model_name))
+    name = model_source(model)
     return chat if chat is not None else name.rstrip("/").endswith("-it")
 
 
@@ -85,7 +86,7 @@ def chat_tokens(
     the model's chat template with the model's turn opened when ``chat`` (None: for -it
     models), else the contents as plain text, one after another on their own lines. Refuses
     one that leaves no room for ``max_new_tokens`` in the context."""
-    name = str(getattr(model, "scope_source", model.cfg.model_name))
+    name = model_source(model)
     tok = model.tokenizer
     if uses_chat(model, chat):
         if not getattr(tok, "chat_template", None):

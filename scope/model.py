@@ -15,6 +15,7 @@ import gc
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,8 +319,23 @@ def load_model(
     transposed_layout(model)
     add_norm_output_hooks(model)
     model.eval()
-    model.scope_source = source  # where it came from, for `scope info` and store manifests
+    set_model_source(model, source)  # where it came from, for `scope info` and store manifests
     return model
+
+
+_SOURCES: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def set_model_source(model: HookedSAETransformer, source: str) -> None:
+    """Record where ``model`` was loaded from (a hub name or folder); ``load_model`` does."""
+    _SOURCES[model] = source
+
+
+def model_source(model: HookedSAETransformer) -> str:
+    """Where ``model`` was loaded from, as ``load_model`` was given it (a hub name or folder):
+    what stores record and what loads it again; transformer-lens' own name for a model loaded
+    another way."""
+    return _SOURCES.get(model) or str(model.cfg.model_name)
 
 
 def add_norm_output_hooks(model: HookedSAETransformer) -> None:
@@ -369,7 +385,7 @@ def model_info(model: HookedSAETransformer) -> ModelInfo:
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     return ModelInfo(
-        name=getattr(model, "scope_source", cfg.model_name),
+        name=model_source(model),
         architecture=str(cfg.original_architecture),
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,

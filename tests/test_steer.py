@@ -398,11 +398,14 @@ def test_chat_template_for_it_models(tiny_model):
         "<bos><start_of_turn>user\nhi there<end_of_turn>\n<start_of_turn>model\n"
     )
     assert raw[0, 0] == tiny_model.tokenizer.bos_token_id and chat.shape[1] > raw.shape[1]
-    tiny_model.scope_source, saved = "google/gemma-2-2b-it", tiny_model.scope_source
+    from scope.model import model_source, set_model_source
+
+    saved = model_source(tiny_model)
+    set_model_source(tiny_model, "google/gemma-2-2b-it")
     try:
         assert torch.equal(prompt_tokens(tiny_model, "hi there", chat=None, max_new_tokens=5), chat)
     finally:
-        tiny_model.scope_source = saved
+        set_model_source(tiny_model, saved)
 
 
 def test_a_write_that_swamps_the_activation_is_refused_at_the_first_forward(tiny_model, sae):

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from scope.errors import ScopeError
 from scope.generate import Sampling, chat_tokens
+from scope.model import model_source
 from scope.serve.engine import Engine, Event, Job, Row, ShuttingDown, Token
 from scope.serve.requests import ApiError, Limits, Request, bad, read_request
 from scope.steer import Steer
@@ -81,7 +82,7 @@ def create_app(
     token. The model is the app's own while it runs: run nothing else on it meanwhile."""
     specs = [SteerSpec.parse(s) if isinstance(s, str) else s for s in steer]
     served = Served(model=model, saes=sae_map(list(saes), store), store=store,
-                    name=name or str(getattr(model, "scope_source", model.cfg.model_name)),
+                    name=name or model_source(model),
                     chat=chat, default_steers=specs, api_key=api_key, limits=limits or Limits())  # fmt: skip
     try:
         served.steers(specs)  # a bad default fails now, not on the first request

@@ -34,6 +34,7 @@ from scope.acts import capture, counted_mask, site_input
 from scope.corpus import CorpusSpec, ReadReport, Windows, iter_windows
 from scope.errors import ScopeError
 from scope.identity import hook_site
+from scope.model import model_source
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -144,7 +145,7 @@ def cache_spec(model: HookedSAETransformer, hooks: Sequence[str], corpus: Corpus
         hook_size(model, hook)  # raises with close names for a hook the model lacks
     names = tuple(sorted(set(hooks)))
     return CacheSpec(
-        model=str(getattr(model, "scope_source", model.cfg.model_name)),
+        model=model_source(model),
         hooks=names,
         d_in={h: hook_size(model, h) for h in names},
         corpus=tuple(str(Path(p).expanduser().resolve()) for p in corpus.paths),

@@ -21,6 +21,7 @@ import torch
 from scope.corpus import CorpusSpec, ReadReport, Windows, iter_windows
 from scope.errors import ScopeError
 from scope.identity import gemma_scope_id, hook_site
+from scope.model import model_source
 from scope.train import export, loop
 from scope.train.cache import ActivationCache, CacheProgress, build_cache, cache_spec
 from scope.train.settings import TrainSettings
@@ -178,7 +179,7 @@ def train_saes(
     )
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    model_name = str(getattr(model, "scope_source", model.cfg.model_name))
+    model_name = model_source(model)
     loaded, dtypes = [], {}
     for hook in settings.hooks:
         raw = export.raw_params(finished[hook].sae)
