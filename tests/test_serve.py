@@ -43,7 +43,9 @@ class Server:
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -51,7 +53,9 @@ class Server:
             time.sleep(0.05)
 
     def client(self, **kw: Any) -> Any:
-        return openai.OpenAI(base_url=self.url, api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+        return openai.OpenAI(
+            base_url=self.url, api_key=kw.pop("api_key", "none"), max_retries=0, **kw
+        )
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -146,7 +150,9 @@ def test_answers_equal_generate(server, name, tiny_model, ref_sae, store, chat, 
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_steered_request_equals_generate_with_the_same_spec(server, name, tiny_model, ref_sae, store, stream):
+def test_steered_request_equals_generate_with_the_same_spec(
+    server, name, tiny_model, ref_sae, store, stream
+):
     steer = [{"sae": "L2.res.256", "feature": 7, "strength": 30, "positions": "generated"},
              {"sae": "L2.res.256", "feature": 3, "mode": "clamp", "strength": 5}]  # fmt: skip
     want = reference(tiny_model, ref_sae, store, chat=False, seed=3, max_tokens=10, steer=steer)
@@ -164,7 +170,12 @@ def test_unit_max_reads_the_stores_max(server, name, tiny_model, ref_sae, store)
     want = reference(tiny_model, ref_sae, store, chat=False, seed=1, max_tokens=8, steer=steer)
     (same,) = resolve([SteerSpec.from_dict(steer[0])], sae_map([ref_sae]), store)
     assert same.max_act == pytest.approx(top)
-    assert ask(server.client(), name, chat=False, seed=1, max_tokens=8, extra_body={"steer": steer})[:2] == want
+    assert (
+        ask(server.client(), name, chat=False, seed=1, max_tokens=8, extra_body={"steer": steer})[
+            :2
+        ]
+        == want
+    )
 
 
 def test_compare_returns_both_with_the_same_seeds(server, name, tiny_model, ref_sae, store):
@@ -174,14 +185,35 @@ def test_compare_returns_both_with_the_same_seeds(server, name, tiny_model, ref_
     base = r.model_extra["baseline_choices"]
     assert [c.index for c in r.choices] == [0, 1] and [c["index"] for c in base] == [0, 1]
     for j in range(2):
-        steered = reference(tiny_model, ref_sae, store, chat=True, seed=11 + j, max_tokens=8, steer=steer)
+        steered = reference(
+            tiny_model, ref_sae, store, chat=True, seed=11 + j, max_tokens=8, steer=steer
+        )
         plain = reference(tiny_model, ref_sae, store, chat=True, seed=11 + j, max_tokens=8)
         assert (r.choices[j].message.content, r.choices[j].model_extra["token_ids"]) == steered
         assert (base[j]["message"]["content"], base[j]["token_ids"]) == plain
     assert r.model_extra["steer"][0]["feature"] == 7 and r.model_extra["seed"] == 11
-    assert r.usage.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in r.choices) + sum(
-        len(c["token_ids"]) for c in base
+    # streamed: the baseline's chunks come under baseline_choices
+    texts, ids = {"choices": "", "baseline_choices": ""}, {"choices": [], "baseline_choices": []}
+    for chunk in server.client().chat.completions.create(model=name, messages=MESSAGES, seed=11, max_tokens=8,
+                                                         stream=True, extra_body={"steer": steer, "compare": True}):  # fmt: skip
+        items = [c.model_dump() for c in chunk.choices] + (
+            chunk.model_extra.get("baseline_choices") or []
+        )
+        key = "choices" if chunk.choices else "baseline_choices"
+        for c in items:
+            texts[key] += c["delta"].get("content") or ""
+            ids[key] += c["token_ids"]
+    assert (texts["choices"], ids["choices"]) == (
+        r.choices[0].message.content,
+        r.choices[0].model_extra["token_ids"],
     )
+    assert (texts["baseline_choices"], ids["baseline_choices"]) == (
+        base[0]["message"]["content"],
+        base[0]["token_ids"],
+    )
+    assert r.usage.completion_tokens == sum(
+        len(c.model_extra["token_ids"]) for c in r.choices
+    ) + sum(len(c["token_ids"]) for c in base)
 
 
 def log_softmax_along(model, prompt_ids: list[int], ids: list[int]) -> torch.Tensor:
@@ -193,11 +225,17 @@ def log_softmax_along(model, prompt_ids: list[int], ids: list[int]) -> torch.Ten
 
 def test_logprobs_equal_the_models_log_softmax(server, name, tiny_model):
     tok = tiny_model.tokenizer
-    r = server.client().completions.create(model=name, prompt=PROMPT, seed=2, max_tokens=8, logprobs=3)
+    r = server.client().completions.create(
+        model=name, prompt=PROMPT, seed=2, max_tokens=8, logprobs=3
+    )
     ids = r.choices[0].model_extra["token_ids"]
-    logp = log_softmax_along(tiny_model, prompt_tokens(tiny_model, PROMPT, False, 8)[0].tolist(), ids)
+    logp = log_softmax_along(
+        tiny_model, prompt_tokens(tiny_model, PROMPT, False, 8)[0].tolist(), ids
+    )
     lp = r.choices[0].logprobs
-    assert lp.token_logprobs == pytest.approx([float(logp[i, t]) for i, t in enumerate(ids)], abs=1e-4)
+    assert lp.token_logprobs == pytest.approx(
+        [float(logp[i, t]) for i, t in enumerate(ids)], abs=1e-4
+    )
     for i, top in enumerate(lp.top_logprobs):
         want = logp[i].topk(3)
         assert sorted(top.values(), reverse=True) == pytest.approx(want.values.tolist(), abs=1e-4)
@@ -205,11 +243,17 @@ def test_logprobs_equal_the_models_log_softmax(server, name, tiny_model):
     c = server.client().chat.completions.create(model=name, messages=MESSAGES, seed=2, max_tokens=6,
                                                 logprobs=True, top_logprobs=2)  # fmt: skip
     ids = c.choices[0].model_extra["token_ids"]
-    logp = log_softmax_along(tiny_model, chat_tokens(tiny_model, MESSAGES, True, 6)[0].tolist(), ids)
+    logp = log_softmax_along(
+        tiny_model, chat_tokens(tiny_model, MESSAGES, True, 6)[0].tolist(), ids
+    )
     content = c.choices[0].logprobs.content
-    assert [e.logprob for e in content] == pytest.approx([float(logp[i, t]) for i, t in enumerate(ids)], abs=1e-4)
+    assert [e.logprob for e in content] == pytest.approx(
+        [float(logp[i, t]) for i, t in enumerate(ids)], abs=1e-4
+    )
     for i, e in enumerate(content):
-        assert [t.logprob for t in e.top_logprobs] == pytest.approx(logp[i].topk(2).values.tolist(), abs=1e-4)
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(
+            logp[i].topk(2).values.tolist(), abs=1e-4
+        )
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -217,7 +261,9 @@ def test_stop_sequence_cuts_the_text(server, name, tiny_model, ref_sae, store, s
     full, _ = reference(tiny_model, ref_sae, store, chat=False, seed=4, max_tokens=30)
     stop = full[8:11]
     assert stop and full.find(stop) >= 0
-    text, _, finish, _ = ask(server.client(), name, chat=False, stream=stream, seed=4, max_tokens=30, stop=[stop])
+    text, _, finish, _ = ask(
+        server.client(), name, chat=False, stream=stream, seed=4, max_tokens=30, stop=[stop]
+    )
     assert text == full[: full.find(stop)] and finish == "stop"
 
 
@@ -253,7 +299,9 @@ def test_concurrent_clients_each_get_their_own_answer(server, name, tiny_model, 
     assert engine.stats.largest > 1
 
 
-def test_a_client_leaving_mid_stream_leaves_the_others_correct(server, name, tiny_model, ref_sae, store):
+def test_a_client_leaving_mid_stream_leaves_the_others_correct(
+    server, name, tiny_model, ref_sae, store
+):
     engine = server.app.state.engine
     want = reference(tiny_model, ref_sae, store, chat=False, seed=9, max_tokens=20)
     got: list[Any] = []
@@ -280,19 +328,43 @@ def test_a_client_leaving_mid_stream_leaves_the_others_correct(server, name, tin
 
 BAD = [
     ("completions", b'{"prompt": "hi", ', 400, "body"),
-    ("completions", b'{"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "strength": NaN}]}', 400,
-     "steer[0].strength"),
-    ("completions", {"prompt": "hi", "steer": [{"sae": "L9.res.16k", "feature": 3, "strength": 1}]}, 400,
-     "steer[0].sae"),
-    ("completions", {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 256, "strength": 1}]}, 400,
-     "steer[0].feature"),
-    ("completions", {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "strenght": 1}]}, 400,
-     "steer[0].strenght"),
-    ("completions", {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "mode": "boost"}]}, 400,
-     "steer[0].mode"),
+    (
+        "completions",
+        b'{"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "strength": NaN}]}',
+        400,
+        "steer[0].strength",
+    ),
+    (
+        "completions",
+        {"prompt": "hi", "steer": [{"sae": "L9.res.16k", "feature": 3, "strength": 1}]},
+        400,
+        "steer[0].sae",
+    ),
+    (
+        "completions",
+        {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 256, "strength": 1}]},
+        400,
+        "steer[0].feature",
+    ),
+    (
+        "completions",
+        {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "strenght": 1}]},
+        400,
+        "steer[0].strenght",
+    ),
+    (
+        "completions",
+        {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "mode": "boost"}]},
+        400,
+        "steer[0].mode",
+    ),
     ("completions", {"prompt": "hi", "steer": {"sae": "L2.res.256"}}, 400, "steer"),
-    ("completions", {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "strength": 40000}]}, 400,
-     "steer"),
+    (
+        "completions",
+        {"prompt": "hi", "steer": [{"sae": "L2.res.256", "feature": 3, "strength": 40000}]},
+        400,
+        "steer",
+    ),
     ("completions", {"prompt": "word " * 70, "max_tokens": 64}, 400, "max_tokens"),  # ~210 tokens
     ("completions", {"prompt": "word " * 200, "max_tokens": 4}, 400, "prompt"),  # past the context
     ("completions", {"prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
@@ -309,21 +381,37 @@ BAD = [
     ("completions", {"prompt": "x" * 200_000}, 413, "body"),
     ("completions", [1, 2], 400, "body"),
     ("chat/completions", {"messages": "hi"}, 400, "messages"),
-    ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    (
+        "chat/completions",
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        400,
+        "messages[0].role",
+    ),
     ("chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
     ("chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools"),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "param"), BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"), BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_bad_input_is_a_4xx_naming_the_field_and_the_next_request_is_served(
     server, name, tiny_model, ref_sae, store, path, body, status, param
 ):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(f"{server.url}/{path}", content=content, headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/{path}",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["param"] == param and err["message"].startswith(f"{param}:") and len(err["message"]) > len(param) + 10
+    assert (
+        err["param"] == param
+        and err["message"].startswith(f"{param}:")
+        and len(err["message"]) > len(param) + 10
+    )
     want = reference(tiny_model, ref_sae, store, chat=False, seed=0, max_tokens=4)
     assert ask(server.client(), name, chat=False, seed=0, max_tokens=4)[:2] == want
 
@@ -344,20 +432,27 @@ def test_api_key_is_required_when_set(served_model, tiny_sae_dir):
         s.stop()
 
 
-def test_default_steers_apply_unless_the_request_sends_its_own(served_model, tiny_model, tiny_sae_dir, ref_sae):
+def test_default_steers_apply_unless_the_request_sends_its_own(
+    served_model, tiny_model, tiny_sae_dir, ref_sae
+):
     from scope import load_sae
     from scope.serve import create_app
 
     with pytest.raises(ScopeError, match=r"--steer.*not loaded"):
         create_app(served_model, [load_sae(tiny_sae_dir, device="cpu")], steer=["L9.res.1k/3:8"])
-    s = Server(create_app(served_model, [load_sae(tiny_sae_dir, device="cpu")], steer=["L2.res.256/7:30"]))
+    s = Server(
+        create_app(served_model, [load_sae(tiny_sae_dir, device="cpu")], steer=["L2.res.256/7:30"])
+    )
     try:
         name = s.app.state.served.name
         steered = reference(tiny_model, ref_sae, None, chat=False, seed=5, max_tokens=8,
                             steer=[SteerSpec.parse("L2.res.256/7:30").to_dict()])  # fmt: skip
         plain = reference(tiny_model, ref_sae, None, chat=False, seed=5, max_tokens=8)
         assert ask(s.client(), name, chat=False, seed=5, max_tokens=8)[:2] == steered
-        assert ask(s.client(), name, chat=False, seed=5, max_tokens=8, extra_body={"steer": []})[:2] == plain
+        assert (
+            ask(s.client(), name, chat=False, seed=5, max_tokens=8, extra_body={"steer": []})[:2]
+            == plain
+        )
     finally:
         s.stop()
 
@@ -402,7 +497,9 @@ def test_cli_serves_and_ctrl_c_stops_it_within_seconds(tiny_dir, tiny_sae_dir):
                 time.sleep(0.3)
         assert models["data"][0]["default_steer"][0]["feature"] == 7
         body = {"prompt": PROMPT, "max_tokens": 64, "stream": True, "stop": ["\u2603\u2603"]}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+        with httpx.stream(
+            "POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30
+        ) as r:
             next(r.iter_lines())  # a request in flight
             proc.send_signal(signal.SIGINT)
             start = time.monotonic()
@@ -416,7 +513,9 @@ def test_cli_serves_and_ctrl_c_stops_it_within_seconds(tiny_dir, tiny_sae_dir):
 
 def test_steer_spec_forms():
     spec = SteerSpec.parse("L12.res.16k/1234:4xmax@generated")
-    assert spec == SteerSpec(sae="L12.res.16k", feature=1234, strength=4.0, unit="max", positions="generated")
+    assert spec == SteerSpec(
+        sae="L12.res.16k", feature=1234, strength=4.0, unit="max", positions="generated"
+    )
     assert SteerSpec.parse(str(spec)) == spec and SteerSpec.from_dict(spec.to_dict()) == spec
     assert SteerSpec.parse("a/b/7:30:clamp").sae == "a/b"  # a RELEASE/ID as the key
     assert SteerSpec.parse("L1.res.1k/3:ablate").mode == "ablate"

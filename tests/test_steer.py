@@ -582,7 +582,7 @@ def test_cli_steer_and_sweep(tiny_dir, tiny_sae_dir, tmp_path):
     )
     bad = subprocess.run([scope, "steer", *common, "--feature", "999", "--strength", "1"],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert bad.returncode == 2 and "feature 999 is out of range" in bad.stderr
+    assert bad.returncode == 2 and "feature: 999 is out of range" in bad.stderr
     nan = subprocess.run([scope, "steer", *common, "--feature", "3", "--strength", "nan"],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert nan.returncode == 2 and "not a finite number" in nan.stderr
