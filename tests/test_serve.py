@@ -531,3 +531,42 @@ def test_steer_spec_forms():
         SteerSpec(sae="L1", feature=1, strength=math.inf)
     with pytest.raises(ScopeError, match=r"^feature: is missing"):
         SteerSpec.from_dict({"sae": "L1"})
+
+
+def test_a_failing_steer_fails_only_its_own_request_in_a_batch(
+    server, name, tiny_model, ref_sae, store
+):
+    """A steer that would swamp the activation fails at the batch's first forward; the batch is
+    then retried a request at a time, so the others still get their own answers."""
+    engine = server.app.state.engine
+    want = [reference(tiny_model, ref_sae, store, chat=False, seed=s, max_tokens=6) for s in (1, 2)]
+    go = threading.Barrier(3)
+    got: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        steer = [{"sae": "L2.res.256", "feature": 3, "strength": 40000}] if i == 2 else []
+        body = {"model": name, "prompt": PROMPT, "max_tokens": 6, "seed": i + 1, "steer": steer}
+        go.wait()
+        got[i] = httpx.post(f"{server.url}/completions", json=body, timeout=60)
+
+    before = engine.stats.batches
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in (0, 1):
+        c = got[i].json()["choices"][0]
+        assert (c["text"], c["token_ids"]) == want[i]
+    assert got[2].status_code == 400 and got[2].json()["error"]["param"] == "steer"
+    assert "would write" in got[2].json()["error"]["message"]
+    assert engine.stats.batches - before >= 1
+
+
+def test_chat_on_a_base_model_is_the_plain_text(tiny_model):
+    """Without a chat template (a base model), the messages are plain text, one per paragraph:
+    one user message is exactly the prompt `scope steer` would use."""
+    one = chat_tokens(tiny_model, [{"role": "user", "content": PROMPT}], None, 4)
+    assert torch.equal(one, prompt_tokens(tiny_model, PROMPT, False, 4))
+    two = chat_tokens(tiny_model, [{"role": "system", "content": "Be brief."}, *MESSAGES], None, 4)
+    assert torch.equal(two, tiny_model.to_tokens("Be brief.\n\n" + MESSAGES[0]["content"]))
