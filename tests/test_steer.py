@@ -573,6 +573,11 @@ def test_cli_steer_and_sweep(tiny_dir, tiny_sae_dir, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "baseline" in out.stdout and "steered: L2.res.256/7 add 30" in out.stdout
+    # the same steer as a SteerSpec, by the SAE's key: the same run
+    spec = subprocess.run([scope, "steer", *common, "--steer", "L2.res.256/7:30"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert spec.returncode == 0, spec.stderr[-2000:]
+    assert spec.stdout == out.stdout
     out = subprocess.run([scope, "sweep", *common, "--feature", "7", "--strengths", "0,20", "--out",
                           str(tmp_path), "--plot", str(tmp_path / "s.html")],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
