@@ -220,27 +220,29 @@ async def _complete(
     )
     engine.submit(job)
     reply = Reply(served, plan, job, chat)
-    first = await next_event(events, request, job)
-    if first is None:
+    streaming = False
+    try:
+        first = await next_event(events, request, job)
+        if first is None:
+            return Response(status_code=499)  # the client went away
+        if first.error is not None:  # before any token: a proper error status
+            return error_response(first.error)
+        if req.stream:
+            streaming = True  # from here on the stream owns the job
+            return StreamingResponse(reply.stream(first, events, request), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        event: Event | None = first
+        while event is not None:
+            if event.error is not None:
+                return error_response(event.error)
+            reply.take(event)
+            if reply.over:
+                return JSONResponse(reply.whole())
+            event = await next_event(events, request, job)
         return Response(status_code=499)
-    if first.error is not None:  # before any token: a proper error status
-        job.cancel()
-        return error_response(first.error)
-    if req.stream:
-        return StreamingResponse(reply.stream(first, events, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-    event: Event | None = first
-    while event is not None:
-        if event.error is not None:
+    finally:
+        if not streaming:  # answered, failed, or cancelled (Ctrl-C): nothing more is read
             job.cancel()
-            return error_response(event.error)
-        reply.take(event)
-        if reply.over:
-            break
-        event = await next_event(events, request, job)
-    if event is None:
-        return Response(status_code=499)
-    return JSONResponse(reply.whole())
 
 
 __all__ = ["Served", "create_app"]
