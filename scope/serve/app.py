@@ -29,6 +29,9 @@ from scope.serve.requests import ApiError, Limits, Request, bad, read_request
 from scope.steer import Steer
 from scope.steer_spec import SpecError, SteerSpec, resolve, sae_map
 
+RESOLVED_KEPT = 4096
+"""Resolved steers kept for reuse; past this the cache starts again."""
+
 
 @dataclass(kw_only=True)
 class Served:
@@ -50,9 +53,12 @@ class Served:
     """Each spec resolved once (unit max reads the store once per feature)."""
 
     def steers(self, specs: Sequence[SteerSpec]) -> list[Steer]:
+        """The specs as steers; an error names the spec's place in the request's ``steer``."""
         out = []
         for i, spec in enumerate(specs):
             if spec not in self.resolved:
+                if len(self.resolved) >= RESOLVED_KEPT:  # a client sweeping strengths, say
+                    self.resolved.clear()
                 try:
                     (self.resolved[spec],) = resolve([spec], self.saes, self.store)
                 except SpecError as e:
