@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from scope.record import RecordSettings, record
     from scope.sae import load_sae
     from scope.steer import Steer, steering
+    from scope.steer_spec import SteerSpec
     from scope.store import Store
     from scope.sweep import sweep
 
@@ -49,6 +50,7 @@ _HOMES = {
     "CorpusSpec": "scope.corpus",
     "Steer": "scope.steer",
     "steering": "scope.steer",
+    "SteerSpec": "scope.steer_spec",
     "evaluate": "scope.evals",
     "compare": "scope.generate",
     "Sampling": "scope.generate",
@@ -63,6 +65,7 @@ __all__ = [
     "Sampling",
     "ScopeError",
     "Steer",
+    "SteerSpec",
     "Store",
     "check_fit",
     "compare",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from scope.errors import ScopeError, closest
@@ -208,9 +208,4 @@ def resolve(
     return steers
 
 
-def with_key(spec: SteerSpec, key: str) -> SteerSpec:
-    """``spec`` naming its SAE by ``key``."""
-    return replace(spec, sae=key)
-
-
-__all__ = ["SpecError", "SteerSpec", "resolve", "sae_map", "with_key"]
+__all__ = ["SpecError", "SteerSpec", "resolve", "sae_map"]

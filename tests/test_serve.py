@@ -192,6 +192,25 @@ def test_compare_returns_both_with_the_same_seeds(server, name, tiny_model, ref_
         assert (r.choices[j].message.content, r.choices[j].model_extra["token_ids"]) == steered
         assert (base[j]["message"]["content"], base[j]["token_ids"]) == plain
     assert r.model_extra["steer"][0]["feature"] == 7 and r.model_extra["seed"] == 11
+    # streamed: the baseline's chunks come under baseline_choices
+    texts, ids = {"choices": "", "baseline_choices": ""}, {"choices": [], "baseline_choices": []}
+    for chunk in server.client().chat.completions.create(model=name, messages=MESSAGES, seed=11, max_tokens=8,
+                                                         stream=True, extra_body={"steer": steer, "compare": True}):  # fmt: skip
+        items = [c.model_dump() for c in chunk.choices] + (
+            chunk.model_extra.get("baseline_choices") or []
+        )
+        key = "choices" if chunk.choices else "baseline_choices"
+        for c in items:
+            texts[key] += c["delta"].get("content") or ""
+            ids[key] += c["token_ids"]
+    assert (texts["choices"], ids["choices"]) == (
+        r.choices[0].message.content,
+        r.choices[0].model_extra["token_ids"],
+    )
+    assert (texts["baseline_choices"], ids["baseline_choices"]) == (
+        base[0]["message"]["content"],
+        base[0]["token_ids"],
+    )
     assert r.usage.completion_tokens == sum(
         len(c.model_extra["token_ids"]) for c in r.choices
     ) + sum(len(c["token_ids"]) for c in base)
@@ -512,3 +531,42 @@ def test_steer_spec_forms():
         SteerSpec(sae="L1", feature=1, strength=math.inf)
     with pytest.raises(ScopeError, match=r"^feature: is missing"):
         SteerSpec.from_dict({"sae": "L1"})
+
+
+def test_a_failing_steer_fails_only_its_own_request_in_a_batch(
+    server, name, tiny_model, ref_sae, store
+):
+    """A steer that would swamp the activation fails at the batch's first forward; the batch is
+    then retried a request at a time, so the others still get their own answers."""
+    engine = server.app.state.engine
+    want = [reference(tiny_model, ref_sae, store, chat=False, seed=s, max_tokens=6) for s in (1, 2)]
+    go = threading.Barrier(3)
+    got: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        steer = [{"sae": "L2.res.256", "feature": 3, "strength": 40000}] if i == 2 else []
+        body = {"model": name, "prompt": PROMPT, "max_tokens": 6, "seed": i + 1, "steer": steer}
+        go.wait()
+        got[i] = httpx.post(f"{server.url}/completions", json=body, timeout=60)
+
+    before = engine.stats.batches
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in (0, 1):
+        c = got[i].json()["choices"][0]
+        assert (c["text"], c["token_ids"]) == want[i]
+    assert got[2].status_code == 400 and got[2].json()["error"]["param"] == "steer"
+    assert "would write" in got[2].json()["error"]["message"]
+    assert engine.stats.batches - before >= 1
+
+
+def test_chat_on_a_base_model_is_the_plain_text(tiny_model):
+    """Without a chat template (a base model), the messages are plain text, one per paragraph:
+    one user message is exactly the prompt `scope steer` would use."""
+    one = chat_tokens(tiny_model, [{"role": "user", "content": PROMPT}], None, 4)
+    assert torch.equal(one, prompt_tokens(tiny_model, PROMPT, False, 4))
+    two = chat_tokens(tiny_model, [{"role": "system", "content": "Be brief."}, *MESSAGES], None, 4)
+    assert torch.equal(two, tiny_model.to_tokens("Be brief.\n\n" + MESSAGES[0]["content"]))

@@ -576,6 +576,11 @@ def test_cli_steer_and_sweep(tiny_dir, tiny_sae_dir, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "baseline" in out.stdout and "steered: L2.res.256/7 add 30" in out.stdout
+    # the same steer as a SteerSpec, by the SAE's key: the same run
+    spec = subprocess.run([scope, "steer", *common, "--steer", "L2.res.256/7:30"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert spec.returncode == 0, spec.stderr[-2000:]
+    assert spec.stdout == out.stdout
     out = subprocess.run([scope, "sweep", *common, "--feature", "7", "--strengths", "0,20", "--out",
                           str(tmp_path), "--plot", str(tmp_path / "s.html")],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
@@ -585,7 +590,7 @@ def test_cli_steer_and_sweep(tiny_dir, tiny_sae_dir, tmp_path):
     )
     bad = subprocess.run([scope, "steer", *common, "--feature", "999", "--strength", "1"],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert bad.returncode == 2 and "feature 999 is out of range" in bad.stderr
+    assert bad.returncode == 2 and "feature: 999 is out of range" in bad.stderr
     nan = subprocess.run([scope, "steer", *common, "--feature", "3", "--strength", "nan"],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert nan.returncode == 2 and "not a finite number" in nan.stderr

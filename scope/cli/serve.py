@@ -133,7 +133,7 @@ def serve_api(
         ),
     ] = None,
     no_auth: Annotated[
-        bool, typer.Option(help="Serve a non-local address without an API key.")
+        bool, typer.Option("--no-auth", help="Serve a non-local address without an API key.")
     ] = False,
     max_tokens: Annotated[int, typer.Option(help="Cap on max_tokens per completion.", min=1)] = 512,
     raw: Annotated[bool, typer.Option(help="No chat template, even for -it models.")] = False,

@@ -12,7 +12,8 @@ batch (``scope.serve.engine``). ``run`` serves an app with uvicorn after the saf
 
 - ``engine``: the thread that owns the model and batches requests;
 - ``requests``: reading and checking a request body (OpenAI's fields and ours);
-- ``app``: the routes, responses and server-sent event streams.
+- ``app``: the routes, auth, size caps, and planning a request into an engine job;
+- ``replies``: answers in OpenAI's shapes, whole or as server-sent events.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -27,6 +28,11 @@ from scope.generate import Sampling, Step, end_tokens, row_steps
 from scope.steer import Steer
 
 log = logging.getLogger("scope.serve")
+
+GATHER_GAP = 0.005
+"""An idle engine's first job waits this long (s) for another to join its batch, and so on."""
+GATHER_MAX = 0.05
+"""... but never longer than this in all."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,18 +249,23 @@ class Engine:
             self.thread.join(timeout)
 
     def _take(self, block: bool) -> list[Job]:
+        """The jobs waiting. When idle (``block``), waits for one, then gathers those arriving
+        right behind it (each within GATHER_GAP of the last, for at most GATHER_MAX), so
+        requests sent together start as one batch rather than as one and then the rest."""
         got: list[Job] = []
         try:
-            first = self.inbox.get(block=block)
+            job = self.inbox.get(block=block)
         except queue.Empty:
             return got
-        while True:
-            if first is not None:
-                got.append(first)
+        until = time.monotonic() + GATHER_MAX
+        while job is not None:
+            got.append(job)
+            wait = min(GATHER_GAP, until - time.monotonic()) if block else 0
             try:
-                first = self.inbox.get_nowait()
+                job = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
             except queue.Empty:
-                return got
+                break
+        return got
 
     def _loop(self) -> None:
         while not self.closing.is_set():

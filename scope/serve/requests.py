@@ -3,7 +3,8 @@
 ``read_request`` turns the JSON body of ``/v1/chat/completions`` or ``/v1/completions`` into a
 ``Request``; anything wrong raises an ``ApiError`` (an HTTP status and OpenAI's error JSON).
 Fields the workbench adds: ``steer`` (a list of ``SteerSpec`` objects; absent: the server's
-default steers; ``[]``: none) and ``compare`` (also return the unsteered completions).
+default steers; ``[]``: none), ``compare`` (also return the unsteered completions) and
+``ignore_eos`` (generate on past end tokens: always ``max_tokens``, as benchmarks want).
 Fields OpenAI has that the workbench cannot honour are refused by name; fields unknown to both
 are ignored, as chat front ends send extras of their own.
 """
@@ -85,6 +86,7 @@ class Request:
     steer: list[SteerSpec] | None
     """None: the server's default steers."""
     compare: bool
+    ignore_eos: bool
 
 
 # OpenAI fields the workbench cannot honour: refused by name, unless given their no-op value
@@ -146,7 +148,8 @@ def read_request(data: Any, *, chat: bool, served: str, limits: Limits) -> Reque
     return Request(chat=chat, messages=messages, max_tokens=max_tokens, temperature=temperature,
                    top_p=top_p, frequency_penalty=penalty, seed=seed, seed_given=seed_given,
                    stop=stop, n=n, logprobs=logprobs, stream=stream, include_usage=include_usage,
-                   steer=_steers(data.get("steer"), limits), compare=_flag("compare", data.get("compare", False)))  # fmt: skip
+                   steer=_steers(data.get("steer"), limits), compare=_flag("compare", data.get("compare", False)),
+                   ignore_eos=_flag("ignore_eos", data.get("ignore_eos", False)))  # fmt: skip
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
