@@ -112,6 +112,20 @@ def model_or_reason() -> Loaded | None:
     return None
 
 
+def kept_text_area(label: str, name: str, default: str, **kwargs: Any) -> str:
+    """A text area whose text is ``st.session_state[name]`` and outlives the page (a visit to
+    another page and back keeps it). The widget has its own stable key: a text area given
+    ``value=`` from session state without one is a new widget whenever that text changes, and
+    snaps back to the text before, so every second edit would be lost."""
+    state = st.session_state
+    box = f"{name}_box"
+    if box not in state:  # first run, or the widget was away on another page
+        state[box] = state.get(name, default)
+    text = str(st.text_area(label, key=box, **kwargs))
+    state[name] = text
+    return text
+
+
 def feature_url(sae: str, feature: int) -> str:
     """The URL that opens a feature's page (relative to the app)."""
     return "/feature?" + urlencode({"sae": sae, "feature": feature})
@@ -143,6 +157,7 @@ __all__ = [
     "example_row",
     "feature_link",
     "feature_url",
+    "kept_text_area",
     "model_or_reason",
     "settings",
     "store",

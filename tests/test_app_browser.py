@@ -139,3 +139,88 @@ def test_explorer_in_a_browser(browser, app_store, tiny_dir):
         page.get_by_text("1 features").wait_for()
         shot(page, "search-label")
     page.close()
+
+
+@pytest.fixture(scope="module")
+def explorer(app_store, tiny_dir) -> Iterator[str]:
+    """One explorer served for the tests below (each opens its own pages, so its own sessions)."""
+    with serving(app_store, tiny_dir, free_port()) as url:
+        yield url
+
+
+def until(page, check, what, timeout: float = 60) -> None:
+    """Poll ``check()`` (a page settles over a few reruns) until it holds; fail saying
+    ``what()``, what the page shows then."""
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, what()
+        page.wait_for_timeout(250)
+
+
+def as_shown(text: str) -> str:
+    """Text as a page's innerText gives it back (a carriage return reads as a newline)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def shown_tokens(page) -> str:
+    """The inspector's table, its token column joined back into text."""
+    cells = page.locator("table tr td:nth-child(2)").all_inner_texts()
+    return "".join(cells).replace("·", " ")
+
+
+def test_every_edit_in_the_inspector_is_what_is_analysed(browser, explorer):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.goto(f"{explorer}/inspector")
+    box = page.get_by_role("textbox", name="text")
+    texts = ["Paris is the capital of France.", "Tokyo is in Japan.",
+             "The quick brown fox jumps.", "Rivers run to the sea."]  # fmt: skip
+    for text in texts:
+        box.fill(text)
+        page.get_by_role("button", name="Inspect").click()
+        until(
+            page,
+            lambda t=text: box.input_value() == t and shown_tokens(page) == t,
+            lambda t=text: (
+                f"after typing {t!r} and Inspect, the box holds "
+                f"{box.input_value()!r} and the table shows {shown_tokens(page)!r}"
+            ),
+            timeout=30,
+        )
+    shot(page, "inspector-edits")
+    page.close()
+
+
+def test_every_prompt_in_the_lab_is_what_is_generated(browser, explorer, app_store, tiny_model):
+    from scope.generate import Sampling, compare
+    from scope.sae import load_recorded_sae
+    from scope.steer import Steer
+
+    store = Store(app_store)
+    f = int(store.sql("select feature from features order by count desc limit 1").fetchone()[0])
+    sae = load_recorded_sae(store.saes["L2.res.256"], device="cpu")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.goto(f"{explorer}/feature?sae=L2.res.256&feature={f}")
+    page.get_by_role("button", name="Steer with this").click()
+    page.get_by_role("heading", name="Steering lab").wait_for()
+    box = page.get_by_role("textbox", name="prompt")
+    sampling = Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)
+    for prompt in ["The fox", "Rivers run to", "In the morning the"]:
+        want = compare(tiny_model, prompt, [Steer(sae, f, 1.0, unit="max")], sampling=sampling,
+                       store=store)  # fmt: skip
+        box.fill(prompt)
+        page.get_by_role("button", name="Generate").click()
+
+        def done(p: str = prompt, w: str = as_shown(want.baseline)) -> bool:
+            baseline = page.locator("div.gen[data-which='baseline']")
+            return box.input_value() == p and baseline.count() == 1 and baseline.inner_text() == w
+
+        def said(p: str = prompt, w: str = want.baseline) -> str:
+            shown = page.locator("div.gen[data-which='baseline']").all_inner_texts()
+            return (f"after typing {p!r} and Generate, the box holds {box.input_value()!r} and "
+                    f"the baseline is {shown!r}, not the library's {w!r}")  # fmt: skip
+
+        until(page, done, said)
+    shot(page, "lab-prompts")
+    page.close()

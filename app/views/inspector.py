@@ -4,7 +4,7 @@ the store's SAEs (BOS hidden, dense features optionally hidden), and a heat stri
 from __future__ import annotations
 
 import streamlit as st
-from explorer import TOKEN_CSS, feature_link, feature_url, model_or_reason, store
+from explorer import TOKEN_CSS, feature_link, feature_url, kept_text_area, model_or_reason, store
 
 from scope.errors import ScopeError
 from scope.inspect import activations, top_features
@@ -15,10 +15,8 @@ st.title("Prompt inspector")
 loaded = model_or_reason()
 if loaded is None:
     st.stop()
-text = st.text_area(
-    "text",
-    value=st.session_state.get("inspect_text", "The Golden Gate Bridge is in San Francisco."),
-    height=100,
+text = kept_text_area(
+    "text", "inspect_text", "The Golden Gate Bridge is in San Francisco.", height=100
 )
 cols = st.columns([1, 1, 2])
 top = cols[0].number_input("features per token", 1, 20, 5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 
 import streamlit as st
-from explorer import feature_link, model_or_reason, store
+from explorer import feature_link, kept_text_area, model_or_reason, store
 
 from scope.errors import ScopeError
 from scope.generate import Sampling, compare
@@ -77,8 +77,7 @@ for i, spec in enumerate(list(steers)):
         steers.pop(i)
         st.rerun()
 
-prompt = st.text_area("prompt", value=st.session_state.get("lab_prompt", "I think that"), height=80)
-st.session_state["lab_prompt"] = prompt
+prompt = kept_text_area("prompt", "lab_prompt", "I think that", height=80)
 with st.expander("Sampling"):
     cols = st.columns(5)
     max_new = cols[0].number_input("new tokens", 1, 512, 40)
