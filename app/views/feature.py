@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import plotly.graph_objects as go
+import steerlist
 import streamlit as st
 from explorer import TOKEN_CSS, example_row, feature_link, store
 
@@ -91,17 +92,7 @@ cols[3].metric("mean", f"{view.mean:.2f}", help=f"± {view.std:.2f}, where it fi
 if cols[4].button(
     "Steer with this", icon=":material/tune:", type="primary", disabled=view.max <= 0
 ):
-    steers = st.session_state.setdefault("steers", [])
-    steers.append(
-        {
-            "sae": sae,
-            "feature": index,
-            "mode": "add",
-            "strength": 1.0,
-            "unit": "max",
-            "positions": "all",
-        }
-    )
+    steerlist.add(sae, index)
     st.switch_page(st.session_state["pages"]["lab"])
 
 if view.max <= 0:
