@@ -7,12 +7,14 @@ SAEs from ``scope.model`` / ``scope.sae``, steering from ``scope.steer`` / ``sco
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
+import steerlist
 import streamlit as st
 
 from scope.errors import ScopeError
@@ -127,13 +129,20 @@ def kept_text_area(label: str, name: str, default: str, **kwargs: Any) -> str:
 
 
 def feature_url(sae: str, feature: int) -> str:
-    """The URL that opens a feature's page (relative to the app)."""
-    return "/feature?" + urlencode({"sae": sae, "feature": feature})
+    """The URL that opens a feature's page (relative to the app), carrying the steer list."""
+    return "/feature?" + urlencode(
+        {"sae": sae, "feature": feature, **steerlist.params()}, doseq=True
+    )
 
 
 def feature_link(sae: str, feature: int, text: str | None = None) -> str:
-    """A Markdown link to a feature's page."""
-    return f"[{text or f'{sae}/{feature}'}]({feature_url(sae, feature)})"
+    """A link to a feature's page that opens in place (a new tab on the user's middle-click or
+    Ctrl-click), as HTML: show it with ``st.markdown(..., unsafe_allow_html=True)`` or
+    ``st.html`` (Streamlit opens Markdown links in a new tab)."""
+    return (
+        f'<a href="{html.escape(feature_url(sae, feature))}" target="_self">'
+        f"{html.escape(text or f'{sae}/{feature}')}</a>"
+    )
 
 
 TOKEN_CSS = """<style>

@@ -165,8 +165,8 @@ def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sa
         line = next(x for x in table.splitlines() if x.startswith(f"| {r.position} |"))
         for h in r.features:
             assert (
-                f"[{h.sae}/{h.feature}](/feature?sae={h.sae}&feature={h.feature}) {h.act:.2f}"
-                in line
+                f'<a href="/feature?sae={h.sae}&amp;feature={h.feature}" target="_self">'
+                f"{h.sae}/{h.feature}</a> {h.act:.2f}" in line
             )
 
 

@@ -338,3 +338,55 @@ def test_removing_a_steered_feature_keeps_every_other_rows_settings(
           lambda: f"the steered text is {steered.all_text_contents()!r}, not the library's "
           f"{as_shown(want.steered)!r} for the rows shown")  # fmt: skip
     page.close()
+
+
+def test_a_steer_built_across_two_tabs(browser, explorer, app_store):
+    """The steer list lives in the URL: a feature opened in a new tab from the lab, then a
+    nearest-feature link followed in place, adds to the same list; Back from a heat strip's
+    link returns to the inspector's analysis."""
+    store = Store(app_store)
+    f = int(store.sql("select feature from features order by count desc limit 1").fetchone()[0])
+    near = store.feature(f"L2.res.256/{f}").neighbours[0][0]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(60_000)
+    first = context.new_page()
+    first.goto(f"{explorer}/feature?sae=L2.res.256&feature={f}")
+    first.get_by_role("button", name="Steer with this").click()
+    first.get_by_role("heading", name="Steering lab").wait_for()
+    strength = steer_row(first, f).get_by_role("spinbutton", name="strength")
+    strength.fill("3")
+    strength.press("Enter")
+    link = first.get_by_role("link", name=f"L2.res.256/{f}", exact=True)
+    steered = f"steer=L2.res.256%2F{f}%3Aadd%3A3%3Amax%3Aall"
+    until(first, lambda: steered in first.url and steered in (link.get_attribute("href") or ""),
+          lambda: f"the lab's URL {first.url} does not hold the steer as set")  # fmt: skip
+
+    # the row's link, opened in a second tab, carries the list
+    href = link.get_attribute("href")
+    second = context.new_page()
+    second.goto(f"{explorer}{href}")
+    link = second.get_by_role("link", name=str(near), exact=True)
+    assert link.get_attribute("target") == "_self"  # links inside the app navigate in place
+    link.click()
+    second.get_by_role("heading", name=f"L2.res.256/{near}").wait_for()
+    second.get_by_role("button", name="Steer with this").click()
+    second.get_by_role("heading", name="Steering lab").wait_for()
+    until(second, lambda: row_settings(second, f) == ("add", "3.00", "all", "max")
+          and row_settings(second, near) == ("add", "1.00", "all", "max"),
+          lambda: "the second tab's lab does not hold both steered features")  # fmt: skip
+    shot(second, "lab-two-tabs")
+
+    # Back from a heat strip's link returns to the inspector's analysis
+    text = "Paris is the capital of France."
+    second.goto(f"{explorer}/inspector")
+    second.get_by_role("textbox", name="text").fill(text)
+    second.get_by_role("button", name="Inspect").click()
+    until(second, lambda: shown_tokens(second) == text, lambda: f"{text!r} was not analysed")
+    strip = second.locator("div.ex a").first
+    strip.click()
+    second.get_by_role("heading", name="Top examples").wait_for()
+    second.go_back()
+    until(second, lambda: shown_tokens(second) == text,
+          lambda: f"Back shows {shown_tokens(second)!r}, not the analysis of {text!r}")  # fmt: skip
+    assert second.get_by_role("textbox", name="text").input_value() == text
+    context.close()

@@ -93,7 +93,7 @@ if cols[4].button(
     "Steer with this", icon=":material/tune:", type="primary", disabled=view.max <= 0
 ):
     steerlist.add(sae, index)
-    st.switch_page(st.session_state["pages"]["lab"])
+    st.switch_page(st.session_state["pages"]["lab"], query_params=steerlist.params())
 
 if view.max <= 0:
     st.info("This feature never fired on the recorded corpus (dead).")
@@ -141,7 +141,8 @@ with right:
     st.caption("by cosine of decoder directions")
     st.markdown(
         " · ".join(f"{feature_link(sae, f, str(f))} ({c:.2f})" for f, c in view.neighbours)
-        or "none"
+        or "none",
+        unsafe_allow_html=True,
     )
     st.subheader("Label and notes")
     with st.form("label"):

@@ -3,6 +3,8 @@ the store's SAEs (BOS hidden, dense features optionally hidden), and a heat stri
 
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 from explorer import TOKEN_CSS, feature_link, feature_url, kept_text_area, model_or_reason, store
 
@@ -15,6 +17,9 @@ st.title("Prompt inspector")
 loaded = model_or_reason()
 if loaded is None:
     st.stop()
+given = st.query_params.get("text")
+if given and "inspect_text" not in st.session_state:  # opened by a link, a bookmark or Back
+    st.session_state.update(inspect_text=given, inspected=True)
 text = kept_text_area(
     "text", "inspect_text", "The Golden Gate Bridge is in San Francisco.", height=100
 )
@@ -34,6 +39,7 @@ except ScopeError as err:
     st.error(str(err))
     st.stop()
 st.session_state["inspected"] = True
+st.query_params["text"] = text  # Back from a feature's page returns to this analysis
 hide: dict[str, set[int]] = {}
 if hide_dense:
     for key, feature in s.sql("select sae, feature from features where dense").fetchall():
@@ -48,7 +54,8 @@ table = [
 ]  # fmt: skip
 st.markdown(
     "| pos | token | top features |\n|---:|---|---|\n"
-    + "\n".join(f"| {t['pos']} | `{t['token']}` | {t['features'] or '–'} |" for t in table)
+    + "\n".join(f"| {t['pos']} | `{t['token']}` | {t['features'] or '–'} |" for t in table),
+    unsafe_allow_html=True,
 )
 
 st.subheader("Heat strips")
@@ -65,7 +72,7 @@ for (key, feature), peak in sorted(best.items(), key=lambda kv: -kv[1])[:12]:
     values = acts.strip(key, feature)
     body = shaded([acts.tokens[p] for p in shown], [values[p] for p in shown], peak)
     strips.append(
-        f'<div class="ex"><a href="{feature_url(key, feature)}" target="_self">'
+        f'<div class="ex"><a href="{html.escape(feature_url(key, feature))}" target="_self">'
         f"<span class='act'>{key}/{feature}</span></a> {body}</div>"
     )
 st.html(TOKEN_CSS + "".join(strips))

@@ -3,6 +3,7 @@ filters on density and max; every row opens its feature page."""
 
 from __future__ import annotations
 
+import steerlist
 import streamlit as st
 from explorer import feature_url, store
 
@@ -58,11 +59,18 @@ except ScopeError as err:
 rows.insert(
     0, "open", [feature_url(a, int(b)) for a, b in zip(rows["sae"], rows["feature"], strict=True)]
 )
-st.caption(f"{len(rows)} features" + (" (limit reached)" if len(rows) == limit else ""))
-st.dataframe(
+st.caption(
+    f"{len(rows)} features"
+    + (" (limit reached)" if len(rows) == limit else "")
+    + " · select a row to open its page here; “open ↗” opens it in a new tab"
+)
+picked = st.dataframe(
     rows,
     hide_index=True,
     width="stretch",
+    on_select="rerun",
+    selection_mode="single-row",
+    key="found",
     column_config={
         "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
         "density": st.column_config.NumberColumn(format="%.5f"),
@@ -76,3 +84,9 @@ st.dataframe(
         ),
     },
 )
+if picked.selection.rows:  # open the selected feature in place, keeping the steer list
+    row = rows.iloc[picked.selection.rows[0]]
+    st.switch_page(
+        st.session_state["pages"]["feature"],
+        query_params={"sae": row["sae"], "feature": str(int(row["feature"])), **steerlist.params()},
+    )
