@@ -96,30 +96,79 @@ def test_label_saved_from_the_page_is_found_by_search(app, app_store):
     assert found["open"][0] == f"/feature?sae=L2.res.256&feature={f}"
 
 
-def test_search_by_token_equals_brute_force(app_store):
+@pytest.mark.parametrize("whole", [True, False])
+def test_search_by_token_equals_brute_force(app_store, whole):
     store = Store(app_store)
     rows = store.sql(
-        "select k.sae, k.feature, k.pos, w.tokens from topk k join windows w using (window_id)"
+        "select k.feature, k.pos, k.act, w.tokens from topk k join windows w using (window_id)"
     ).fetchall()
     vocab = store.tokens_text(list(range(len(store.sql("select token from vocab")))))
     f = busiest(store)
     word = next(
-        vocab[tokens[pos]] for sae, feat, pos, tokens in rows
+        vocab[tokens[pos]] for feat, pos, _, tokens in rows
         if feat == f and len(vocab[tokens[pos]].strip()) > 1
     )  # fmt: skip
-    needle = word.strip().lower()
-    expected: dict[int, int] = {}
-    for _sae, feat, pos, tokens in rows:
-        context = "".join(vocab[t] for t in tokens[max(pos - 5, 1) : pos + 1]).lower()
-        if vocab[tokens[pos]].strip().lower() == needle or needle in context:
-            expected[feat] = expected.get(feat, 0) + 1
+    needle = word.strip().lower()[: None if whole else 2]  # a fragment finds more by substring
+    hits: dict[int, int] = {}
+    mass: dict[int, float] = {}
+    total: dict[int, float] = {}
+    best: dict[int, tuple[float, str]] = {}
+    for feat, pos, act, tokens in rows:
+        total[feat] = total.get(feat, 0.0) + act
+        context = "".join(vocab[t] for t in tokens[max(pos - 5, 1) : pos + 1])
+        if vocab[tokens[pos]].strip().lower() == needle if whole else needle in context.lower():
+            hits[feat] = hits.get(feat, 0) + 1
+            mass[feat] = mass.get(feat, 0.0) + act
+            best[feat] = max(best.get(feat, (-1.0, "")), (act, context))
     lens = store.sql("select feature, top_ids from lens").fetchall()
     by_lens = {feat for feat, ids in lens if any(vocab[i].strip().lower() == needle for i in ids)}
-    found = explore.search(store, explore.Query(text=word, limit=10_000)).df()
-    assert set(found["feature"]) == set(expected) | by_lens
-    for feat, hits in zip(found["feature"], found["hits"], strict=True):
-        assert hits == expected.get(feat, 0)
+    found = explore.search(store, explore.Query(text=needle, whole=whole, limit=10_000)).df()
+    assert set(found["feature"]) == set(hits) | by_lens
+    for feat, n, share, context in zip(
+        found["feature"], found["hits"], found["share"], found["context"], strict=True
+    ):
+        assert n == hits.get(feat, 0)
+        assert share == pytest.approx(mass.get(feat, 0.0) / total[feat], abs=1e-6)
+        if feat in best:
+            assert context == best[feat][1]
+    assert list(found["share"]) == sorted(found["share"], reverse=True)  # ranked by share
     assert f in set(found["feature"])
+
+
+def test_search_matches_whole_tokens_unless_asked(app_store):
+    store = Store(app_store)
+    vocab = store.tokens_text(list(range(len(store.sql("select token from vocab")))))
+    activating = [t.strip().lower() for (t,) in store.sql("select text from activating").fetchall()]
+    # a token that is part of a longer activating token: found inside it by substring only
+    part, longer = next(
+        (p, w) for w in activating for p in {v.strip().lower() for v in vocab}
+        if len(p) > 1 and p != w and p in w and p not in activating
+    )  # fmt: skip
+    whole = explore.search(store, explore.Query(text=part, limit=10_000)).df()
+    inside = explore.search(store, explore.Query(text=part, whole=False, limit=10_000)).df()
+    assert (whole["hits"] == 0).all()  # only logit-lens matches, if any
+    assert (inside["hits"] > 0).any(), (part, longer)
+
+
+def test_search_page_shows_whole_token_hits_with_their_context(app, app_store):
+    store = Store(app_store)
+    word = store.sql(
+        "select lower(trim(text)) from activating where length(trim(text)) > 1 "
+        "group by 1 order by count(*) desc limit 1"
+    ).fetchone()[0]
+    app.switch_page("views/search.py").run()
+    [t for t in app.text_input if t.label == "token or text"][0].input(word).run()
+    no_errors(app)
+    shown = app.dataframe[0].value
+    want = explore.search(store, explore.Query(text=word)).df()
+    assert list(shown["feature"]) == list(want["feature"])
+    assert list(shown["share"]) == list(want["share"])
+    assert all(c.replace("↵", "\n").endswith(word) or not h
+               for c, h in zip(want["context"].fillna("").str.lower(), want["hits"], strict=True))  # fmt: skip
+    next(t for t in app.toggle if t.label == "whole tokens").set_value(False).run()
+    no_errors(app)
+    inside = explore.search(store, explore.Query(text=word, whole=False)).df()
+    assert list(app.dataframe[0].value["feature"]) == list(inside["feature"])
 
 
 def test_search_filters_and_sorts(app_store):

@@ -19,13 +19,14 @@ text = top[0].text_input("token or text", placeholder="e.g. Paris, ing, 1987",
 label = top[1].text_input("label or notes", placeholder="words in a label")
 sae = top[2].selectbox("SAE", ["all", *keys])
 index = top[3].text_input("index", placeholder="1234")
-cols = st.columns([2, 2, 2, 1, 1])
+cols = st.columns([2, 2, 2, 1, 1, 1])
 density = cols[0].select_slider(
     "density (fraction of tokens)",
     options=[0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0],
     value=(0.0, 1.0),
     format_func=lambda v: "0" if v == 0 else f"{v:g}",
-    help="hide dense features with an upper bound of 0.01, as Neuronpedia does",
+    help="an upper bound hides dense features; mind that a bound of 0.01 also hides "
+    "interpretable features firing on 1-2% of tokens (common words, directions)",
 )
 min_max = cols[1].number_input("max activation at least", min_value=0.0, value=0.0)
 sort = cols[2].selectbox(
@@ -33,6 +34,12 @@ sort = cols[2].selectbox(
 )
 descending = cols[3].toggle("descending", value=True)
 limit = cols[4].number_input("rows", 10, 5000, 200, step=50)
+whole = cols[5].toggle(
+    "whole tokens",
+    value=True,
+    help="on: the activating token is the text (east finds ' east', not 'least'); off: the "
+    "activating token or the few tokens before it contain the text",
+)
 
 if index.strip() and not index.strip().isdigit():
     st.error(f"index {index!r} is not a number: give a feature index such as 1234")
@@ -44,6 +51,7 @@ try:
             sae=None if sae == "all" else sae,
             index=int(index) if index.strip() else None,
             text=text,
+            whole=whole,
             label=label,
             min_density=density[0],
             max_density=density[1],
@@ -56,6 +64,9 @@ try:
 except ScopeError as err:
     st.error(str(err))
     st.stop()
+rows["context"] = rows["context"].map(  # one line each: newlines and tabs made visible
+    lambda c: c.replace("\n", "↵").replace("\t", "→") if isinstance(c, str) else c
+)
 rows.insert(
     0, "open", [feature_url(a, int(b)) for a, b in zip(rows["sae"], rows["feature"], strict=True)]
 )
@@ -77,7 +88,19 @@ picked = st.dataframe(
         "max": st.column_config.NumberColumn(format="%.2f"),
         "mean": st.column_config.NumberColumn(format="%.2f"),
         "hits": st.column_config.NumberColumn(
-            help="top examples whose activating token (or the text before it) matches"
+            help="top examples whose activating token matches (or, with whole tokens off, the "
+            "text before it)"
+        ),
+        "share": st.column_config.ProgressColumn(
+            "share",
+            format="percent",
+            min_value=0.0,
+            max_value=1.0,
+            help="the matching examples' part of the feature's activation over its top "
+            "examples: how much of what it fires on is this token",
+        ),
+        "context": st.column_config.TextColumn(
+            help="the strongest matching example, up to its activating token"
         ),
         "lens": st.column_config.NumberColumn(
             help="rank of the token among the logit lens' promoted tokens"

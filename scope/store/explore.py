@@ -32,9 +32,11 @@ class Query:
     index: int | None = None
     """Only this feature index."""
     text: str = ""
-    """A token or a few words: features whose top examples fire on it (the activating token,
-    or the text just before it, contains it) or whose logit lens promotes it. Case and
-    surrounding spaces are ignored."""
+    """A token or a few words: features whose top examples fire on it or whose logit lens
+    promotes it. Case and surrounding spaces are ignored."""
+    whole: bool = True
+    """Match the activating token whole (``east`` finds `` east`` and ``East``, never
+    ``least``); False: the activating token, or the text just before it, contains the text."""
     label: str = ""
     """Words found in the feature's label or notes (case ignored)."""
     min_density: float = 0.0
@@ -44,7 +46,8 @@ class Query:
     min_max: float = 0.0
     """Max activation at least this."""
     sort: str = "hits"
-    """hits (matches, then max), density, max, mean or feature."""
+    """hits (the share of the feature's top-example activation on matching tokens, then the
+    number of matching examples, then max), density, max, mean or feature."""
     descending: bool = True
     limit: int = 200
     """Rows returned at most."""
@@ -66,7 +69,9 @@ class Query:
 
 def search(store: Store, query: Query) -> Rows:
     """Features matching ``query``: sae, feature, label, density, max, mean, hits (top examples
-    that fire on the text), lens (rank of the text among the promoted tokens, or null)."""
+    that fire on the text), share (their part of the activation summed over the top examples),
+    context (the strongest matching example's text up to its activating token), lens (rank of
+    the text among the promoted tokens, or null)."""
     where: list[str] = ["true"]
     params: list[Any] = []
     if query.sae is not None:
@@ -80,22 +85,33 @@ def search(store: Store, query: Query) -> Rows:
     where.append("f.density >= ? and f.density <= ? and f.max >= ?")
     params += [query.min_density, query.max_density, query.min_max]
     text = query.text.strip().lower()
-    matched = "null::bigint as hits, null::int as lens"
+    matched = (
+        "null::bigint as hits, null::double as share, null::varchar as context, null::int as lens"
+    )
     join = ""
     if text:
-        # the activating token equals the text, or the few tokens up to it contain it
-        join = """
-          left join (select sae, feature, count(*) as hits from activating
-                     where lower(trim(text)) = ? or contains(lower(context), ?)
+        # whole: the activating token is the text; else it, or the few tokens up to it,
+        # contain it. share: the matching examples' part of the feature's top-example mass
+        hit = (
+            "lower(trim(a.text)) = ?"
+            if query.whole
+            else "(contains(lower(a.text), ?) or contains(lower(a.context), ?))"
+        )
+        join = f"""
+          left join (select a.sae, a.feature, count(*) filter (where {hit}) as hits,
+                            sum(k.act) filter (where {hit}) / nullif(sum(k.act), 0) as share,
+                            arg_max(a.context, k.act) filter (where {hit}) as context
+                     from activating a join topk k using (sae, feature, rank)
                      group by all) a using (sae, feature)
           left join (select sae, feature, min(i) as lens from (
                        select sae, feature, unnest(top_ids) as token,
                               unnest(range(len(top_ids))) + 1 as i from lens)
                      join vocab using (token) where lower(trim(text)) = ? group by all
                     ) l using (sae, feature)"""
-        params = [text, text, text] + params
-        where.append("(a.hits is not null or l.lens is not null)")
-        matched = "coalesce(a.hits, 0) as hits, l.lens"
+        n = 1 if query.whole else 2
+        params = [text] * (3 * n) + [text] + params
+        where.append("(a.hits > 0 or l.lens is not null)")
+        matched = "coalesce(a.hits, 0) as hits, coalesce(a.share, 0) as share, a.context, l.lens"
     label_join, label_cols = "", "null as label"
     if "labels" in store.views:
         label_join = "left join labels lb using (sae, feature)"
@@ -109,7 +125,10 @@ def search(store: Store, query: Query) -> Rows:
     direction = "desc" if query.descending else "asc"
     order_by = f"{order} {direction} nulls last"
     if query.sort == "hits":
-        order_by = f"hits {direction} nulls last, lens asc nulls last, max {direction}"
+        order_by = (
+            f"share {direction} nulls last, hits {direction} nulls last, lens asc nulls last, "
+            f"max {direction}"
+        )
     sql = f"""
         select f.sae, f.feature, {label_cols}, f.density, f.max, f.mean, {matched}
         from features f {join} {label_join}
