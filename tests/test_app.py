@@ -4,6 +4,7 @@ model: what a page shows equals what the store holds; the store's search against
 from __future__ import annotations
 
 import html
+import re
 import socket
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from scope import load_sae
 from scope import testing as fixtures
 from scope.corpus import CorpusSpec
 from scope.generate import Sampling, compare
-from scope.inspect import inspect
+from scope.inspect import activations, inspect
 from scope.record import RecordSettings, record
 from scope.steer import Steer
 from scope.store import Store, explore, set_label
@@ -200,7 +201,8 @@ def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sa
     text = "The quick brown fox jumps over the lazy dog."
     app.text_area[0].input(text)
     app.toggle[0].set_value(False)  # dense features shown: compare with the library's own
-    app.button[0].click().run()
+    next(b for b in app.selectbox if b.label == "rank by").set_value("activation")
+    next(b for b in app.button if b.label == "Inspect").click().run()
     no_errors(app)
     store = Store(app_store)
     sae = load_sae(tiny_sae_dir, device="cpu")
@@ -215,8 +217,45 @@ def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sa
         for h in r.features:
             assert (
                 f'<a href="/feature?sae={h.sae}&amp;feature={h.feature}" target="_self">'
-                f"{h.sae}/{h.feature}</a> {h.act:.2f}" in line
+                f"{h.sae}/{h.feature}</a>" in line
             )
+            assert f" {h.act:.2f}" in line
+        shown = [int(m) for m in re.findall(r"feature=(\d+)\"", line)]
+        assert shown == [h.feature for h in r.features]  # in the library's order
+
+
+def test_inspector_ranks_by_fraction_of_each_features_max(app, tiny_model, tiny_sae_dir, app_store):
+    app.switch_page("views/inspector.py").run()
+    text = "The quick brown fox jumps over the lazy dog."
+    app.text_area[0].input(text)
+    next(
+        b for b in app.button if b.label == "Inspect"
+    ).click().run()  # defaults: fraction, dense hidden
+    no_errors(app)
+    store = Store(app_store)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    acts = activations(tiny_model, [sae], text, store=store)
+    codes = acts.codes[0]
+    maxes = dict(store.sql("select feature, max from features").fetchall())
+    dense = {f for (f,) in store.sql("select feature from features where dense").fetchall()}
+    table = next(m.value for m in app.markdown if "| pos |" in m.value)
+    for pos in acts.counted:
+        score = {
+            f: float(codes[pos, f]) / maxes[f] if maxes[f] > 0 else 1.0
+            for f in range(codes.shape[1]) if codes[pos, f] > 0 and f not in dense
+        }  # fmt: skip
+        want = sorted(score, key=lambda f: -score[f])[:5]
+        line = next(x for x in table.splitlines() if x.startswith(f"| {pos} |"))
+        shown = [int(m) for m in re.findall(r"feature=(\d+)\"", line)]
+        assert shown == want
+        for f in want:  # the raw value and its fraction of the max beside each
+            assert f"{float(codes[pos, f]):.2f} ({float(codes[pos, f]) / maxes[f]:.0%})" in line
+    names = dict(store.sql("select feature, text from activating where rank = 0").fetchall())
+    f = want[0]
+    assert (
+        f'target="_self">L2.res.256/{f}</a> <small>{html.escape(repr(names[f].strip() or names[f])[1:-1])}</small>'
+        in line
+    )
 
 
 @pytest.mark.slow
