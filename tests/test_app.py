@@ -393,3 +393,65 @@ def test_scope_app_refuses_a_folder_that_is_not_a_store_and_a_busy_port(app_stor
         result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--port", str(port)])
     assert result.exit_code == 2
     assert f"cannot serve on 127.0.0.1:{port}" in result.output and "--port" in result.output
+
+
+def test_health_counts_duplicate_features_against_brute_force(
+    tmp_path, tiny_model, tiny_sae_dir, monkeypatch
+):
+    import numpy as np
+
+    params = dict(np.load(tiny_sae_dir / "params.npz"))
+    for f in (1, 2):  # copies of feature 0: the same activations, so the same top examples
+        params["W_enc"][:, f] = params["W_enc"][:, 0]
+        params["W_dec"][f] = params["W_dec"][0]
+        params["b_enc"][f], params["threshold"][f] = params["b_enc"][0], params["threshold"][0]
+    params["W_dec"][3] = params["W_dec"][4] + 0.05 * params["W_dec"][3]  # 3 writes what 4 does
+    folder = tmp_path / "saes" / "tiny-scope-res" / "layer_2" / "width_256" / "average_l0_13"
+    fixtures.write_params(folder, params)
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("\n\n".join(d for d in fixtures.training_text() if len(d) > 200))
+    root = tmp_path / "store"
+    record(tiny_model, [load_sae(folder, device="cpu")],
+           CorpusSpec(paths=(str(corpus),), max_tokens=1500), root,
+           RecordSettings(ctx=CTX, k=5, samples=2, batch_size=16))  # fmt: skip
+    store = Store(root)
+
+    w = params["W_dec"] / np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
+    cos = w @ w.T
+    np.fill_diagonal(cos, -2.0)
+    by_decoder = set()
+    for f in range(len(cos)):
+        j = int(cos[f].argmax())
+        if cos[f, j] > 0.95:
+            by_decoder |= {f, j}
+    tops: dict[int, list[tuple[int, int]]] = {}
+    for f, window, pos in store.sql(
+        "select feature, window_id, pos from topk order by feature, rank"
+    ).fetchall():
+        tops.setdefault(f, []).append((window, pos))
+    groups: dict[tuple, list[int]] = {}
+    for f, sig in tops.items():
+        groups.setdefault(tuple(sig), []).append(f)
+    by_examples = {f for g in groups.values() if len(g) > 1 for f in g}
+    assert {0, 1, 2, 3, 4} <= by_decoder and {0, 1, 2} <= by_examples  # what was built in
+
+    health = explore.health(store).df()
+    assert (health["dup_decoder"][0], health["dup_examples"][0]) == (
+        len(by_decoder),
+        len(by_examples),
+    )
+    dead, dense = store.sql("select dead, dense from saes").fetchone()
+    assert health["dead_frac"][0] == dead / 256 and health["dense_frac"][0] == dense / 256
+    found = explore.duplicates(store).df()
+    listed = {
+        tuple(f) for f, k in zip(found["features"], found["kind"], strict=True) if k == "examples"
+    }
+    assert listed == {tuple(sorted(g)) for g in groups.values() if len(g) > 1}
+
+    # the overview shows the same numbers and flags
+    monkeypatch.setenv("SCOPE_STORE", str(root))
+    at = AppTest.from_file(str(HOME), default_timeout=120).run()
+    no_errors(at)
+    shown = next(d.value for d in at.dataframe if "dup_examples" in d.value.columns)
+    assert list(shown["dup_examples"]) == [len(by_examples)]
+    assert list(shown["dup_decoder"]) == [len(by_decoder)]

@@ -232,6 +232,69 @@ def overview(store: Store) -> Overview:
     )
 
 
+DUPLICATE_COS = 0.95
+"""Features whose decoder directions have a cosine above this are counted as duplicates."""
+
+
+def duplicates(store: Store, sae: str | None = None, cos: float = DUPLICATE_COS) -> Rows:
+    """Groups of features that look like one feature: kind ``decoder`` (a feature and its
+    nearest neighbour, decoder cosine above ``cos``: one row per pair) or ``examples`` (live
+    features whose top examples are the same windows at the same positions: one row per
+    group). Columns: sae, kind, features (list), cos (decoder pairs), tokens (the activating
+    tokens of the shared examples)."""
+    if not -1.0 <= cos <= 1.0:
+        raise ScopeError(f"cos {cos} must be in -1..1")
+    where, params = ("where sae = ?", [sae, sae]) if sae is not None else ("", [])
+    return store.sql(
+        f"""
+        with pairs as (
+          select sae, least(feature, neighbours[1]) as a, greatest(feature, neighbours[1]) as b,
+                 neighbour_cos[1] as cos
+          from lens {where}),
+        decoder as (
+          select distinct sae, 'decoder' as kind, [a, b] as features, cos, null::varchar[] as tokens
+          from pairs where cos > {float(cos)!r}),
+        sig as (
+          select k.sae, k.feature, list(k.window_id || ':' || k.pos order by k.rank) as s,
+                 list(a.text order by k.rank) as tokens
+          from topk k join activating a using (sae, feature, rank)
+          {where.replace("sae", "k.sae")} group by all),
+        examples as (
+          select sae, 'examples' as kind, list(feature order by feature) as features,
+                 null::double as cos, any_value(tokens) as tokens
+          from sig group by sae, s having count(*) > 1)
+        select * from decoder union all select * from examples
+        order by sae, kind, len(features) desc, features""",
+        params,
+    )
+
+
+def health(store: Store, cos: float = DUPLICATE_COS) -> Rows:
+    """Per SAE: width, dead and dense features (count and fraction of the width), and features
+    in a duplicate group (``duplicates``) by decoder cosine and by identical top examples."""
+    found = duplicates(store, cos=cos).arrow().to_pylist()
+    counts: dict[tuple[str, str], set[int]] = {}
+    for row in found:
+        counts.setdefault((row["sae"], row["kind"]), set()).update(row["features"])
+    rows = store.sql("select sae, d_sae, dead, dense from saes").fetchall()
+    import pyarrow as pa
+
+    table = [
+        {
+            "sae": key,
+            "width": width,
+            "dead": dead,
+            "dead_frac": dead / width,
+            "dense": dense,
+            "dense_frac": dense / width,
+            "dup_decoder": len(counts.get((key, "decoder"), set())),
+            "dup_examples": len(counts.get((key, "examples"), set())),
+        }
+        for key, width, dead, dense in sorted(rows, key=lambda r: natural(r[0]))
+    ]
+    return Rows(pa.Table.from_pylist(table))
+
+
 def experiments(store: Store) -> list[Any]:
     """The store's saved sweeps as ``scope.sweep.Sweep`` objects (``.figure()``, ``.points``),
     newest first."""
@@ -259,9 +322,12 @@ def experiments(store: Store) -> list[Any]:
 
 
 __all__ = [
+    "DUPLICATE_COS",
     "Overview",
     "Query",
+    "duplicates",
     "experiments",
+    "health",
     "live_neighbour",
     "overview",
     "random_live",
