@@ -95,10 +95,11 @@ def _load(store_path: str, model_name: str, device: str | None) -> Loaded:
 def model_or_reason() -> Loaded | None:
     """The loaded model and SAEs, or None after saying on the page why they are off and how to
     turn them on (every store page keeps working without them)."""
-    s = settings()
-    name = s.model or store().manifest.model.name
+    args = _load_args()
     try:
-        return _load(settings().store, name, s.device)
+        loaded = _load(*args)
+        _LOADED.add(args)
+        return loaded
     except ScopeError as err:
         st.warning(
             f"The model is off: {err}\n\nStore pages (overview, features, search) work without "
@@ -126,6 +127,30 @@ def kept_text_area(label: str, name: str, default: str, **kwargs: Any) -> str:
     text = str(st.text_area(label, key=box, **kwargs))
     state[name] = text
     return text
+
+
+_LOADED: set[tuple[str, str, str | None]] = set()
+"""What this process has loaded (``_load``'s arguments): pages that only do more with the
+model use it when it is there, and never start a load of gigabytes on their own."""
+
+
+def _load_args() -> tuple[str, str, str | None]:
+    s = settings()
+    return s.store, s.model or store().manifest.model.name, s.device
+
+
+def model_quietly(load: bool = False) -> Loaded | None:
+    """The model and SAEs if this process has them already (``load``: load them now), else
+    None without a word (for pages that work without them and do more with them)."""
+    args = _load_args()
+    if not load and args not in _LOADED:
+        return None
+    try:
+        loaded = _load(*args)
+    except (ScopeError, OSError, RuntimeError):
+        return None
+    _LOADED.add(args)
+    return loaded
 
 
 def feature_url(sae: str, feature: int) -> str:
@@ -168,6 +193,7 @@ __all__ = [
     "feature_url",
     "kept_text_area",
     "model_or_reason",
+    "model_quietly",
     "settings",
     "store",
 ]

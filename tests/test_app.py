@@ -74,6 +74,7 @@ def test_feature_page_by_url_equals_the_store(app, app_store):
     shown = " ".join(h.proto.body for h in app.get("html"))
     assert html.escape(visible(top.tokens[top.pos])) in shown  # the max token, shaded
     assert f'title="{top.acts[top.pos]:.3f}"' in shown  # its value on hover
+    app.radio[0].set_value("all").run()  # the lens over the whole vocabulary, as stored
     lens = app.dataframe[0].value
     assert list(lens["token"]) == [visible(t) for t, _ in view.top_tokens]
 
@@ -455,3 +456,37 @@ def test_health_counts_duplicate_features_against_brute_force(
     shown = next(d.value for d in at.dataframe if "dup_examples" in d.value.columns)
     assert list(shown["dup_examples"]) == [len(by_examples)]
     assert list(shown["dup_decoder"]) == [len(by_decoder)]
+
+
+def test_feature_lens_over_corpus_tokens_is_the_raw_lens_filtered(
+    app, app_store, tiny_model, tiny_sae_dir
+):
+    store = Store(app_store)
+    f = busiest(store)
+    app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
+    app.switch_page("views/feature.py").run()
+    no_errors(app)
+    loading = [b for b in app.button if b.label == "load the model"]
+    if loading:  # this process has not loaded the model yet
+        loading[0].click().run()
+        no_errors(app)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    logits = (sae.W_dec[f].detach() @ tiny_model.W_U.detach()).tolist()  # the raw lens
+    corpus = {t for (tokens,) in store.sql("select tokens from windows").fetchall()
+              for t in tokens[1:]}  # fmt: skip
+    inside = sorted(corpus, key=lambda t: -logits[t])
+    vocab = store.tokens_text(list(range(len(logits))))
+    promotes, suppresses = app.dataframe[0].value, app.dataframe[1].value
+    assert list(promotes["token"]) == [visible(vocab[t]) for t in inside[:10]]
+    assert list(promotes["logit"]) == pytest.approx([logits[t] for t in inside[:10]], abs=1e-4)
+    assert list(suppresses["token"]) == [visible(vocab[t]) for t in inside[::-1][:10]]
+    # the stored lens over the whole vocabulary, filtered to the corpus, begins the same list
+    (top_ids,) = store.sql("select top_ids from lens where feature = ?", [f]).fetchone()
+    raw = [visible(vocab[i]) for i in top_ids]
+    kept = [visible(vocab[i]) for i in top_ids if i in corpus]
+    assert list(promotes["token"])[: len(kept)] == kept
+    assert len(kept) < len(raw)  # the corpus leaves some of the raw top tokens out
+
+    app.radio[0].set_value("all").run()
+    no_errors(app)
+    assert list(app.dataframe[0].value["token"]) == raw

@@ -5,15 +5,61 @@ the steering lab. Opens directly from ``/feature?sae=KEY&feature=N``."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import plotly.graph_objects as go
 import steerlist
 import streamlit as st
-from explorer import TOKEN_CSS, example_row, feature_link, store
+from explorer import TOKEN_CSS, example_row, feature_link, model_quietly, store
 
 from scope.errors import ScopeError
+from scope.record.tables import written_directions
 from scope.store import explore, set_label
 from scope.store.view import visible
+
+LENS_K = 10
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def corpus_ids(root: str, version: str) -> list[int]:
+    """The tokens of the recorded corpus (cached per snapshot)."""
+    return explore.corpus_tokens(store())
+
+
+def corpus_lens(
+    loaded: Any, key: str, feature: int, ids: list[int]
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The feature's logit lens over the corpus' tokens only: promoted and suppressed."""
+    direction = written_directions(loaded.saes[key], loaded.model)[feature]
+    w_u = loaded.model.W_U.detach().to(direction.dtype)[:, ids]
+    logits = (direction @ w_u).float()
+    k = min(LENS_K, len(ids))
+    out = []
+    for largest in (True, False):
+        found = logits.topk(k, largest=largest)
+        names = s.tokens_text([ids[i] for i in found.indices.tolist()])
+        out.append(list(zip(names, found.values.tolist(), strict=True)))
+    return out[0], out[1]
+
+
+def stored_lens_within(
+    key: str, feature: int, ids: set[int]
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The stored lens (top and bottom of the whole vocabulary), only the tokens in ``ids``."""
+    row = s.sql(
+        "select top_ids, top_logits, bottom_ids, bottom_logits from lens "
+        "where sae = ? and feature = ?",
+        [key, feature],
+    ).fetchone()
+    if row is None:
+        return [], []
+    out = []
+    for found, values in ((row[0], row[1]), (row[2], row[3])):
+        kept = [(i, v) for i, v in zip(found, values, strict=True) if i in ids]
+        names = s.tokens_text([i for i, _ in kept])
+        out.append([(n, v) for n, (_, v) in zip(names, kept, strict=True)])
+    return out[0], out[1]
+
 
 s = store()
 keys = list(s.saes)
@@ -130,12 +176,34 @@ with right:
                           yaxis_title="tokens", bargap=0)  # fmt: skip
         st.plotly_chart(fig, width="stretch")
     st.subheader("Logit lens")
+    over = st.radio(
+        "tokens", ["in the corpus", "all"], horizontal=True, label_visibility="collapsed",
+        help="in the corpus: only tokens that occur in the recorded corpus (rare byte and "
+        "script fragments, which often have the largest logits, left out); all: the whole "
+        "vocabulary",
+    )  # fmt: skip
+    promotes, suppresses = view.top_tokens, view.bottom_tokens
+    if over == "in the corpus":
+        ids = corpus_ids(str(s.root), s.version.name)
+        loaded = model_quietly(load=st.session_state.get("lens_load", False))
+        if loaded is not None:
+            promotes, suppresses = corpus_lens(loaded, sae, index, ids)
+        else:
+            promotes, suppresses = stored_lens_within(sae, index, set(ids))
+            note = st.columns([3, 2], vertical_alignment="center")
+            note[0].caption(
+                "the model is not loaded: these are the corpus tokens among the stored top "
+                f"{LENS_K} of the whole vocabulary"
+            )
+            if note[1].button("load the model", help="for the lens over every corpus token"):
+                st.session_state["lens_load"] = True
+                st.rerun()
     lens = st.columns(2)
     lens[0].caption("promotes")
-    lens[0].dataframe([{"token": visible(t), "logit": v} for t, v in view.top_tokens], hide_index=True,
+    lens[0].dataframe([{"token": visible(t), "logit": v} for t, v in promotes], hide_index=True,
                       column_config={"logit": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
     lens[1].caption("suppresses")
-    lens[1].dataframe([{"token": visible(t), "logit": v} for t, v in view.bottom_tokens], hide_index=True,
+    lens[1].dataframe([{"token": visible(t), "logit": v} for t, v in suppresses], hide_index=True,
                       column_config={"logit": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
     st.subheader("Nearest features")
     st.caption("by cosine of decoder directions")

@@ -232,6 +232,15 @@ def overview(store: Store) -> Overview:
     )
 
 
+def corpus_tokens(store: Store) -> list[int]:
+    """The token ids that occur in the recorded corpus (BOS, first in every window, left
+    out), ascending: the vocabulary a feature's logit lens is restricted to by default."""
+    rows = store.sql(
+        "select distinct unnest(tokens[2:]) as token from windows order by token"
+    ).fetchall()
+    return [int(t) for (t,) in rows]
+
+
 DUPLICATE_COS = 0.95
 """Features whose decoder directions have a cosine above this are counted as duplicates."""
 
@@ -325,6 +334,7 @@ __all__ = [
     "DUPLICATE_COS",
     "Overview",
     "Query",
+    "corpus_tokens",
     "duplicates",
     "experiments",
     "health",
