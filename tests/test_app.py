@@ -490,3 +490,23 @@ def test_feature_lens_over_corpus_tokens_is_the_raw_lens_filtered(
     app.radio[0].set_value("all").run()
     no_errors(app)
     assert list(app.dataframe[0].value["token"]) == raw
+
+
+def test_feature_page_tries_the_feature_on_typed_text(app, app_store, tiny_model, tiny_sae_dir):
+    store = Store(app_store)
+    live = store.sql("select min(feature) from features where not dead").fetchone()[0]
+    app.switch_page("views/feature.py").run()  # the sidebar's link: no feature named
+    no_errors(app)
+    assert app.title[0].value.startswith(f"L2.res.256/{live}")  # a live feature, not 0 if dead
+    f = busiest(store)
+    app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
+    app.run()
+    text = "The quick brown fox jumps over the lazy dog."
+    next(t for t in app.text_area if t.label == "your text").input(text)
+    next(b for b in app.button if b.label == "Show the feature on it").click().run()
+    no_errors(app)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    acts = activations(tiny_model, [sae], text, store=store)
+    values = acts.strip("L2.res.256", f)
+    shown = next(h.proto.body for h in app.get("html") if "id='tried'" in h.proto.body)
+    assert re.findall(r'title="([-\d.]+)"', shown) == [f"{values[p]:.3f}" for p in acts.counted]

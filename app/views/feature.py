@@ -13,9 +13,10 @@ import streamlit as st
 from explorer import TOKEN_CSS, example_row, feature_link, model_quietly, store
 
 from scope.errors import ScopeError
+from scope.inspect import activations
 from scope.record.tables import written_directions
 from scope.store import explore, set_label
-from scope.store.view import visible
+from scope.store.view import shaded, visible
 
 LENS_K = 10
 
@@ -68,8 +69,8 @@ sae = params.get("sae", keys[0])
 if sae not in keys:
     st.error(f"No SAE {sae!r} in this store; it has {', '.join(keys)}.")
     sae = keys[0]
-try:
-    index = int(params.get("feature", 0))
+try:  # no feature named (the sidebar's link): the SAE's first live feature, not a dead one
+    index = int(params.get("feature", explore.live_neighbour(s, sae, -1, 1) or 0))
 except ValueError:
     st.error(f"feature {params.get('feature')!r} is not a number.")
     index = 0
@@ -152,6 +153,28 @@ with left:
         st.html(f"{TOKEN_CSS}<div id='top-examples'>{rows}</div>")
     else:
         st.caption("none")
+    st.subheader("Try it on your text")
+    with st.form("try"):
+        tried = st.text_area("your text", placeholder="a sentence to see this feature on",
+                             height=80)  # fmt: skip
+        run_it = st.form_submit_button("Show the feature on it")
+    if run_it and tried.strip():
+        model = model_quietly(load=True)
+        if model is None:
+            st.warning("The model could not be loaded: start the app with `--model`.")
+        else:
+            try:
+                got = activations(model.model, [model.saes[sae]], tried, store=s)
+            except ScopeError as err:
+                st.error(str(err))
+            else:
+                values = got.strip(sae, index)
+                peak = max(values[p] for p in got.counted)
+                body = shaded([got.tokens[p] for p in got.counted],
+                              [values[p] for p in got.counted], view.max)  # fmt: skip
+                st.html(f"{TOKEN_CSS}<div class='ex' id='tried'><span class='act'>{peak:.2f}"
+                        f"</span>{body}</div>")  # fmt: skip
+                st.caption(f"shaded against the feature's max on the corpus ({view.max:.2f})")
     st.subheader("Examples by activation interval")
     for interval in sorted(view.intervals, reverse=True):
         lo, hi = interval * view.max / 5, (interval + 1) * view.max / 5
