@@ -58,7 +58,7 @@ if given and "inspect_text" not in st.session_state:  # opened by a link, a book
 text = kept_text_area(
     "text", "inspect_text", "The Golden Gate Bridge is in San Francisco.", height=100
 )
-cols = st.columns([1, 1, 1, 2, 1])
+cols = st.columns([1, 1, 1.4, 2, 0.8], vertical_alignment="bottom")
 top = cols[0].number_input("features per token", 1, 20, 5)
 rank = cols[1].selectbox(
     "rank by",

@@ -13,13 +13,19 @@ from scope.store import explore
 s = store()
 st.title("Search features")
 keys = list(s.saes)
-top = st.columns([3, 2, 2, 1])
+top = st.columns([3, 1.7, 2, 1.6, 1], vertical_alignment="bottom")
 text = top[0].text_input("token or text", placeholder="e.g. Paris, ing, 1987",
                          help="features whose top examples fire on it, or whose logit lens promotes it")  # fmt: skip
-label = top[1].text_input("label or notes", placeholder="words in a label")
-sae = top[2].selectbox("SAE", ["all", *keys])
-index = top[3].text_input("index", placeholder="1234")
-cols = st.columns([2, 2, 2, 1, 1, 1])
+whole = top[1].toggle(
+    "whole tokens",
+    value=True,
+    help="on: the activating token is the text (east finds ' east', not 'least'); off: the "
+    "activating token or the few tokens before it contain the text",
+)
+label = top[2].text_input("label or notes", placeholder="words in a label")
+sae = top[3].selectbox("SAE", ["all", *keys])
+index = top[4].text_input("index", placeholder="1234")
+cols = st.columns([2, 2, 2, 1.3, 1])
 density = cols[0].select_slider(
     "density (fraction of tokens)",
     options=[0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0],
@@ -34,12 +40,6 @@ sort = cols[2].selectbox(
 )
 descending = cols[3].toggle("descending", value=True)
 limit = cols[4].number_input("rows", 10, 5000, 200, step=50)
-whole = cols[5].toggle(
-    "whole tokens",
-    value=True,
-    help="on: the activating token is the text (east finds ' east', not 'least'); off: the "
-    "activating token or the few tokens before it contain the text",
-)
 
 if index.strip() and not index.strip().isdigit():
     st.error(f"index {index!r} is not a number: give a feature index such as 1234")
