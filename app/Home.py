@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import steerlist
 import streamlit as st
+from explorer import store
 
 HERE = Path(__file__).parent  # pages live in views/: a folder named pages/ makes Streamlit
 # show its legacy page list instead of the navigation below
@@ -25,5 +27,7 @@ st.session_state["pages"] = pages
 page = st.navigation(list(pages.values()))
 params = st.query_params
 if page is pages["overview"] and "sae" in params and "feature" in params:
-    st.switch_page(pages["feature"], query_params=dict(params))  # ?sae=...&feature=... at the root
+    whole = {k: params.get_all(k) for k in params}  # a repeated steer= kept whole
+    st.switch_page(pages["feature"], query_params=whole)  # ?sae=...&feature=... at the root
+steerlist.sync(store().saes)  # the steer list from the URL, and back into it
 page.run()

@@ -7,12 +7,14 @@ SAEs from ``scope.model`` / ``scope.sae``, steering from ``scope.steer`` / ``sco
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
+import steerlist
 import streamlit as st
 
 from scope.errors import ScopeError
@@ -93,10 +95,11 @@ def _load(store_path: str, model_name: str, device: str | None) -> Loaded:
 def model_or_reason() -> Loaded | None:
     """The loaded model and SAEs, or None after saying on the page why they are off and how to
     turn them on (every store page keeps working without them)."""
-    s = settings()
-    name = s.model or store().manifest.model.name
+    args = _load_args()
     try:
-        return _load(settings().store, name, s.device)
+        loaded = _load(*args)
+        _LOADED.add(args)
+        return loaded
     except ScopeError as err:
         st.warning(
             f"The model is off: {err}\n\nStore pages (overview, features, search) work without "
@@ -112,14 +115,59 @@ def model_or_reason() -> Loaded | None:
     return None
 
 
+def kept_text_area(label: str, name: str, default: str, **kwargs: Any) -> str:
+    """A text area whose text is ``st.session_state[name]`` and outlives the page (a visit to
+    another page and back keeps it). The widget has its own stable key: a text area given
+    ``value=`` from session state without one is a new widget whenever that text changes, and
+    snaps back to the text before, so every second edit would be lost."""
+    state = st.session_state
+    box = f"{name}_box"
+    if box not in state:  # first run, or the widget was away on another page
+        state[box] = state.get(name, default)
+    text = str(st.text_area(label, key=box, **kwargs))
+    state[name] = text
+    return text
+
+
+_LOADED: set[tuple[str, str, str | None]] = set()
+"""What this process has loaded (``_load``'s arguments): pages that only do more with the
+model use it when it is there, and never start a load of gigabytes on their own."""
+
+
+def _load_args() -> tuple[str, str, str | None]:
+    s = settings()
+    return s.store, s.model or store().manifest.model.name, s.device
+
+
+def model_quietly(load: bool = False) -> Loaded | None:
+    """The model and SAEs if this process has them already (``load``: load them now), else
+    None without a word (for pages that work without them and do more with them)."""
+    args = _load_args()
+    if not load and args not in _LOADED:
+        return None
+    try:
+        loaded = _load(*args)
+    except (ScopeError, OSError, RuntimeError):
+        return None
+    _LOADED.add(args)
+    return loaded
+
+
 def feature_url(sae: str, feature: int) -> str:
-    """The URL that opens a feature's page (relative to the app)."""
-    return "/feature?" + urlencode({"sae": sae, "feature": feature})
+    """The URL that opens a feature's page (relative to the app), carrying the steer list."""
+    return "/feature?" + urlencode(
+        {"sae": sae, "feature": feature, **steerlist.params()}, doseq=True
+    )
 
 
 def feature_link(sae: str, feature: int, text: str | None = None) -> str:
-    """A Markdown link to a feature's page."""
-    return f"[{text or f'{sae}/{feature}'}]({feature_url(sae, feature)})"
+    """A link to a feature's page that opens in place (a new tab on the user's middle-click or
+    Ctrl-click), as HTML: show it with ``st.markdown(..., unsafe_allow_html=True)`` or
+    ``st.html`` (Streamlit opens Markdown links in a new tab)."""
+    return (
+        f'<a href="{html.escape(feature_url(sae, feature))}" target="_self">'
+        f"{html.escape(text or f'{sae}/{feature}')}</a>"
+    )
 
 
 TOKEN_CSS = """<style>
@@ -143,7 +191,9 @@ __all__ = [
     "example_row",
     "feature_link",
     "feature_url",
+    "kept_text_area",
     "model_or_reason",
+    "model_quietly",
     "settings",
     "store",
 ]

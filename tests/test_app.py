@@ -4,6 +4,7 @@ model: what a page shows equals what the store holds; the store's search against
 from __future__ import annotations
 
 import html
+import re
 import socket
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from scope import load_sae
 from scope import testing as fixtures
 from scope.corpus import CorpusSpec
 from scope.generate import Sampling, compare
-from scope.inspect import inspect
+from scope.inspect import activations, inspect
 from scope.record import RecordSettings, record
 from scope.steer import Steer
 from scope.store import Store, explore, set_label
@@ -73,6 +74,7 @@ def test_feature_page_by_url_equals_the_store(app, app_store):
     shown = " ".join(h.proto.body for h in app.get("html"))
     assert html.escape(visible(top.tokens[top.pos])) in shown  # the max token, shaded
     assert f'title="{top.acts[top.pos]:.3f}"' in shown  # its value on hover
+    app.radio[0].set_value("all").run()  # the lens over the whole vocabulary, as stored
     lens = app.dataframe[0].value
     assert list(lens["token"]) == [visible(t) for t, _ in view.top_tokens]
 
@@ -96,30 +98,79 @@ def test_label_saved_from_the_page_is_found_by_search(app, app_store):
     assert found["open"][0] == f"/feature?sae=L2.res.256&feature={f}"
 
 
-def test_search_by_token_equals_brute_force(app_store):
+@pytest.mark.parametrize("whole", [True, False])
+def test_search_by_token_equals_brute_force(app_store, whole):
     store = Store(app_store)
     rows = store.sql(
-        "select k.sae, k.feature, k.pos, w.tokens from topk k join windows w using (window_id)"
+        "select k.feature, k.pos, k.act, w.tokens from topk k join windows w using (window_id)"
     ).fetchall()
     vocab = store.tokens_text(list(range(len(store.sql("select token from vocab")))))
     f = busiest(store)
     word = next(
-        vocab[tokens[pos]] for sae, feat, pos, tokens in rows
+        vocab[tokens[pos]] for feat, pos, _, tokens in rows
         if feat == f and len(vocab[tokens[pos]].strip()) > 1
     )  # fmt: skip
-    needle = word.strip().lower()
-    expected: dict[int, int] = {}
-    for _sae, feat, pos, tokens in rows:
-        context = "".join(vocab[t] for t in tokens[max(pos - 5, 1) : pos + 1]).lower()
-        if vocab[tokens[pos]].strip().lower() == needle or needle in context:
-            expected[feat] = expected.get(feat, 0) + 1
+    needle = word.strip().lower()[: None if whole else 2]  # a fragment finds more by substring
+    hits: dict[int, int] = {}
+    mass: dict[int, float] = {}
+    total: dict[int, float] = {}
+    best: dict[int, tuple[float, str]] = {}
+    for feat, pos, act, tokens in rows:
+        total[feat] = total.get(feat, 0.0) + act
+        context = "".join(vocab[t] for t in tokens[max(pos - 5, 1) : pos + 1])
+        if vocab[tokens[pos]].strip().lower() == needle if whole else needle in context.lower():
+            hits[feat] = hits.get(feat, 0) + 1
+            mass[feat] = mass.get(feat, 0.0) + act
+            best[feat] = max(best.get(feat, (-1.0, "")), (act, context))
     lens = store.sql("select feature, top_ids from lens").fetchall()
     by_lens = {feat for feat, ids in lens if any(vocab[i].strip().lower() == needle for i in ids)}
-    found = explore.search(store, explore.Query(text=word, limit=10_000)).df()
-    assert set(found["feature"]) == set(expected) | by_lens
-    for feat, hits in zip(found["feature"], found["hits"], strict=True):
-        assert hits == expected.get(feat, 0)
+    found = explore.search(store, explore.Query(text=needle, whole=whole, limit=10_000)).df()
+    assert set(found["feature"]) == set(hits) | by_lens
+    for feat, n, share, context in zip(
+        found["feature"], found["hits"], found["share"], found["context"], strict=True
+    ):
+        assert n == hits.get(feat, 0)
+        assert share == pytest.approx(mass.get(feat, 0.0) / total[feat], abs=1e-6)
+        if feat in best:
+            assert context == best[feat][1]
+    assert list(found["share"]) == sorted(found["share"], reverse=True)  # ranked by share
     assert f in set(found["feature"])
+
+
+def test_search_matches_whole_tokens_unless_asked(app_store):
+    store = Store(app_store)
+    vocab = store.tokens_text(list(range(len(store.sql("select token from vocab")))))
+    activating = [t.strip().lower() for (t,) in store.sql("select text from activating").fetchall()]
+    # a token that is part of a longer activating token: found inside it by substring only
+    part, longer = next(
+        (p, w) for w in activating for p in {v.strip().lower() for v in vocab}
+        if len(p) > 1 and p != w and p in w and p not in activating
+    )  # fmt: skip
+    whole = explore.search(store, explore.Query(text=part, limit=10_000)).df()
+    inside = explore.search(store, explore.Query(text=part, whole=False, limit=10_000)).df()
+    assert (whole["hits"] == 0).all()  # only logit-lens matches, if any
+    assert (inside["hits"] > 0).any(), (part, longer)
+
+
+def test_search_page_shows_whole_token_hits_with_their_context(app, app_store):
+    store = Store(app_store)
+    word = store.sql(
+        "select lower(trim(text)) from activating where length(trim(text)) > 1 "
+        "group by 1 order by count(*) desc limit 1"
+    ).fetchone()[0]
+    app.switch_page("views/search.py").run()
+    [t for t in app.text_input if t.label == "token or text"][0].input(word).run()
+    no_errors(app)
+    shown = app.dataframe[0].value
+    want = explore.search(store, explore.Query(text=word)).df()
+    assert list(shown["feature"]) == list(want["feature"])
+    assert list(shown["share"]) == list(want["share"])
+    assert all(c.replace("↵", "\n").endswith(word) or not h
+               for c, h in zip(want["context"].fillna("").str.lower(), want["hits"], strict=True))  # fmt: skip
+    next(t for t in app.toggle if t.label == "whole tokens").set_value(False).run()
+    no_errors(app)
+    inside = explore.search(store, explore.Query(text=word, whole=False)).df()
+    assert list(app.dataframe[0].value["feature"]) == list(inside["feature"])
 
 
 def test_search_filters_and_sorts(app_store):
@@ -151,7 +202,8 @@ def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sa
     text = "The quick brown fox jumps over the lazy dog."
     app.text_area[0].input(text)
     app.toggle[0].set_value(False)  # dense features shown: compare with the library's own
-    app.button[0].click().run()
+    next(b for b in app.selectbox if b.label == "rank by").set_value("activation")
+    next(b for b in app.button if b.label == "Inspect").click().run()
     no_errors(app)
     store = Store(app_store)
     sae = load_sae(tiny_sae_dir, device="cpu")
@@ -165,9 +217,46 @@ def test_inspector_shows_the_top_features_of_each_token(app, tiny_model, tiny_sa
         line = next(x for x in table.splitlines() if x.startswith(f"| {r.position} |"))
         for h in r.features:
             assert (
-                f"[{h.sae}/{h.feature}](/feature?sae={h.sae}&feature={h.feature}) {h.act:.2f}"
-                in line
+                f'<a href="/feature?sae={h.sae}&amp;feature={h.feature}" target="_self">'
+                f"{h.sae}/{h.feature}</a>" in line
             )
+            assert f" {h.act:.2f}" in line
+        shown = [int(m) for m in re.findall(r"feature=(\d+)\"", line)]
+        assert shown == [h.feature for h in r.features]  # in the library's order
+
+
+def test_inspector_ranks_by_fraction_of_each_features_max(app, tiny_model, tiny_sae_dir, app_store):
+    app.switch_page("views/inspector.py").run()
+    text = "The quick brown fox jumps over the lazy dog."
+    app.text_area[0].input(text)
+    next(
+        b for b in app.button if b.label == "Inspect"
+    ).click().run()  # defaults: fraction, dense hidden
+    no_errors(app)
+    store = Store(app_store)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    acts = activations(tiny_model, [sae], text, store=store)
+    codes = acts.codes[0]
+    maxes = dict(store.sql("select feature, max from features").fetchall())
+    dense = {f for (f,) in store.sql("select feature from features where dense").fetchall()}
+    table = next(m.value for m in app.markdown if "| pos |" in m.value)
+    for pos in acts.counted:
+        score = {
+            f: float(codes[pos, f]) / maxes[f] if maxes[f] > 0 else 1.0
+            for f in range(codes.shape[1]) if codes[pos, f] > 0 and f not in dense
+        }  # fmt: skip
+        want = sorted(score, key=lambda f: -score[f])[:5]
+        line = next(x for x in table.splitlines() if x.startswith(f"| {pos} |"))
+        shown = [int(m) for m in re.findall(r"feature=(\d+)\"", line)]
+        assert shown == want
+        for f in want:  # the raw value and its fraction of the max beside each
+            assert f"{float(codes[pos, f]):.2f} ({float(codes[pos, f]) / maxes[f]:.0%})" in line
+    names = dict(store.sql("select feature, text from activating where rank = 0").fetchall())
+    f = want[0]
+    assert (
+        f'target="_self">L2.res.256/{f}</a> <small>{html.escape(repr(names[f].strip() or names[f])[1:-1])}</small>'
+        in line
+    )
 
 
 @pytest.mark.slow
@@ -305,3 +394,119 @@ def test_scope_app_refuses_a_folder_that_is_not_a_store_and_a_busy_port(app_stor
         result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--port", str(port)])
     assert result.exit_code == 2
     assert f"cannot serve on 127.0.0.1:{port}" in result.output and "--port" in result.output
+
+
+def test_health_counts_duplicate_features_against_brute_force(
+    tmp_path, tiny_model, tiny_sae_dir, monkeypatch
+):
+    import numpy as np
+
+    params = dict(np.load(tiny_sae_dir / "params.npz"))
+    for f in (1, 2):  # copies of feature 0: the same activations, so the same top examples
+        params["W_enc"][:, f] = params["W_enc"][:, 0]
+        params["W_dec"][f] = params["W_dec"][0]
+        params["b_enc"][f], params["threshold"][f] = params["b_enc"][0], params["threshold"][0]
+    params["W_dec"][3] = params["W_dec"][4] + 0.05 * params["W_dec"][3]  # 3 writes what 4 does
+    folder = tmp_path / "saes" / "tiny-scope-res" / "layer_2" / "width_256" / "average_l0_13"
+    fixtures.write_params(folder, params)
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("\n\n".join(d for d in fixtures.training_text() if len(d) > 200))
+    root = tmp_path / "store"
+    record(tiny_model, [load_sae(folder, device="cpu")],
+           CorpusSpec(paths=(str(corpus),), max_tokens=1500), root,
+           RecordSettings(ctx=CTX, k=5, samples=2, batch_size=16))  # fmt: skip
+    store = Store(root)
+
+    w = params["W_dec"] / np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
+    cos = w @ w.T
+    np.fill_diagonal(cos, -2.0)
+    by_decoder = set()
+    for f in range(len(cos)):
+        j = int(cos[f].argmax())
+        if cos[f, j] > 0.95:
+            by_decoder |= {f, j}
+    tops: dict[int, list[tuple[int, int]]] = {}
+    for f, window, pos in store.sql(
+        "select feature, window_id, pos from topk order by feature, rank"
+    ).fetchall():
+        tops.setdefault(f, []).append((window, pos))
+    groups: dict[tuple, list[int]] = {}
+    for f, sig in tops.items():
+        groups.setdefault(tuple(sig), []).append(f)
+    by_examples = {f for g in groups.values() if len(g) > 1 for f in g}
+    assert {0, 1, 2, 3, 4} <= by_decoder and {0, 1, 2} <= by_examples  # what was built in
+
+    health = explore.health(store).df()
+    assert (health["dup_decoder"][0], health["dup_examples"][0]) == (
+        len(by_decoder),
+        len(by_examples),
+    )
+    dead, dense = store.sql("select dead, dense from saes").fetchone()
+    assert health["dead_frac"][0] == dead / 256 and health["dense_frac"][0] == dense / 256
+    found = explore.duplicates(store).df()
+    listed = {
+        tuple(f) for f, k in zip(found["features"], found["kind"], strict=True) if k == "examples"
+    }
+    assert listed == {tuple(sorted(g)) for g in groups.values() if len(g) > 1}
+
+    # the overview shows the same numbers and flags
+    monkeypatch.setenv("SCOPE_STORE", str(root))
+    at = AppTest.from_file(str(HOME), default_timeout=120).run()
+    no_errors(at)
+    shown = next(d.value for d in at.dataframe if "dup_examples" in d.value.columns)
+    assert list(shown["dup_examples"]) == [len(by_examples)]
+    assert list(shown["dup_decoder"]) == [len(by_decoder)]
+
+
+def test_feature_lens_over_corpus_tokens_is_the_raw_lens_filtered(
+    app, app_store, tiny_model, tiny_sae_dir
+):
+    store = Store(app_store)
+    f = busiest(store)
+    app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
+    app.switch_page("views/feature.py").run()
+    no_errors(app)
+    loading = [b for b in app.button if b.label == "load the model"]
+    if loading:  # this process has not loaded the model yet
+        loading[0].click().run()
+        no_errors(app)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    logits = (sae.W_dec[f].detach() @ tiny_model.W_U.detach()).tolist()  # the raw lens
+    corpus = {t for (tokens,) in store.sql("select tokens from windows").fetchall()
+              for t in tokens[1:]}  # fmt: skip
+    inside = sorted(corpus, key=lambda t: -logits[t])
+    vocab = store.tokens_text(list(range(len(logits))))
+    promotes, suppresses = app.dataframe[0].value, app.dataframe[1].value
+    assert list(promotes["token"]) == [visible(vocab[t]) for t in inside[:10]]
+    assert list(promotes["logit"]) == pytest.approx([logits[t] for t in inside[:10]], abs=1e-4)
+    assert list(suppresses["token"]) == [visible(vocab[t]) for t in inside[::-1][:10]]
+    # the stored lens over the whole vocabulary, filtered to the corpus, begins the same list
+    (top_ids,) = store.sql("select top_ids from lens where feature = ?", [f]).fetchone()
+    raw = [visible(vocab[i]) for i in top_ids]
+    kept = [visible(vocab[i]) for i in top_ids if i in corpus]
+    assert list(promotes["token"])[: len(kept)] == kept
+    assert len(kept) < len(raw)  # the corpus leaves some of the raw top tokens out
+
+    app.radio[0].set_value("all").run()
+    no_errors(app)
+    assert list(app.dataframe[0].value["token"]) == raw
+
+
+def test_feature_page_tries_the_feature_on_typed_text(app, app_store, tiny_model, tiny_sae_dir):
+    store = Store(app_store)
+    live = store.sql("select min(feature) from features where not dead").fetchone()[0]
+    app.switch_page("views/feature.py").run()  # the sidebar's link: no feature named
+    no_errors(app)
+    assert app.title[0].value.startswith(f"L2.res.256/{live}")  # a live feature, not 0 if dead
+    f = busiest(store)
+    app.query_params.update({"sae": "L2.res.256", "feature": str(f)})
+    app.run()
+    text = "The quick brown fox jumps over the lazy dog."
+    next(t for t in app.text_area if t.label == "your text").input(text)
+    next(b for b in app.button if b.label == "Show the feature on it").click().run()
+    no_errors(app)
+    sae = load_sae(tiny_sae_dir, device="cpu")
+    acts = activations(tiny_model, [sae], text, store=store)
+    values = acts.strip("L2.res.256", f)
+    shown = next(h.proto.body for h in app.get("html") if "id='tried'" in h.proto.body)
+    assert re.findall(r'title="([-\d.]+)"', shown) == [f"{values[p]:.3f}" for p in acts.counted]

@@ -5,14 +5,62 @@ the steering lab. Opens directly from ``/feature?sae=KEY&feature=N``."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import plotly.graph_objects as go
+import steerlist
 import streamlit as st
-from explorer import TOKEN_CSS, example_row, feature_link, store
+from explorer import TOKEN_CSS, example_row, feature_link, model_quietly, store
 
 from scope.errors import ScopeError
+from scope.inspect import activations
+from scope.record.tables import written_directions
 from scope.store import explore, set_label
-from scope.store.view import visible
+from scope.store.view import shaded, visible
+
+LENS_K = 10
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def corpus_ids(root: str, version: str) -> list[int]:
+    """The tokens of the recorded corpus (cached per snapshot)."""
+    return explore.corpus_tokens(store())
+
+
+def corpus_lens(
+    loaded: Any, key: str, feature: int, ids: list[int]
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The feature's logit lens over the corpus' tokens only: promoted and suppressed."""
+    direction = written_directions(loaded.saes[key], loaded.model)[feature]
+    w_u = loaded.model.W_U.detach().to(direction.dtype)[:, ids]
+    logits = (direction @ w_u).float()
+    k = min(LENS_K, len(ids))
+    out = []
+    for largest in (True, False):
+        found = logits.topk(k, largest=largest)
+        names = s.tokens_text([ids[i] for i in found.indices.tolist()])
+        out.append(list(zip(names, found.values.tolist(), strict=True)))
+    return out[0], out[1]
+
+
+def stored_lens_within(
+    key: str, feature: int, ids: set[int]
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The stored lens (top and bottom of the whole vocabulary), only the tokens in ``ids``."""
+    row = s.sql(
+        "select top_ids, top_logits, bottom_ids, bottom_logits from lens "
+        "where sae = ? and feature = ?",
+        [key, feature],
+    ).fetchone()
+    if row is None:
+        return [], []
+    out = []
+    for found, values in ((row[0], row[1]), (row[2], row[3])):
+        kept = [(i, v) for i, v in zip(found, values, strict=True) if i in ids]
+        names = s.tokens_text([i for i, _ in kept])
+        out.append([(n, v) for n, (_, v) in zip(names, kept, strict=True)])
+    return out[0], out[1]
+
 
 s = store()
 keys = list(s.saes)
@@ -21,8 +69,8 @@ sae = params.get("sae", keys[0])
 if sae not in keys:
     st.error(f"No SAE {sae!r} in this store; it has {', '.join(keys)}.")
     sae = keys[0]
-try:
-    index = int(params.get("feature", 0))
+try:  # no feature named (the sidebar's link): the SAE's first live feature, not a dead one
+    index = int(params.get("feature", explore.live_neighbour(s, sae, -1, 1) or 0))
 except ValueError:
     st.error(f"feature {params.get('feature')!r} is not a number.")
     index = 0
@@ -91,18 +139,8 @@ cols[3].metric("mean", f"{view.mean:.2f}", help=f"± {view.std:.2f}, where it fi
 if cols[4].button(
     "Steer with this", icon=":material/tune:", type="primary", disabled=view.max <= 0
 ):
-    steers = st.session_state.setdefault("steers", [])
-    steers.append(
-        {
-            "sae": sae,
-            "feature": index,
-            "mode": "add",
-            "strength": 1.0,
-            "unit": "max",
-            "positions": "all",
-        }
-    )
-    st.switch_page(st.session_state["pages"]["lab"])
+    steerlist.add(sae, index)
+    st.switch_page(st.session_state["pages"]["lab"], query_params=steerlist.params())
 
 if view.max <= 0:
     st.info("This feature never fired on the recorded corpus (dead).")
@@ -115,6 +153,28 @@ with left:
         st.html(f"{TOKEN_CSS}<div id='top-examples'>{rows}</div>")
     else:
         st.caption("none")
+    st.subheader("Try it on your text")
+    with st.form("try"):
+        tried = st.text_area("your text", placeholder="a sentence to see this feature on",
+                             height=80)  # fmt: skip
+        run_it = st.form_submit_button("Show the feature on it")
+    if run_it and tried.strip():
+        model = model_quietly(load=True)
+        if model is None:
+            st.warning("The model could not be loaded: start the app with `--model`.")
+        else:
+            try:
+                got = activations(model.model, [model.saes[sae]], tried, store=s)
+            except ScopeError as err:
+                st.error(str(err))
+            else:
+                values = got.strip(sae, index)
+                peak = max(values[p] for p in got.counted)
+                body = shaded([got.tokens[p] for p in got.counted],
+                              [values[p] for p in got.counted], view.max)  # fmt: skip
+                st.html(f"{TOKEN_CSS}<div class='ex' id='tried'><span class='act'>{peak:.2f}"
+                        f"</span>{body}</div>")  # fmt: skip
+                st.caption(f"shaded against the feature's max on the corpus ({view.max:.2f})")
     st.subheader("Examples by activation interval")
     for interval in sorted(view.intervals, reverse=True):
         lo, hi = interval * view.max / 5, (interval + 1) * view.max / 5
@@ -139,18 +199,41 @@ with right:
                           yaxis_title="tokens", bargap=0)  # fmt: skip
         st.plotly_chart(fig, width="stretch")
     st.subheader("Logit lens")
+    over = st.radio(
+        "tokens", ["in the corpus", "all"], horizontal=True, label_visibility="collapsed",
+        help="in the corpus: only tokens that occur in the recorded corpus (rare byte and "
+        "script fragments, which often have the largest logits, left out); all: the whole "
+        "vocabulary",
+    )  # fmt: skip
+    promotes, suppresses = view.top_tokens, view.bottom_tokens
+    if over == "in the corpus":
+        ids = corpus_ids(str(s.root), s.version.name)
+        loaded = model_quietly(load=st.session_state.get("lens_load", False))
+        if loaded is not None:
+            promotes, suppresses = corpus_lens(loaded, sae, index, ids)
+        else:
+            promotes, suppresses = stored_lens_within(sae, index, set(ids))
+            note = st.columns([3, 2], vertical_alignment="center")
+            note[0].caption(
+                "the model is not loaded: these are the corpus tokens among the stored top "
+                f"{LENS_K} of the whole vocabulary"
+            )
+            if note[1].button("load the model", help="for the lens over every corpus token"):
+                st.session_state["lens_load"] = True
+                st.rerun()
     lens = st.columns(2)
     lens[0].caption("promotes")
-    lens[0].dataframe([{"token": visible(t), "logit": v} for t, v in view.top_tokens], hide_index=True,
+    lens[0].dataframe([{"token": visible(t), "logit": v} for t, v in promotes], hide_index=True,
                       column_config={"logit": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
     lens[1].caption("suppresses")
-    lens[1].dataframe([{"token": visible(t), "logit": v} for t, v in view.bottom_tokens], hide_index=True,
+    lens[1].dataframe([{"token": visible(t), "logit": v} for t, v in suppresses], hide_index=True,
                       column_config={"logit": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
     st.subheader("Nearest features")
     st.caption("by cosine of decoder directions")
     st.markdown(
         " · ".join(f"{feature_link(sae, f, str(f))} ({c:.2f})" for f, c in view.neighbours)
-        or "none"
+        or "none",
+        unsafe_allow_html=True,
     )
     st.subheader("Label and notes")
     with st.form("label"):

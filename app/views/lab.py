@@ -5,9 +5,12 @@ strengths with their charts, saved to the store as experiments."""
 from __future__ import annotations
 
 import html
+from functools import partial
+from typing import Any
 
+import steerlist
 import streamlit as st
-from explorer import feature_link, model_or_reason, store
+from explorer import feature_link, kept_text_area, model_or_reason, store
 
 from scope.errors import ScopeError
 from scope.generate import Sampling, compare
@@ -18,18 +21,34 @@ from scope.sweep import parse_strengths, sweep
 s = store()
 st.title("Steering lab")
 loaded = model_or_reason()
-steers: list[dict] = st.session_state.setdefault("steers", [])
+steers = steerlist.rows()
+UNIT_CHOICES = ["max", "absolute", "norm"]
+
+
+def recorded_max(key: str, feature: int) -> float:
+    row = s.sql("select max from features where sae = ? and feature = ?", [key, feature]).fetchone()
+    return float(row[0]) if row else 0.0
+
+
+def row_widget(rid: int, widget: Any, name: str, **kwargs: Any) -> None:
+    """One field of a steered row: keyed by the row's id, written back to the row on change."""
+    widget(name, key=steerlist.widget_key(rid, name), label_visibility="collapsed",
+           on_change=steerlist.edited, args=(rid, name), **kwargs)  # fmt: skip
+
 
 with st.expander("Add a feature", expanded=not steers):
     cols = st.columns([2, 1, 1, 1, 1, 1])
     keys = list(s.saes)
     key = cols[0].selectbox("SAE", keys)
-    feature = cols[1].number_input("feature", 0, int(s.saes[key]["d_sae"]) - 1, 0)
+    first_live = explore.live_neighbour(s, key, -1, 1) or 0  # not a dead feature
+    feature = cols[1].number_input("feature", 0, int(s.saes[key]["d_sae"]) - 1, first_live)
     mode = cols[2].selectbox("mode", MODES)
     unit = cols[3].selectbox(
         "unit",
-        ["max", "absolute"],
-        help="max: the feature firing at this multiple of its recorded max (what it writes there)",
+        UNIT_CHOICES,
+        help="max: the feature firing at this multiple of its recorded max (what it writes "
+        "there); absolute: along its unit decoder direction; norm: a fraction of the "
+        "activation's norm",
         disabled=mode != "add",
     )
     strength = cols[4].number_input(
@@ -37,48 +56,53 @@ with st.expander("Add a feature", expanded=not steers):
     )
     positions = cols[5].selectbox("positions", POSITIONS, index=POSITIONS.index("all"))
     if st.button("Add"):
-        steers.append({"sae": key, "feature": int(feature), "mode": mode, "strength": float(strength),
-                       "unit": unit if mode == "add" else "absolute", "positions": positions})  # fmt: skip
+        steerlist.add(key, int(feature), mode=mode, strength=float(strength),
+                      unit=unit if mode == "add" else "absolute", positions=positions)  # fmt: skip
         st.rerun()
 
 st.subheader("Features steered")
 if not steers:
     st.caption("none yet: open a feature and press “Steer with this”, or add one above")
-for i, spec in enumerate(list(steers)):
-    cols = st.columns([3, 2, 2, 2, 2, 1])
-    cols[0].markdown(feature_link(spec["sae"], spec["feature"]))
-    spec["mode"] = cols[1].selectbox(
-        "mode", MODES, index=MODES.index(spec["mode"]), key=f"mode{i}", label_visibility="collapsed"
+else:
+    WIDTHS = [3, 2, 2, 2, 2, 1]
+    for col, head in zip(st.columns(WIDTHS), ["feature (its max on the corpus)", "mode", "strength", "unit", "positions", ""],
+                         strict=True):  # fmt: skip
+        col.caption(head)
+for spec in steers:
+    rid = spec["id"]
+    top = recorded_max(spec["sae"], spec["feature"])
+    cols = st.columns(WIDTHS, vertical_alignment="center")
+    cols[0].markdown(
+        f"{feature_link(spec['sae'], spec['feature'])} <small>max {top:.2f}</small>",
+        unsafe_allow_html=True,
     )
-    spec["strength"] = cols[2].number_input(
-        "strength",
-        value=float(spec["strength"]),
-        step=0.5,
-        key=f"strength{i}",
-        label_visibility="collapsed",
-        disabled=spec["mode"] == "ablate",
-    )
-    spec["unit"] = cols[3].selectbox(
-        "unit",
-        ["max", "absolute"],
-        index=["max", "absolute"].index(spec["unit"]) if spec["mode"] == "add" else 1,
-        key=f"unit{i}",
-        label_visibility="collapsed",
-        disabled=spec["mode"] != "add",
-    )
-    spec["positions"] = cols[4].selectbox(
-        "positions",
-        POSITIONS,
-        index=POSITIONS.index(spec["positions"]),
-        key=f"pos{i}",
-        label_visibility="collapsed",
-    )
-    if cols[5].button("✕", key=f"remove{i}", help="remove"):
-        steers.pop(i)
-        st.rerun()
+    field = partial(row_widget, rid)
 
-prompt = st.text_area("prompt", value=st.session_state.get("lab_prompt", "I think that"), height=80)
-st.session_state["lab_prompt"] = prompt
+    with cols[1]:
+        field(st.selectbox, "mode", options=MODES, index=MODES.index(spec["mode"]))
+    with cols[2]:
+        if spec["mode"] == "ablate":
+            st.caption("0 (ablate)")
+        else:
+            field(st.number_input, "strength", value=float(spec["strength"]), step=0.5)
+    with cols[3]:
+        if spec["mode"] == "add":
+            unit_now = spec["unit"] if spec["unit"] in UNIT_CHOICES else "absolute"
+            field(st.selectbox, "unit", options=UNIT_CHOICES, index=UNIT_CHOICES.index(unit_now))
+        else:
+            st.caption("activation" if spec["mode"] == "clamp" else "–")
+    with cols[4]:
+        field(
+            st.selectbox, "positions", options=POSITIONS, index=POSITIONS.index(spec["positions"])
+        )
+    cols[5].button(
+        "✕", key=steerlist.widget_key(rid, "remove"), help="remove",
+        on_click=steerlist.remove, args=(rid,),
+    )  # fmt: skip
+    if spec["mode"] == "add" and spec["unit"] == "max":
+        cols[0].caption(f"{spec['strength']:g}× max = {spec['strength'] * top:.2f}")
+
+prompt = kept_text_area("prompt", "lab_prompt", "I think that", height=80)
 with st.expander("Sampling"):
     cols = st.columns(5)
     max_new = cols[0].number_input("new tokens", 1, 512, 40)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import html
+
 import plotly.express as px
 import streamlit as st
-from explorer import store
+from explorer import feature_link, store
 
 from scope.store import explore
+
+DEAD_FLAG = 0.10
+DENSE_FLAG = 0.01
 
 s = store()
 view = explore.overview(s)
@@ -36,6 +41,61 @@ st.dataframe(
         ),
     },
 )
+
+st.subheader("Health")
+health = explore.health(s).df()
+health.insert(
+    1,
+    "flags",
+    [
+        " ".join(
+            flag
+            for flag, bad in (
+                ("many dead", r.dead_frac > DEAD_FLAG),
+                ("many dense", r.dense_frac > DENSE_FLAG),
+                ("duplicates", r.dup_decoder + r.dup_examples > 0),
+            )
+            if bad
+        )
+        or "ok"
+        for r in health.itertuples()
+    ],
+)
+st.dataframe(
+    health,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "flags": st.column_config.TextColumn(
+            help=f"many dead: over {DEAD_FLAG:.0%} never fired; many dense: over "
+            f"{DENSE_FLAG:.0%} fire on more than the dense threshold of tokens"
+        ),
+        "dead_frac": st.column_config.NumberColumn("dead %", format="percent"),
+        "dense_frac": st.column_config.NumberColumn("dense %", format="percent"),
+        "dup_decoder": st.column_config.NumberColumn(
+            "dup (decoder)",
+            help=f"features whose nearest feature's decoder cosine is above "
+            f"{explore.DUPLICATE_COS}",
+        ),
+        "dup_examples": st.column_config.NumberColumn(
+            "dup (examples)",
+            help="live features whose top examples are exactly another feature's",
+        ),
+    },
+)
+dups = explore.duplicates(s).df()
+if len(dups):
+    with st.expander(f"Duplicate groups ({len(dups)})"):
+        lines = []
+        for r in dups.head(200).itertuples():
+            links = ", ".join(feature_link(r.sae, int(f), f"{r.sae}/{int(f)}") for f in r.features)
+            if r.kind == "decoder":
+                what = f"decoder cosine {r.cos:.3f}"
+            else:
+                toks = sorted({t.strip() or repr(t) for t in r.tokens})[:8]
+                what = f"the same {len(r.tokens)} top examples (on {html.escape(', '.join(toks))})"
+            lines.append(f"- {links}: {what}")
+        st.markdown("\n".join(lines), unsafe_allow_html=True)
 
 left, right = st.columns(2)
 l0 = view.l0.df()

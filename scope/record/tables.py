@@ -156,15 +156,25 @@ def sae_summary(sae: str, st: FeatureState, dense_threshold: float) -> dict[str,
 
 
 @torch.no_grad()
+def written_directions(sae: SAE, model: HookedSAETransformer) -> torch.Tensor:
+    """What each feature writes into the residual stream [d_sae, d_model]: its decoder row (a
+    transcoder's, into its output hook), or for an attention SAE (which writes z,
+    [heads x d_head]) that row through the layer's W_O.
+    The logit lens is this times W_U."""
+    w_dec = sae.W_dec.detach()
+    layer, site = hook_site(codec_of(sae).write_hook)  # a transcoder writes its output hook
+    if site != "att":
+        return w_dec
+    w_o = model.blocks[layer].attn.W_O.detach().to(w_dec.dtype)  # [heads, d_head, d_model]
+    return torch.einsum("fhd,hdm->fm", w_dec.reshape(-1, *w_o.shape[:2]), w_o)
+
+
+@torch.no_grad()
 def lens_table(sae_key: str, sae: SAE, model: HookedSAETransformer) -> pa.Table:
     """Per feature: top and bottom tokens of W_dec @ W_U, and nearest features by decoder
     cosine. Chunked over features so the [features, vocab] product never exists whole."""
     w_dec = sae.W_dec.detach()
-    w_out = w_dec  # the direction each feature writes into the residual stream
-    layer, site = hook_site(codec_of(sae).write_hook)  # a transcoder writes its output hook
-    if site == "att":  # z is [heads x d_head]: map through the layer's W_O
-        w_o = model.blocks[layer].attn.W_O.detach().to(w_dec.dtype)  # [heads, d_head, d_model]
-        w_out = torch.einsum("fhd,hdm->fm", w_dec.reshape(-1, *w_o.shape[:2]), w_o)
+    w_out = written_directions(sae, model)
     w_u = model.W_U.detach().to(w_dec.dtype)
     unit = w_dec.float() / w_dec.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
     n = w_dec.shape[0]

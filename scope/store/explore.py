@@ -32,9 +32,11 @@ class Query:
     index: int | None = None
     """Only this feature index."""
     text: str = ""
-    """A token or a few words: features whose top examples fire on it (the activating token,
-    or the text just before it, contains it) or whose logit lens promotes it. Case and
-    surrounding spaces are ignored."""
+    """A token or a few words: features whose top examples fire on it or whose logit lens
+    promotes it. Case and surrounding spaces are ignored."""
+    whole: bool = True
+    """Match the activating token whole (``east`` finds `` east`` and ``East``, never
+    ``least``); False: the activating token, or the text just before it, contains the text."""
     label: str = ""
     """Words found in the feature's label or notes (case ignored)."""
     min_density: float = 0.0
@@ -44,7 +46,8 @@ class Query:
     min_max: float = 0.0
     """Max activation at least this."""
     sort: str = "hits"
-    """hits (matches, then max), density, max, mean or feature."""
+    """hits (the share of the feature's top-example activation on matching tokens, then the
+    number of matching examples, then max), density, max, mean or feature."""
     descending: bool = True
     limit: int = 200
     """Rows returned at most."""
@@ -66,7 +69,9 @@ class Query:
 
 def search(store: Store, query: Query) -> Rows:
     """Features matching ``query``: sae, feature, label, density, max, mean, hits (top examples
-    that fire on the text), lens (rank of the text among the promoted tokens, or null)."""
+    that fire on the text), share (their part of the activation summed over the top examples),
+    context (the strongest matching example's text up to its activating token), lens (rank of
+    the text among the promoted tokens, or null)."""
     where: list[str] = ["true"]
     params: list[Any] = []
     if query.sae is not None:
@@ -80,22 +85,33 @@ def search(store: Store, query: Query) -> Rows:
     where.append("f.density >= ? and f.density <= ? and f.max >= ?")
     params += [query.min_density, query.max_density, query.min_max]
     text = query.text.strip().lower()
-    matched = "null::bigint as hits, null::int as lens"
+    matched = (
+        "null::bigint as hits, null::double as share, null::varchar as context, null::int as lens"
+    )
     join = ""
     if text:
-        # the activating token equals the text, or the few tokens up to it contain it
-        join = """
-          left join (select sae, feature, count(*) as hits from activating
-                     where lower(trim(text)) = ? or contains(lower(context), ?)
+        # whole: the activating token is the text; else it, or the few tokens up to it,
+        # contain it. share: the matching examples' part of the feature's top-example mass
+        hit = (
+            "lower(trim(a.text)) = ?"
+            if query.whole
+            else "(contains(lower(a.text), ?) or contains(lower(a.context), ?))"
+        )
+        join = f"""
+          left join (select a.sae, a.feature, count(*) filter (where {hit}) as hits,
+                            sum(k.act) filter (where {hit}) / nullif(sum(k.act), 0) as share,
+                            arg_max(a.context, k.act) filter (where {hit}) as context
+                     from activating a join topk k using (sae, feature, rank)
                      group by all) a using (sae, feature)
           left join (select sae, feature, min(i) as lens from (
                        select sae, feature, unnest(top_ids) as token,
                               unnest(range(len(top_ids))) + 1 as i from lens)
                      join vocab using (token) where lower(trim(text)) = ? group by all
                     ) l using (sae, feature)"""
-        params = [text, text, text] + params
-        where.append("(a.hits is not null or l.lens is not null)")
-        matched = "coalesce(a.hits, 0) as hits, l.lens"
+        n = 1 if query.whole else 2
+        params = [text] * (3 * n) + [text] + params
+        where.append("(a.hits > 0 or l.lens is not null)")
+        matched = "coalesce(a.hits, 0) as hits, coalesce(a.share, 0) as share, a.context, l.lens"
     label_join, label_cols = "", "null as label"
     if "labels" in store.views:
         label_join = "left join labels lb using (sae, feature)"
@@ -109,7 +125,10 @@ def search(store: Store, query: Query) -> Rows:
     direction = "desc" if query.descending else "asc"
     order_by = f"{order} {direction} nulls last"
     if query.sort == "hits":
-        order_by = f"hits {direction} nulls last, lens asc nulls last, max {direction}"
+        order_by = (
+            f"share {direction} nulls last, hits {direction} nulls last, lens asc nulls last, "
+            f"max {direction}"
+        )
     sql = f"""
         select f.sae, f.feature, {label_cols}, f.density, f.max, f.mean, {matched}
         from features f {join} {label_join}
@@ -213,6 +232,78 @@ def overview(store: Store) -> Overview:
     )
 
 
+def corpus_tokens(store: Store) -> list[int]:
+    """The token ids that occur in the recorded corpus (BOS, first in every window, left
+    out), ascending: the vocabulary a feature's logit lens is restricted to by default."""
+    rows = store.sql(
+        "select distinct unnest(tokens[2:]) as token from windows order by token"
+    ).fetchall()
+    return [int(t) for (t,) in rows]
+
+
+DUPLICATE_COS = 0.95
+"""Features whose decoder directions have a cosine above this are counted as duplicates."""
+
+
+def duplicates(store: Store, sae: str | None = None, cos: float = DUPLICATE_COS) -> Rows:
+    """Groups of features that look like one feature: kind ``decoder`` (a feature and its
+    nearest neighbour, decoder cosine above ``cos``: one row per pair) or ``examples`` (live
+    features whose top examples are the same windows at the same positions: one row per
+    group). Columns: sae, kind, features (list), cos (decoder pairs), tokens (the activating
+    tokens of the shared examples)."""
+    if not -1.0 <= cos <= 1.0:
+        raise ScopeError(f"cos {cos} must be in -1..1")
+    where, params = ("where sae = ?", [sae, sae]) if sae is not None else ("", [])
+    return store.sql(
+        f"""
+        with pairs as (
+          select sae, least(feature, neighbours[1]) as a, greatest(feature, neighbours[1]) as b,
+                 neighbour_cos[1] as cos
+          from lens {where}),
+        decoder as (
+          select distinct sae, 'decoder' as kind, [a, b] as features, cos, null::varchar[] as tokens
+          from pairs where cos > {float(cos)!r}),
+        sig as (
+          select k.sae, k.feature, list(k.window_id || ':' || k.pos order by k.rank) as s,
+                 list(a.text order by k.rank) as tokens
+          from topk k join activating a using (sae, feature, rank)
+          {where.replace("sae", "k.sae")} group by all),
+        examples as (
+          select sae, 'examples' as kind, list(feature order by feature) as features,
+                 null::double as cos, any_value(tokens) as tokens
+          from sig group by sae, s having count(*) > 1)
+        select * from decoder union all select * from examples
+        order by sae, kind, len(features) desc, features""",
+        params,
+    )
+
+
+def health(store: Store, cos: float = DUPLICATE_COS) -> Rows:
+    """Per SAE: width, dead and dense features (count and fraction of the width), and features
+    in a duplicate group (``duplicates``) by decoder cosine and by identical top examples."""
+    found = duplicates(store, cos=cos).arrow().to_pylist()
+    counts: dict[tuple[str, str], set[int]] = {}
+    for row in found:
+        counts.setdefault((row["sae"], row["kind"]), set()).update(row["features"])
+    rows = store.sql("select sae, d_sae, dead, dense from saes").fetchall()
+    import pyarrow as pa
+
+    table = [
+        {
+            "sae": key,
+            "width": width,
+            "dead": dead,
+            "dead_frac": dead / width,
+            "dense": dense,
+            "dense_frac": dense / width,
+            "dup_decoder": len(counts.get((key, "decoder"), set())),
+            "dup_examples": len(counts.get((key, "examples"), set())),
+        }
+        for key, width, dead, dense in sorted(rows, key=lambda r: natural(r[0]))
+    ]
+    return Rows(pa.Table.from_pylist(table))
+
+
 def experiments(store: Store) -> list[Any]:
     """The store's saved sweeps as ``scope.sweep.Sweep`` objects (``.figure()``, ``.points``),
     newest first."""
@@ -240,9 +331,13 @@ def experiments(store: Store) -> list[Any]:
 
 
 __all__ = [
+    "DUPLICATE_COS",
     "Overview",
     "Query",
+    "corpus_tokens",
+    "duplicates",
     "experiments",
+    "health",
     "live_neighbour",
     "overview",
     "random_live",

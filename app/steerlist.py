@@ -1,0 +1,159 @@
+"""The steered features: one list that every page of the explorer shares (the feature page's
+"Steer with this", the inspector's rows and the lab add to it; the lab edits it), kept in the
+URL as ``steer=SAE/FEATURE:MODE:STRENGTH:UNIT:POSITIONS`` (repeated), so every link inside the
+app, a page opened in a new tab, a bookmark and the browser's Back all carry the same list.
+
+Each row is a dict (sae, feature, mode, strength, unit, positions) with an ``id`` made when it is
+added. The lab's widgets for a row are keyed by that id, never by the row's place in the list:
+keyed by place, removing a row handed its widgets' settings to the row below it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from scope.errors import ScopeError
+from scope.steer import MODES, POSITIONS, UNITS
+
+FIELDS = ("sae", "feature", "mode", "strength", "unit", "positions")
+PARAM = "steer"
+FORM = "SAE/FEATURE:MODE:STRENGTH:UNIT:POSITIONS, e.g. L12.res.16k/1234:add:4:max:all"
+
+
+def encode(row: dict[str, Any]) -> str:
+    """A row as it reads in the URL: ``L12.res.16k/1234:add:4:max:all``."""
+    return (
+        f"{row['sae']}/{row['feature']}:{row['mode']}:{float(row['strength']):g}:"
+        f"{row['unit']}:{row['positions']}"
+    )
+
+
+def decode(text: str, saes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A row from the URL, checked against the store's SAEs; a clear error if it is not one."""
+    address, *rest = text.split(":")
+    key, _, index = address.rpartition("/")
+    if len(rest) != 4 or not index.isdigit():
+        raise ScopeError(f"steer {text!r} in the URL is not {FORM}")
+    mode, strength, unit, positions = rest
+    if key not in saes:
+        raise ScopeError(f"steer {text!r}: no SAE {key!r} in this store (it has {', '.join(saes)})")
+    if not 0 <= int(index) < int(saes[key]["d_sae"]):
+        raise ScopeError(f"steer {text!r}: {key} has features 0..{int(saes[key]['d_sae']) - 1}")
+    for name, value, allowed in (("mode", mode, MODES), ("unit", unit, UNITS),
+                                 ("positions", positions, POSITIONS)):  # fmt: skip
+        if value not in allowed:
+            raise ScopeError(f"steer {text!r}: {name} {value!r} is not one of {', '.join(allowed)}")
+    try:
+        value = float(strength)
+    except ValueError:
+        raise ScopeError(f"steer {text!r}: strength {strength!r} is not a number") from None
+    return {"sae": key, "feature": int(index), "mode": mode, "strength": value, "unit": unit,
+            "positions": positions}  # fmt: skip
+
+
+def sync(saes: dict[str, dict[str, Any]]) -> None:
+    """Every page run, first: a list brought by the URL (a link, a new tab, Back) becomes the
+    session's; then the session's list is written to the URL (navigating by the sidebar drops
+    the query, and this puts the list back)."""
+    state = st.session_state
+    given = st.query_params.get_all(PARAM)
+    if given and given != state.get("steer_url"):
+        adopted = []
+        for text in given:
+            try:
+                adopted.append({"id": _new_id(), **decode(text, saes)})
+            except ScopeError as err:
+                st.warning(f"{err}; it is left out", icon=":material/link_off:")
+        state["steers"] = adopted
+    publish()
+
+
+def publish() -> None:
+    """Write the list to the URL as it is now."""
+    encoded = [encode(r) for r in rows()]
+    if encoded:
+        if st.query_params.get_all(PARAM) != encoded:
+            st.query_params[PARAM] = encoded
+    elif PARAM in st.query_params:
+        del st.query_params[PARAM]
+    st.session_state["steer_url"] = encoded
+
+
+def params() -> dict[str, list[str]]:
+    """The list as query parameters, for links and page switches that keep it."""
+    encoded = [encode(r) for r in rows()]
+    return {PARAM: encoded} if encoded else {}
+
+
+def rows() -> list[dict[str, Any]]:
+    """The session's steered features, in the order they were added."""
+    state = st.session_state
+    found: list[dict[str, Any]] = state.setdefault("steers", [])
+    for row in found:  # rows put in the list by hand (a notebook, a test) get an id too
+        if "id" not in row:
+            row["id"] = _new_id()
+    return found
+
+
+def _new_id() -> int:
+    state = st.session_state
+    made = int(state.get("steer_ids", 0))
+    state["steer_ids"] = made + 1
+    return made
+
+
+def add(
+    sae: str,
+    feature: int,
+    *,
+    mode: str = "add",
+    strength: float = 1.0,
+    unit: str = "max",
+    positions: str = "all",
+) -> dict[str, Any]:
+    """Add a steered feature at the end of the list; returns its row."""
+    row = {"id": _new_id(), "sae": sae, "feature": int(feature), "mode": mode,
+           "strength": float(strength), "unit": unit, "positions": positions}  # fmt: skip
+    rows().append(row)
+    return row
+
+
+def find(row_id: int) -> dict[str, Any] | None:
+    return next((r for r in rows() if r["id"] == row_id), None)
+
+
+def remove(row_id: int) -> None:
+    """Remove the row with this id (a button's callback); the others keep their settings."""
+    st.session_state["steers"] = [r for r in rows() if r["id"] != row_id]
+
+
+def widget_key(row_id: int, field: str) -> str:
+    """The key of the lab's widget for one field of one row."""
+    return f"steer-{row_id}-{field}"
+
+
+def edited(row_id: int, field: str) -> None:
+    """A row's widget changed (its callback): copy the widget's value into the row."""
+    row = find(row_id)
+    if row is not None:
+        value = st.session_state[widget_key(row_id, field)]
+        row[field] = float(value) if field == "strength" else value
+
+
+__all__ = [
+    "FIELDS",
+    "PARAM",
+    "add",
+    "decode",
+    "edited",
+    "encode",
+    "find",
+    "params",
+    "publish",
+    "remove",
+    "rows",
+    "sync",
+    "widget_key",
+]
