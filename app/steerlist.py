@@ -1,6 +1,7 @@
 """The steered features: one list that every page of the explorer shares (the feature page's
 "Steer with this", the inspector's rows and the lab add to it; the lab edits it), kept in the
-URL as ``steer=SAE/FEATURE:MODE:STRENGTH:UNIT:POSITIONS`` (repeated), so every link inside the
+URL in the steering spec's own form (``steer=L12.res.16k/1234:4xmax``, repeated; see
+``scope.steer_spec.SteerSpec``), so every link inside the
 app, a page opened in a new tab, a bookmark and the browser's Back all carry the same list.
 
 Each row is a dict (sae, feature, mode, strength, unit, positions) with an ``id`` made when it is
@@ -15,42 +16,42 @@ from typing import Any
 import streamlit as st
 
 from scope.errors import ScopeError
-from scope.steer import MODES, POSITIONS, UNITS
+from scope.steer_spec import SteerSpec
 
 FIELDS = ("sae", "feature", "mode", "strength", "unit", "positions")
 PARAM = "steer"
-FORM = "SAE/FEATURE:MODE:STRENGTH:UNIT:POSITIONS, e.g. L12.res.16k/1234:add:4:max:all"
+
+
+def spec(row: dict[str, Any]) -> SteerSpec:
+    """A row as the steer it runs: the lab keeps a row's strength and unit while its mode is
+    ablate or clamp (so switching back restores them); the spec drops what the mode ignores."""
+    mode = row["mode"]
+    return SteerSpec(
+        sae=row["sae"], feature=int(row["feature"]), mode=mode,
+        strength=0.0 if mode == "ablate" else float(row["strength"]),
+        unit=row["unit"] if mode == "add" else "absolute", positions=row["positions"],
+    )  # fmt: skip
 
 
 def encode(row: dict[str, Any]) -> str:
-    """A row as it reads in the URL: ``L12.res.16k/1234:add:4:max:all``."""
-    return (
-        f"{row['sae']}/{row['feature']}:{row['mode']}:{float(row['strength']):g}:"
-        f"{row['unit']}:{row['positions']}"
-    )
+    """A row as it reads in the URL: the steering spec's own form, ``L12.res.16k/1234:4xmax``."""
+    return str(spec(row))
 
 
 def decode(text: str, saes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A row from the URL, checked against the store's SAEs; a clear error if it is not one."""
-    address, *rest = text.split(":")
-    key, _, index = address.rpartition("/")
-    if len(rest) != 4 or not index.isdigit():
-        raise ScopeError(f"steer {text!r} in the URL is not {FORM}")
-    mode, strength, unit, positions = rest
-    if key not in saes:
-        raise ScopeError(f"steer {text!r}: no SAE {key!r} in this store (it has {', '.join(saes)})")
-    if not 0 <= int(index) < int(saes[key]["d_sae"]):
-        raise ScopeError(f"steer {text!r}: {key} has features 0..{int(saes[key]['d_sae']) - 1}")
-    for name, value, allowed in (("mode", mode, MODES), ("unit", unit, UNITS),
-                                 ("positions", positions, POSITIONS)):  # fmt: skip
-        if value not in allowed:
-            raise ScopeError(f"steer {text!r}: {name} {value!r} is not one of {', '.join(allowed)}")
+    """A row from the URL (``SteerSpec.parse``), checked against the store's SAEs."""
     try:
-        value = float(strength)
-    except ValueError:
-        raise ScopeError(f"steer {text!r}: strength {strength!r} is not a number") from None
-    return {"sae": key, "feature": int(index), "mode": mode, "strength": value, "unit": unit,
-            "positions": positions}  # fmt: skip
+        found = SteerSpec.parse(text)
+    except ScopeError as err:
+        raise ScopeError(f"steer {text!r} in the URL: {err}") from None
+    if found.sae not in saes:
+        raise ScopeError(
+            f"steer {text!r}: no SAE {found.sae!r} in this store (it has {', '.join(saes)})"
+        )
+    d_sae = int(saes[found.sae]["d_sae"])
+    if found.feature >= d_sae:
+        raise ScopeError(f"steer {text!r}: {found.sae} has features 0..{d_sae - 1}")
+    return found.to_dict()
 
 
 def sync(saes: dict[str, dict[str, Any]]) -> None:
@@ -154,6 +155,7 @@ __all__ = [
     "publish",
     "remove",
     "rows",
+    "spec",
     "sync",
     "widget_key",
 ]

@@ -357,7 +357,7 @@ def test_a_steer_built_across_two_tabs(browser, explorer, app_store):
     strength.fill("3")
     strength.press("Enter")
     link = first.get_by_role("link", name=f"L2.res.256/{f}", exact=True)
-    steered = f"steer=L2.res.256%2F{f}%3Aadd%3A3%3Amax%3Aall"
+    steered = f"steer=L2.res.256%2F{f}%3A3xmax"  # SteerSpec's form: L2.res.256/F:3xmax
     until(first, lambda: steered in first.url and steered in (link.get_attribute("href") or ""),
           lambda: f"the lab's URL {first.url} does not hold the steer as set")  # fmt: skip
 

@@ -15,6 +15,7 @@ from explorer import feature_link, kept_text_area, model_or_reason, store
 from scope.errors import ScopeError
 from scope.generate import Sampling, compare
 from scope.steer import MODES, POSITIONS, Steer
+from scope.steer_spec import resolve
 from scope.store import explore
 from scope.sweep import parse_strengths, sweep
 
@@ -124,11 +125,7 @@ def build() -> tuple[list[Steer], Sampling] | None:
     if loaded is None:
         return None
     try:
-        built = [
-            Steer(loaded.saes[d["sae"]], d["feature"], 0.0 if d["mode"] == "ablate" else d["strength"],
-                  mode=d["mode"], unit=d["unit"] if d["mode"] == "add" else "absolute", positions=d["positions"])
-            for d in steers
-        ]  # fmt: skip
+        built = resolve([steerlist.spec(d) for d in steers], loaded.saes, s)
         sampling = Sampling(max_new_tokens=int(max_new), temperature=float(temperature), top_p=float(top_p),
                             freq_penalty=float(freq), seed=int(seed))  # fmt: skip
     except ScopeError as err:

@@ -33,12 +33,14 @@ if TYPE_CHECKING:
 
 def model_identity(model: HookedSAETransformer) -> ModelIdentity:
     """Name, sizes and a weights fingerprint (bf16-rounded, so dtype does not change it)."""
+    from scope.model import model_source
+
     cfg = model.cfg
     h = hashlib.sha256()
     for t in (model.W_E[:256], model.blocks[0].attn.W_Q, model.blocks[-1].mlp.W_out):
         h.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return ModelIdentity(
-        name=str(getattr(model, "scope_source", cfg.model_name)),
+        name=model_source(model),
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,
         d_vocab=cfg.d_vocab,
