@@ -29,16 +29,21 @@ class Settings:
     store: str
     model: str | None
     device: str | None
+    explainer: str | None = None
+    """An endpoint URL or a model to explain features with (the feature page's Explain)."""
 
 
 def settings() -> Settings:
-    """From the command line after ``--``, else SCOPE_STORE / SCOPE_MODEL / SCOPE_DEVICE."""
+    """From the command line after ``--``, else SCOPE_STORE / SCOPE_MODEL / SCOPE_DEVICE /
+    SCOPE_EXPLAINER."""
     ap = argparse.ArgumentParser(prog="app/Home.py", add_help=False)
     ap.add_argument("--store", default=os.environ.get("SCOPE_STORE"))
     ap.add_argument("--model", default=os.environ.get("SCOPE_MODEL"))
     ap.add_argument("--device", default=os.environ.get("SCOPE_DEVICE"))
+    ap.add_argument("--explainer", default=os.environ.get("SCOPE_EXPLAINER"))
     args, _ = ap.parse_known_args(sys.argv[1:])
-    return Settings(store=args.store or "", model=args.model, device=args.device)
+    return Settings(store=args.store or "", model=args.model, device=args.device,
+                    explainer=args.explainer)  # fmt: skip
 
 
 @st.cache_resource(show_spinner=False)
@@ -73,23 +78,18 @@ class Loaded:
 
 @st.cache_resource(show_spinner="loading the model and SAEs (once per process)")
 def _load(store_path: str, model_name: str, device: str | None) -> Loaded:
-    from scope.model import load_model
-    from scope.record.runner import model_identity
-    from scope.sae import load_recorded_sae
+    from scope.sae import open_recorded
 
-    opened = _open_store(store_path)
-    model = load_model(model_name, device=device)
-    recorded = opened.manifest.model
-    if model_identity(model).fingerprint != recorded.fingerprint:
-        raise ScopeError(
-            f"{model_name} is not the model this store was recorded with ({recorded.name}): "
-            "its weights differ; start the app with --model naming that one"
-        )
-    saes = {
-        key: load_recorded_sae(info, device=str(next(model.parameters()).device))
-        for key, info in opened.saes.items()
-    }
+    model, saes = open_recorded(_open_store(store_path), model_name, device=device)
     return Loaded(model=model, saes=saes)
+
+
+@st.cache_resource(show_spinner="loading the explainer model (once per process)")
+def explainer_model(name: str) -> Any:
+    """A model to explain with, loaded once per process (``--explainer`` naming a model)."""
+    from scope.model import load_model
+
+    return load_model(name, device=settings().device)
 
 
 def model_or_reason() -> Loaded | None:
@@ -187,6 +187,7 @@ def example_row(ex: Example, top: float, context: int | None) -> str:
 __all__ = [
     "TOKEN_CSS",
     "Loaded",
+    "explainer_model",
     "Settings",
     "example_row",
     "feature_link",

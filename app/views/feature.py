@@ -10,7 +10,16 @@ from typing import Any
 import plotly.graph_objects as go
 import steerlist
 import streamlit as st
-from explorer import TOKEN_CSS, example_row, feature_link, model_quietly, store
+from explorer import (
+    TOKEN_CSS,
+    example_row,
+    explainer_model,
+    feature_link,
+    model_or_reason,
+    model_quietly,
+    settings,
+    store,
+)
 
 from scope.errors import ScopeError
 from scope.inspect import activations
@@ -144,6 +153,52 @@ if cols[4].button(
 
 if view.max <= 0:
     st.info("This feature never fired on the recorded corpus (dead).")
+
+
+def score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def explain_now() -> None:
+    """Explain and score this feature with the app's --explainer, then show the result."""
+    from scope.explain import explain_features
+    from scope.explain.models import HTTPModel, LocalModel
+
+    loaded = model_or_reason()
+    if loaded is None:
+        return
+    spec = settings().explainer or ""
+    try:
+        with st.spinner(f"explaining {view.address} with {spec} (and scoring it)"):
+            if spec.startswith(("http://", "https://")):
+                url, _, name = spec.partition("#")
+                who: Any = HTTPModel(url, name or None)
+            else:
+                who = LocalModel(loaded.model if spec == s.manifest.model.name else
+                                 explainer_model(spec), spec)  # fmt: skip
+            explain_features(str(s.root), [(sae, index)], model=loaded.model, saes=loaded.saes,
+                             explainer=who, redo=True)  # fmt: skip
+    except ScopeError as err:
+        st.error(str(err))
+        return
+    s.refresh()
+    st.rerun()
+
+
+with st.container(key="explanations"):
+    if view.explanations:
+        for e in view.explanations:
+            st.markdown(
+                f"**{visible(e.explanation)}**  \n"
+                f"detection {score(e.detection)} · fuzzing {score(e.fuzzing)} "
+                f"({e.n_pos} held-out / {e.n_neg} non-activating examples; 0.5 is chance) · "
+                f"by `{e.explainer}`"
+            )
+    elif view.max > 0:
+        st.caption("No explanation yet" + ("" if settings().explainer else
+                   ": `scope explain`, or start the app with `--explainer` to explain it here"))  # fmt: skip
+    if settings().explainer and view.max > 0 and st.button("Explain", icon=":material/psychology:"):
+        explain_now()
 
 left, right = st.columns([3, 2])
 with left:

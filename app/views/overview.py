@@ -114,3 +114,31 @@ if view.evals is not None:
     st.dataframe(view.evals.df(), hide_index=True, width="stretch")
 else:
     st.caption("No evaluations yet: `scope eval ... --store` adds them here.")
+
+st.subheader("Explanations")
+if "explanations" in s.views:
+    summary = s.sql(
+        """select e.sae, count(distinct e.feature) as explained, any_value(f.live) as live,
+                  avg(e.detection) as mean_detection, avg(e.fuzzing) as mean_fuzzing,
+                  count(distinct e.explainer) as explainers
+           from explanations e
+           join (select sae, count(*) filter (where count > 0) as live from features group by sae)
+                f using (sae)
+           group by e.sae order by e.sae"""
+    ).df()
+    st.dataframe(summary, hide_index=True, width="stretch")
+    scores = s.sql(
+        """select detection, fuzzing from explanations
+           where detection is not null or fuzzing is not null"""
+    ).df()
+    long = scores.melt(var_name="score", value_name="balanced accuracy").dropna()
+    fig = px.histogram(long, x="balanced accuracy", color="score", barmode="overlay",
+                       nbins=20, range_x=[0, 1], opacity=0.6)  # fmt: skip
+    fig.update_layout(title="Explanation scores (0.5 is chance)", height=300,
+                      margin=dict(t=40, b=10))  # fmt: skip
+    st.plotly_chart(fig, width="stretch")
+else:
+    st.caption(
+        "No explanations yet: `scope explain --store ... --explainer ...` adds them here "
+        "(and to each feature page and the search)."
+    )

@@ -22,7 +22,12 @@ whole = top[1].toggle(
     help="on: the activating token is the text (east finds ' east', not 'least'); off: the "
     "activating token or the few tokens before it contain the text",
 )
-label = top[2].text_input("label or notes", placeholder="words in a label")
+label = top[2].text_input(
+    "explanation, label or notes",
+    placeholder="e.g. compass directions",
+    help="words of the features' explanations (scope explain), labels and notes: every word "
+    "must occur, the last may be a prefix; ranked by relevance (BM25)",
+)
 sae = top[3].selectbox("SAE", ["all", *keys])
 index = top[4].text_input("index", placeholder="1234")
 cols = st.columns([2, 2, 2, 1.3, 1])

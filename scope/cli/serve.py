@@ -90,6 +90,13 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to serve on.", min=1, max=65535)] = 8501,
     address: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
     device: DeviceOpt = None,
+    explainer: Annotated[
+        str | None,
+        typer.Option(
+            help="An endpoint URL or a model: the feature page gets an Explain button "
+            "(as `scope explain --explainer`)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the explorer over a store: feature pages, search, prompt inspector, steering lab."""
     from scope.store import Store
@@ -106,6 +113,8 @@ def serve(
     out.print(f"explorer: http://{host}:{port}  (Ctrl-C stops it)")
     sys.stdout.flush()
     cmd = streamlit_command(home, store, model, device, address, port)
+    if explainer:
+        cmd += ["--explainer", explainer]
     os.execv(cmd[0], cmd)
 
 

@@ -10,7 +10,8 @@ their explanations, labels and notes.
 from scope.explain.models import HTTPModel, LocalModel
 from scope.explain.run import METHOD, ExplainReport, Explanation, explain_features
 from scope.explain.score import Score, balanced_accuracy
-from scope.explain.search import Hit, search
+from scope.store.explanations import Hit
+from scope.store.explanations import search_text as search
 
 __all__ = [
     "METHOD",

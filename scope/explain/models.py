@@ -24,6 +24,8 @@ from scope.explain.prompts import (
 KEY_VARS = ("SCOPE_EXPLAINER_API_KEY", "OPENAI_API_KEY")
 """Environment variables an endpoint's API key is read from, in this order."""
 EXPLAIN_TOKENS = 120
+MIN_ANSWER = 16
+"""Tokens an in-process explainer's context must leave for the answer."""
 JUDGE_BATCH = 16
 
 
@@ -129,14 +131,34 @@ class LocalModel:
         self.yes, self.no = (tok.encode(w, add_special_tokens=False)[0] for w in (" Yes", " No"))
 
     def explain(self, examples: list[Shown], top: float) -> tuple[str, str]:
-        from scope.generate import Sampling, generate, prompt_tokens, text_stream
+        """Greedy, from as many of ``examples`` (strongest first) as the model's context holds
+        with room for the answer."""
+        from scope.generate import Sampling, chat_tokens, generate, text_stream
 
-        text = prompt_text(self.style, examples, top)
         chat = self.style == "chat"
-        tokens = prompt_tokens(self.model, text, chat, EXPLAIN_TOKENS)
-        sampling = Sampling(max_new_tokens=EXPLAIN_TOKENS, temperature=0.0, chat=chat)
+        n_ctx = int(self.model.cfg.n_ctx)
+        for n in range(len(examples), 0, -1):
+            text = prompt_text(self.style, examples[:n], top)
+            if chat:
+                try:
+                    tokens = chat_tokens(self.model, [{"role": "user", "content": text}], True, 0)
+                except ScopeError:  # longer than the context: try fewer examples
+                    continue
+            else:
+                tokens = torch.tensor([self.model.tokenizer.encode(text)])
+            room = n_ctx - tokens.shape[1]
+            if room >= MIN_ANSWER:
+                break
+        else:
+            raise ScopeError(
+                f"{self.name}'s context ({n_ctx} tokens) cannot hold even one example and an "
+                "answer: load it with a longer context (load_model(..., n_ctx=4096)) or explain "
+                "with a bigger model"
+            )
+        sampling = Sampling(max_new_tokens=min(EXPLAIN_TOKENS, room), temperature=0.0, chat=chat)
         answer = ""
-        for piece in text_stream(self.model.tokenizer, generate(self.model, tokens, sampling)):
+        steps = generate(self.model, tokens.to(self.model.cfg.device), sampling)
+        for piece in text_stream(self.model.tokenizer, steps):
             answer += piece
             if not chat and "\n" in answer:  # a base model's explanation is one line
                 break

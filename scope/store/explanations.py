@@ -1,12 +1,16 @@
 """The ``explanations`` side table: one row per explanation of a feature, with its scores.
 
 ``scope explain`` writes it (``scope.explain``); the feature page, ``scope feature``,
-``Store.feature`` and search read it. A feature keeps one explanation per explainer and method
+``Store.feature`` and search read it. ``search_text`` ranks features by the words of their
+explanations, labels and notes: SQLite's FTS5 (Python's standard library, offline) with BM25,
+an index built in memory at each query (thousands of rows take milliseconds). A feature keeps one explanation per explainer and method
 (the newest), shown best first.
 """
 
 from __future__ import annotations
 
+import re
+import sqlite3
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -76,4 +80,76 @@ def feature_explanations(store: Store, key: str, feature: int) -> list[Explanati
     return sorted(found, key=lambda e: -e.score)
 
 
-__all__ = ["COLUMNS", "SCHEMA", "Explanation", "feature_explanations"]
+def best_explanation_sql(store: Store) -> str:
+    """SQL giving (sae, feature, explanation): each explained feature's best-scored one."""
+    if "explanations" not in store.views:
+        return "select null::varchar as sae, null::integer as feature, null::varchar as explanation where false"
+    return (
+        "select sae, feature, arg_max(explanation, coalesce(detection, 0) + coalesce(fuzzing, 0)) "
+        "as explanation from explanations group by sae, feature"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hit:
+    """A feature whose explanation, label or notes match a query."""
+
+    sae: str
+    feature: int
+    text: str
+    """The matching text (an explanation, or label and notes)."""
+    source: str
+    """``explanation`` (with its explainer) or ``label``."""
+    score: float
+    """BM25 relevance: larger is better."""
+
+
+def search_text(store: Store, query: str, limit: int = 50) -> list[Hit]:
+    """Features whose explanations, labels or notes match the words of ``query`` (every word,
+    any order, prefixes of the last word too), best first."""
+    words = re.findall(r"\w+", query.lower())
+    if not words:
+        return []
+    rows: list[tuple[str, int, str, str]] = []
+    if "explanations" in store.views:
+        rows += [
+            (s, int(f), str(e), f"explanation ({x})")
+            for s, f, e, x in store.sql(
+                "select sae, feature, explanation, explainer from explanations"
+            ).fetchall()
+        ]
+    if "labels" in store.views:
+        rows += [
+            (s, int(f), " · ".join(t for t in (lab, notes) if t), "label")
+            for s, f, lab, notes in store.sql(
+                "select sae, feature, label, notes from labels"
+            ).fetchall()
+        ]
+    con = sqlite3.connect(":memory:")
+    con.execute(
+        "create virtual table docs using fts5(sae unindexed, feature unindexed, text, source unindexed)"
+    )
+    con.executemany("insert into docs values (?, ?, ?, ?)", rows)
+    match = " ".join(f'"{w}"' for w in words[:-1]) + f' "{words[-1]}"*'
+    found = con.execute(
+        "select sae, feature, text, source, bm25(docs) from docs where docs match ? "
+        "order by bm25(docs) limit ?",
+        [match.strip(), limit * 4],
+    ).fetchall()
+    best: dict[tuple[str, int], Hit] = {}
+    for sae, feature, text, source, rank in found:  # one hit per feature: its best text
+        key = (sae, int(feature))
+        if key not in best:
+            best[key] = Hit(sae=sae, feature=int(feature), text=text, source=source, score=-rank)
+    return list(best.values())[:limit]
+
+
+__all__ = [
+    "COLUMNS",
+    "SCHEMA",
+    "Explanation",
+    "Hit",
+    "best_explanation_sql",
+    "feature_explanations",
+    "search_text",
+]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from scope.errors import ScopeError
-from scope.store.reader import Rows, Store, natural
+from scope.store.explanations import best_explanation_sql, search_text
+from scope.store.reader import Rows, Store, natural, sql_string
 
 SORTS = {
     "hits": "hits",
@@ -20,6 +21,7 @@ SORTS = {
     "density": "density",
     "mean": "mean",
     "feature": "feature",
+    "relevance": "relevance",
 }
 
 
@@ -38,7 +40,8 @@ class Query:
     """Match the activating token whole (``east`` finds `` east`` and ``East``, never
     ``least``); False: the activating token, or the text just before it, contains the text."""
     label: str = ""
-    """Words found in the feature's label or notes (case ignored)."""
+    """Words of the feature's explanations, label or notes (full text: every word, the last
+    as a prefix; ranked by BM25 under the "relevance" sort)."""
     min_density: float = 0.0
     """Firing on at least this fraction of tokens (0 keeps dead features out only if > 0)."""
     max_density: float = 1.0
@@ -68,9 +71,10 @@ class Query:
 
 
 def search(store: Store, query: Query) -> Rows:
-    """Features matching ``query``: sae, feature, label, density, max, mean, hits (top examples
-    that fire on the text), share (their part of the activation summed over the top examples),
-    context (the strongest matching example's text up to its activating token), lens (rank of
+    """Features matching ``query``: sae, feature, label, explanation (the best-scored one),
+    density, max, mean, relevance (of the explanation, label or notes to ``query.label``),
+    hits (top examples that fire on the text), share (their part of the activation summed over
+    the top examples), context (the strongest matching example's text up to its activating token), lens (rank of
     the text among the promoted tokens, or null)."""
     where: list[str] = ["true"]
     params: list[Any] = []
@@ -116,21 +120,29 @@ def search(store: Store, query: Query) -> Rows:
     if "labels" in store.views:
         label_join = "left join labels lb using (sae, feature)"
         label_cols = "lb.label"
-        if query.label.strip():
-            where.append("(contains(lower(lb.label), ?) or contains(lower(lb.notes), ?))")
-            params += [query.label.strip().lower()] * 2
-    elif query.label.strip():
-        where.append("false")  # nothing is labelled yet
-    order = SORTS[query.sort]
+    label_cols += ", ex.explanation"
+    label_join += f" left join ({best_explanation_sql(store)}) ex using (sae, feature)"
+    relevance = "null::double as relevance"
+    if query.label.strip():
+        hits = search_text(store, query.label, limit=query.limit * 10)
+        rows = ", ".join(f"({sql_string(f'{h.sae}/{h.feature}')}, {h.score!r})" for h in hits)
+        label_join += (
+            f" join (values {rows}) rel(address, relevance) on rel.address = f.sae || '/' || f.feature"
+            if hits
+            else " join (select null as address, null as relevance where false) rel on true"
+        )
+        relevance = "rel.relevance"
+    sort = "relevance" if query.label.strip() and query.sort == "hits" and not text else query.sort
+    order = SORTS[sort]
     direction = "desc" if query.descending else "asc"
     order_by = f"{order} {direction} nulls last"
-    if query.sort == "hits":
+    if sort == "hits":
         order_by = (
             f"share {direction} nulls last, hits {direction} nulls last, lens asc nulls last, "
             f"max {direction}"
         )
     sql = f"""
-        select f.sae, f.feature, {label_cols}, f.density, f.max, f.mean, {matched}
+        select f.sae, f.feature, {label_cols}, f.density, f.max, f.mean, {matched}, {relevance}
         from features f {join} {label_join}
         where {" and ".join(where)}
         order by {order_by}, f.sae, f.feature
