@@ -341,7 +341,7 @@ def test_scope_saes_lists_gemma_scope_2(tmp_path, monkeypatch, files):
     by_id = {(r["release"], r["id"]): r for r in rows}
     assert by_id[RES] == {
         "release": RES[0], "id": RES[1], "site": "res", "width": "16k", "l0": "l0_medium",
-        "hook": "blocks.5.hook_resid_post", "neuronpedia": NEURONPEDIA, "local": "yes",
+        "hook": "blocks.5.hook_resid_post", "neuronpedia": NEURONPEDIA, "local": "yes", "served": "yes",
     }  # fmt: skip
     assert [r for r in rows if r["local"]] == [by_id[RES]]
     assert by_id[TC_AFFINE]["site"] == "tc" and by_id[TC_AFFINE]["l0"] == "l0_small_affine"
