@@ -39,6 +39,16 @@ def npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def refuse_missing(path: Path, label: str) -> None:
+    """A clear error, naming what the folder holds, when an SAE's weights file is not there."""
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+        raise ScopeError(
+            f"{path.name} is missing for {label}; the folder holds "
+            f"{', '.join(found[:8]) or 'nothing'}. Download or copy {path.name} there"
+        )
+
+
 def read_params_npz(
     path: Path, *, d_in: int | None = None, d_sae: int | None = None, what: str = ""
 ) -> dict[str, np.ndarray]:
@@ -48,12 +58,7 @@ def read_params_npz(
     corrupt archives, missing or misshapen arrays, and NaN/inf values, each with the fix.
     """
     label = f"{what}: {path}" if what else str(path)
-    if not path.is_file():
-        found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
-        raise ScopeError(
-            f"params.npz is missing for {label}; the folder holds "
-            f"{', '.join(found[:8]) or 'nothing'}. Download or copy params.npz there"
-        )
+    refuse_missing(path, label)
     with path.open("rb") as f:
         head = f.read(4)
     if not head.startswith(b"PK"):
@@ -214,12 +219,7 @@ def read_params_safetensors(
     from safetensors.torch import load_file
 
     label = f"{what}: {path}" if what else str(path)
-    if not path.is_file():
-        found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
-        raise ScopeError(
-            f"params.safetensors is missing for {label}; the folder holds "
-            f"{', '.join(found[:8]) or 'nothing'}. Download or copy it there"
-        )
+    refuse_missing(path, label)
     header = _safetensors_header(path, what)
     missing = [k for k in GEMMA_SCOPE_2_KEYS if k not in header]
     if missing:
