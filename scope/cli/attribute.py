@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,6 +45,19 @@ def attribute(
     direct: Annotated[
         bool, typer.Option(help="Direct effects only: later SAEs' codes held (as graphs).")
     ] = False,
+    graph: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write the attribution graph (transcoders at every layer) to this .json, "
+            "in circuit-tracer's format; with --store, into its graphs/ too."
+        ),
+    ] = None,
+    node_threshold: Annotated[
+        float, typer.Option(help="Graph pruning: node influence kept.")
+    ] = 0.8,
+    edge_threshold: Annotated[
+        float, typer.Option(help="Graph pruning: edge influence kept.")
+    ] = 0.98,
     store: Annotated[
         str | None, typer.Option(help="A recorded store: name SAEs by its keys, show labels.")
     ] = None,
@@ -64,6 +77,8 @@ def attribute(
         raise ScopeError("give --sae at least once")
     if (prompt is None) == (shieldgemma is None):
         raise ScopeError("give --prompt TEXT, or --shieldgemma TEXT (with --policy)")
+    if graph is not None and not graph.endswith(".json"):
+        raise ScopeError(f"--graph {graph}: give a .json file to write the graph to")
     if shieldgemma is not None:
         if target is not None:
             raise ScopeError("--shieldgemma explains Yes - No: leave out --target")
@@ -83,6 +98,8 @@ def attribute(
         f"shares: features {result.feature_share:+.4f}  errors {result.error_share:+.4f}  "
         f"embeddings {result.embedding_share:+.4f}  biases {result.biases:+.4f}"
     )
+    if graph is not None:
+        _write_graph(loaded, saes, text, graph, node_threshold, edge_threshold, opened)
     df = result.df().head(top)
     if df.empty:
         say("no feature is active on this prompt")
@@ -97,3 +114,37 @@ def attribute(
             f"{name:<{width}}  {r.activation:8.3f}  {r.attribution:+9.4f}"
             + (f"  {visible(label)}" if label else "")
         )
+
+
+def _write_graph(
+    model: Any,
+    saes: list[Any],
+    text: str,
+    path: str,
+    node_threshold: float,
+    edge_threshold: float,
+    store: Any,
+) -> None:
+    import json
+    from pathlib import Path
+
+    from scope.graph import attribution_graph, graph_json, save_graph
+
+    with out.status("building the attribution graph"):
+        built = attribution_graph(model, saes, text)
+        data = graph_json(
+            built,
+            slug=Path(path).stem,
+            scan=str(model.cfg.model_name),
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+        )
+    Path(path).write_text(json.dumps(data, indent=1))
+    where = f" and {save_graph(store.root, data, edge_threshold=edge_threshold)}" if store else ""
+    out.print(
+        f"graph: {len(data['nodes'])} nodes, {len(data['links'])} links of "
+        f"{built.n_features} active features -> {path}{where}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
