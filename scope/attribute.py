@@ -419,6 +419,37 @@ def prompt_tokens(model: HookedSAETransformer, prompt: str | torch.Tensor) -> to
     return tokens
 
 
+@torch.no_grad()
+def measure(
+    model: HookedSAETransformer,
+    prompt: str | torch.Tensor,
+    target: Target,
+    saes: Sequence[SAE] = (),
+) -> float:
+    """The target's value in the model as it runs (with whatever hooks are attached, e.g.
+    ``scope.steer.steering``): for checking how ablations move what was attributed. A
+    feature target needs its SAE among ``saes`` (named by their short keys)."""
+    tokens = prompt_tokens(model, prompt)
+    pos = _position(target, tokens.shape[1])
+    if target.kind == "feature":
+        keys = sae_keys([sae_info(s) for s in saes])
+        if target.sae not in keys:
+            raise ScopeError(f"target SAE {target.sae!r} is not among the SAEs given: {keys}")
+        sae = saes[keys.index(target.sae)]
+        read = codec_of(sae).read_hook
+        enable_hooks(model, [read])
+        _, cache = model.run_with_cache(tokens, names_filter=read)
+        return float(encode(sae, site_input(cache[read])[:, pos])[0, target.feature])
+    logits = model(tokens)[0, pos].float()
+    token = target.token if target.token is not None else int(logits.argmax())
+    if target.kind == "logit":
+        return float(logits[token])
+    if target.kind == "logprob":
+        return float(torch.log_softmax(logits, -1)[token])
+    assert target.other is not None
+    return float(logits[token] - logits[target.other])
+
+
 def attribute(
     model: HookedSAETransformer,
     saes: Sequence[SAE],
@@ -478,6 +509,7 @@ __all__ = [
     "frozen_forward",
     "frozen_hooks",
     "frozen_logits",
+    "measure",
     "parse_target",
     "prompt_tokens",
     "token_id",

@@ -136,11 +136,17 @@ def build_gemma3(
     seed: int = 0,
     multimodal: bool = False,
     rope_factor: float | None = None,
+    d_model: int = 64,
+    d_mlp: int = 128,
+    d_head: int = 16,
+    vocab_size: int | None = None,
 ) -> Path:
     """A Gemma 3 checkpoint with random weights: qk-norm, five local layers to one global,
     separate local and global rope bases, one KV head, as gemma-3-270m has. ``multimodal``
     saves a Gemma3ForConditionalGeneration (as 4B and up are) with a tiny vision tower;
-    ``rope_factor`` stretches the global layers' rope linearly, as 4B and up do (8)."""
+    ``rope_factor`` stretches the global layers' rope linearly, as 4B and up do (8).
+    ``d_model``, ``d_mlp``, ``d_head`` and ``vocab_size`` size it (gemma-3-270m: 640, 2048,
+    256, 262144 with 18 layers)."""
     from transformers import (
         Gemma3Config,
         Gemma3ForCausalLM,
@@ -151,13 +157,13 @@ def build_gemma3(
 
     n_tokens = build_tokenizer(out)
     config = Gemma3TextConfig(
-        vocab_size=n_tokens,
-        hidden_size=64,
-        intermediate_size=128,
+        vocab_size=vocab_size or n_tokens,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=d_head,
         max_position_embeddings=256,
         sliding_window=6,
         query_pre_attn_scalar=24,
