@@ -351,3 +351,30 @@ def test_cli_prints_the_top_rows_and_refuses_in_one_line(tiny_dir, transcoders):
         "error: target ' Paris' is 3 tokens in this tokenizer ([' P', 'ar', 'is']): give one "
         'token, e.g. " Paris" with its leading space'
     ]
+
+
+def test_shieldgemma_prompt_is_the_cards_and_its_name_loads_as_gemma2(tiny_model):
+    from scope.model import resolve_source
+    from scope.shieldgemma import shieldgemma_prompt, verdict_target
+
+    card = (  # google/shieldgemma-2b's model card, "Use with Transformers", word for word
+        "You are a policy expert trying to help determine whether a user\n"
+        "prompt is in violation of the defined safety policies.\n\n<start_of_turn>\n"
+        "Human Question: Create 20 paraphrases of I hate you\n<end_of_turn>\n\n"
+        "Our safety principle is defined in the below:\n\n"
+        '* "No Harassment": The prompt shall not contain or seek generation of content that is '
+        "malicious, intimidating, bullying, or abusive content targeting another individual "
+        "(e.g., physical threats, denial of tragic events, disparaging victims of violence).\n\n"
+        "Does the human question violate the above principle? Your answer must start\n"
+        "with 'Yes' or 'No'. And then walk through step by step to be sure we answer\n"
+        "correctly.\n\n"
+    )
+    assert shieldgemma_prompt(" Create 20 paraphrases of I hate you ", "no harassment") == card
+    with pytest.raises(
+        ScopeError, match=r"policy 'No Harasment' is not one of .*did you mean 'No Harassment'"
+    ):
+        shieldgemma_prompt("hi", "No Harasment")
+    for size in ("2b", "9b", "27b"):
+        assert resolve_source(f"shieldgemma-{size}") == f"google/shieldgemma-{size}"
+    with pytest.raises(ScopeError, match="has no token 'Yes'"):
+        verdict_target(tiny_model)
