@@ -129,9 +129,12 @@ def attribution_graph(
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     batch_size: int = 128,
+    max_feature_nodes: int | None = None,
 ) -> Graph:
-    """The attribution graph of ``prompt`` (module docstring): every active feature's row by
-    batched backward passes through the frozen replacement model."""
+    """The attribution graph of ``prompt`` (module docstring): active features' rows by
+    batched backward passes through the frozen replacement model. ``max_feature_nodes`` keeps
+    that many features, chosen as circuit-tracer chooses them: in rounds, the unvisited
+    features with the most influence on the logits through the rows computed so far."""
     saes = _check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
     n_pos, n_layers = tokens.shape[1], model.cfg.n_layers
@@ -176,18 +179,46 @@ def attribution_graph(
             emb = (g[0][:, 0] * embed.detach()[0]).sum(-1)
             return torch.cat([*feats, *errs, emb], dim=1).detach().float()
 
-        n_src = len(active) + (n_layers + 1) * n_pos
-        n_nodes = n_src + len(logit_ids)
-        adjacency = torch.zeros(n_nodes, n_nodes)
-        adjacency[n_src:, :n_src] = rows(h @ demeaned.T)
+        n_active = len(active)
+        n_src = n_active + (n_layers + 1) * n_pos
+        logit_rows = rows(h @ demeaned.T)  # [k, sources]
         reads = [
             (run.inputs[n][0, p[:, 0]] * saes[n].W_enc[:, p[:, 1]].T).sum(-1)
             for n, p in enumerate(located)
         ]  # every active feature's pre-activation, less its bias
         pre = torch.cat(reads)
-        for start in range(0, len(active), batch_size):
-            stop = min(start + batch_size, len(active))
-            adjacency[start:stop, :n_src] = rows(pre[start:stop])
+        limit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+        chosen: list[torch.Tensor] = []
+        feature_rows: list[torch.Tensor] = []
+        visited = torch.zeros(n_active, dtype=torch.bool)
+        while int(visited.sum()) < limit:
+            if limit == n_active:
+                queue = torch.arange(n_active)
+            else:  # the most influential features not yet visited, by the rows so far
+                score = _partial_influence(
+                    torch.cat([*feature_rows, logit_rows]), torch.cat([*chosen, torch.arange(
+                        n_src, n_src + len(logit_ids))]), probs[logit_ids].float(), n_src,
+                )[:n_active]  # fmt: skip
+                score[visited] = -1
+                queue = score.argsort(descending=True)[
+                    : min(4 * batch_size, limit - int(visited.sum()))
+                ]
+            for start in range(0, len(queue), batch_size):
+                batch = queue[start : start + batch_size]
+                feature_rows.append(rows(pre[batch]))
+                chosen.append(batch)
+                visited[batch] = True
+        picked = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+        order = picked.argsort()
+        selected = picked[order]
+        columns = torch.cat([selected, torch.arange(n_active, n_src)])
+        n_feat = len(selected)
+        n_nodes = n_feat + (n_layers + 1) * n_pos + len(logit_ids)
+        adjacency = torch.zeros(n_nodes, n_nodes)
+        if n_feat:
+            adjacency[:n_feat, : len(columns)] = torch.cat(feature_rows)[order][:, columns]
+        adjacency[n_nodes - len(logit_ids) :, : len(columns)] = logit_rows[:, columns]
+        active, acts = active[selected], acts[selected]
     return Graph(
         prompt=prompt,
         tokens=tokens[0].tolist(),
@@ -201,6 +232,26 @@ def attribution_graph(
         adjacency=adjacency,
         saes=[sae_info(s).source or sae_info(s).key for s in saes],
     )
+
+
+def _partial_influence(
+    rows: torch.Tensor, row_nodes: torch.Tensor, probs: torch.Tensor, n_src: int
+) -> torch.Tensor:
+    """Influence on the logits of each source through the computed ``rows`` only (row i is
+    node ``row_nodes[i]``; logit nodes are numbered from ``n_src``): the sources' scores."""
+    normal = _row_normalised(rows)
+    weight = torch.zeros(len(row_nodes))
+    weight[row_nodes >= n_src] = probs[row_nodes[row_nodes >= n_src] - n_src]
+    total = torch.zeros(n_src)
+    feature_rows = row_nodes < n_src
+    for _ in range(1000):
+        step = weight @ normal  # [n_src]
+        if not step.any():
+            break
+        total += step
+        weight = torch.zeros(len(row_nodes))
+        weight[feature_rows] = step[row_nodes[feature_rows]]
+    return total[: int(n_src)]
 
 
 # ---------------------------------------------------------------- pruning

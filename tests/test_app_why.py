@@ -53,3 +53,30 @@ def test_why_lists_the_top_features_draws_them_and_checks_by_ablation(
         after = measure(tiny_model, tokens, Target(token=top))
     assert f"from **{before:.3f}** to **{after:.3f}**" in said
     assert after < before  # the features the attributions say push the token up, ablated
+
+
+@pytest.mark.slow
+def test_why_in_a_browser(app_store, tiny_dir):
+    """The page served by `scope app` in Chromium: the table of top features, the chart, and
+    the ablation check's sentence after a click; a screenshot goes to test-output/screenshots/."""
+    from served import free_port
+    from test_app_browser import CHROMIUM, shot
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    from test_app_browser import ARGS, serving
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(180_000)
+        with serving(app_store, tiny_dir, free_port()) as url:
+            page.goto(f"{url}/why")
+            page.get_by_text("Top features by attribution").wait_for()
+            page.locator(".js-plotly-plot").first.wait_for()
+            assert page.locator("table a[href*='/feature?sae=L2.res.256']").count() == 15
+            page.get_by_role("button", name="Run the ablation check").click()
+            page.get_by_text("features ablated at every position").wait_for()
+            shot(page, "why")
+        browser.close()

@@ -220,3 +220,27 @@ def test_cli_writes_the_graph_and_files_it_in_the_store(tmp_path, tiny_dir, tran
     assert any(line.startswith("graph: ") and "g.json" in line for line in _printed(result.output))
     Model.model_validate_json((tmp_path / "g.json").read_text())
     assert load_graph(store, "g") == json.loads((tmp_path / "g.json").read_text())
+
+
+def test_max_feature_nodes_keeps_the_most_influential_rows_unchanged(
+    tiny_model, transcoders, graph
+):
+    half = graph.n_features // 3
+    small = attribution_graph(tiny_model, transcoders, TEXT, max_feature_nodes=half, batch_size=16)
+    assert small.n_features == half
+    keep = [graph.index("feature", layer=a, pos=b, feature=c) for a, b, c in small.active.tolist()]
+    rest = list(range(graph.n_features, graph.adjacency.shape[0]))
+    cols = torch.tensor(keep + rest)
+    torch.testing.assert_close(
+        small.adjacency[:half], graph.adjacency[keep][:, cols], rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        small.adjacency[-len(graph.logit_tokens) :],
+        graph.adjacency[-len(graph.logit_tokens) :][:, cols],
+    )
+    # the first round takes the features with the most direct influence on the logits
+    direct = (graph.adjacency[-len(graph.logit_tokens):, : graph.n_features].abs()
+              / graph.adjacency[-len(graph.logit_tokens):].abs().sum(1, keepdim=True))  # fmt: skip
+    first = (graph.logit_probs @ direct).argsort(descending=True)[:16].tolist()
+    assert set(first) <= set(keep)
+    Model.model_validate(graph_json(small))
