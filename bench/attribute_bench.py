@@ -50,7 +50,14 @@ def build(out: Path, layers: int, firing: float) -> tuple[Path, list[Path]]:
     return model_dir, [tc / f"L{n}" for n in range(layers)]
 
 
-def measure(kind: str, model_dir: str, folders: list[str], n_tokens: int, repeats: int) -> dict:
+def measure(
+    kind: str,
+    model_dir: str,
+    folders: list[str],
+    n_tokens: int,
+    repeats: int,
+    max_nodes: int | None,
+) -> dict:
     import torch
 
     from scope import load_model, load_sae
@@ -69,7 +76,8 @@ def measure(kind: str, model_dir: str, folders: list[str], n_tokens: int, repeat
             a = attribute(model, saes, tokens)
             info = {"features": int(sum(len(f) for f in a.features))}
         else:
-            g = attribution_graph(model, saes, model.to_string(tokens[0, 1:]))
+            g = attribution_graph(model, saes, model.to_string(tokens[0, 1:]),
+                                  max_feature_nodes=max_nodes)  # fmt: skip
             data = graph_json(g)
             info = {
                 "features": g.n_features,
@@ -92,11 +100,13 @@ def main() -> None:
     parser.add_argument("--firing", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default=".bench-attribute", help="where the model is built")
+    parser.add_argument("--max-feature-nodes", type=int, help="graph: cap the feature nodes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         kind, model_dir, n, folders = json.loads(args.one)
-        print(json.dumps(measure(kind, model_dir, folders, n, args.repeats)))
+        result = measure(kind, model_dir, folders, n, args.repeats, args.max_feature_nodes)
+        print(json.dumps(result))
         return
     model_dir, folders = build(Path(args.cache), args.layers, args.firing)
     print(f"model: {args.layers} layers of gemma-3-270m's shape, transcoders of 2048 at every "
@@ -105,8 +115,10 @@ def main() -> None:
     for kind in args.kinds.split(","):
         for n in (int(t) for t in args.tokens.split(",")):
             one = json.dumps([kind, str(model_dir), n, [str(f) for f in folders]])
-            done = subprocess.run([sys.executable, __file__, "--one", one, "--repeats",
-                                   str(args.repeats)], capture_output=True, text=True)  # fmt: skip
+            cmd = [sys.executable, __file__, "--one", one, "--repeats", str(args.repeats)]
+            if args.max_feature_nodes:
+                cmd += ["--max-feature-nodes", str(args.max_feature_nodes)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-2000:])
                 continue

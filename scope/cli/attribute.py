@@ -52,6 +52,10 @@ def attribute(
             "in circuit-tracer's format; with --store, into its graphs/ too."
         ),
     ] = None,
+    max_feature_nodes: Annotated[
+        int | None,
+        typer.Option(help="Graph: at most this many features, the most influential.", min=1),
+    ] = None,
     node_threshold: Annotated[
         float, typer.Option(help="Graph pruning: node influence kept.")
     ] = 0.8,
@@ -99,7 +103,8 @@ def attribute(
         f"embeddings {result.embedding_share:+.4f}  biases {result.biases:+.4f}"
     )
     if graph is not None:
-        _write_graph(loaded, saes, text, graph, node_threshold, edge_threshold, opened)
+        thresholds = (node_threshold, edge_threshold)
+        _write_graph(loaded, saes, text, graph, thresholds, max_feature_nodes, opened)
     df = result.df().head(top)
     if df.empty:
         say("no feature is active on this prompt")
@@ -121,8 +126,8 @@ def _write_graph(
     saes: list[Any],
     text: str,
     path: str,
-    node_threshold: float,
-    edge_threshold: float,
+    thresholds: tuple[float, float],
+    max_feature_nodes: int | None,
     store: Any,
 ) -> None:
     import json
@@ -131,7 +136,8 @@ def _write_graph(
     from scope.graph import attribution_graph, graph_json, save_graph
 
     with out.status("building the attribution graph"):
-        built = attribution_graph(model, saes, text)
+        node_threshold, edge_threshold = thresholds
+        built = attribution_graph(model, saes, text, max_feature_nodes=max_feature_nodes)
         data = graph_json(
             built,
             slug=Path(path).stem,
