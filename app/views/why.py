@@ -85,9 +85,12 @@ share = st.slider(
 mag = df["attribution"].abs()
 kept = df[(mag.cumsum() / mag.sum()).shift(fill_value=0) < share]
 layer = [hook_site(str(saes[k].cfg.metadata.hook_name))[0] or 0 for k in kept["sae"]]
+# features sharing a (layer, position) cell stand in a column above it, strongest lowest
+rank = kept.assign(layer=layer).groupby(["layer", "position"]).cumcount()
+height = [y + 0.8 * r / max(int(rank.max()), 1) for y, r in zip(layer, rank, strict=True)]
 fig = go.Figure(
     go.Scatter(
-        x=kept["position"], y=layer, mode="markers",
+        x=kept["position"], y=height, mode="markers",
         marker={"size": 8 + 30 * kept["attribution"].abs() / mag.max(),
                 "color": kept["attribution"], "colorscale": "RdBu", "cmid": 0,
                 "showscale": True, "colorbar": {"title": "attribution"}},
@@ -100,6 +103,7 @@ fig.update_layout(
     height=420, margin={"t": 10, "b": 40}, xaxis_title="position", yaxis_title="layer",
     xaxis={"tickvals": list(range(len(result.tokens))),
            "ticktext": [visible(t) for t in result.tokens]},
+    yaxis={"tickvals": sorted(set(layer)), "ticktext": [f"L{n}" for n in sorted(set(layer))]},
 )  # fmt: skip
 st.plotly_chart(fig, use_container_width=True)
 st.caption(f"{len(kept)} of {len(df)} active features shown")
