@@ -237,7 +237,7 @@ def _check_saes(model: HookedSAETransformer, saes: Sequence[SAE]) -> None:
 
 
 @contextmanager
-def _gradients_for(model: HookedSAETransformer, saes: Sequence[SAE]) -> Iterator[list[Any]]:
+def gradients_for(model: HookedSAETransformer, saes: Sequence[SAE]) -> Iterator[list[Any]]:
     """Gradients off for every weight but the biases (whose shares are counted), restored
     after; the biases' .grad cleared."""
     modules = [model, *saes]
@@ -329,7 +329,7 @@ def frozen_forward(
     biases: list[torch.Tensor] | None = None,
 ) -> Frozen:
     """One forward pass of the frozen model (gradients on), to the normalised final residual
-    stream. Call inside ``_gradients_for`` so only what is wanted gets gradients."""
+    stream. Call inside ``gradients_for`` so only what is wanted gets gradients."""
     _check_saes(model, saes)
     enable_hooks(model, [codec_of(s).read_hook for s in saes])
     run = Frozen(biases=biases or [])
@@ -471,7 +471,7 @@ def attribute(
         target = parse_target(model, target)
     tokens = prompt_tokens(model, prompt)
     pieces = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
-    with _gradients_for(model, saes) as biases:
+    with gradients_for(model, saes) as biases:
         run = frozen_forward(model, saes, tokens, direct=direct, biases=biases)
         value, explained = _target_value(model, saes, names, run, target, pieces)
         value.backward()
@@ -509,6 +509,7 @@ __all__ = [
     "frozen_forward",
     "frozen_hooks",
     "frozen_logits",
+    "gradients_for",
     "measure",
     "parse_target",
     "prompt_tokens",

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from jaxtyping import Float, Int
 
-from scope.attribute import _gradients_for, frozen_forward, frozen_logits, prompt_tokens
+from scope.attribute import frozen_forward, frozen_logits, gradients_for, prompt_tokens
 from scope.codec import codec_of
 from scope.errors import ScopeError
 from scope.identity import hook_site, sae_info
@@ -138,7 +138,7 @@ def attribution_graph(
     saes = _check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
     n_pos, n_layers = tokens.shape[1], model.cfg.n_layers
-    with _gradients_for(model, saes):
+    with gradients_for(model, saes):
         run = frozen_forward(model, saes, tokens, direct=True)
         assert run.resid is not None and run.embed is not None
         h = run.resid[0, -1]
