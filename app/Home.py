@@ -22,6 +22,7 @@ pages = {
     "search": st.Page(HERE / "views/search.py", title="Search", icon=":material/search:", url_path="search"),
     "inspector": st.Page(HERE / "views/inspector.py", title="Prompt inspector", icon=":material/text_fields:", url_path="inspector"),
     "lab": st.Page(HERE / "views/lab.py", title="Steering lab", icon=":material/tune:", url_path="lab"),
+    "why": st.Page(HERE / "views/why.py", title="Why", icon=":material/account_tree:", url_path="why"),
 }  # fmt: skip
 st.session_state["pages"] = pages
 page = st.navigation(list(pages.values()))

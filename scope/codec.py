@@ -167,15 +167,24 @@ def reconstruct(
 ) -> tuple[Float[torch.Tensor, "... d_sae"], Float[torch.Tensor, "... d_out"]]:
     """(codes, output) for input ``x``: what the SAE puts at its write hook, as sae-lens'
     forward computes it (a skip transcoder's skip term included)."""
-    codec = codec_of(sae)
     codes = encode(sae, x)
+    return codes, decode(sae, codes, x)
+
+
+def decode(
+    sae: SAE, codes: Float[torch.Tensor, "... d_sae"], x: Float[torch.Tensor, "... d_in"]
+) -> Float[torch.Tensor, "... d_out"]:
+    """What the SAE puts at its write hook for ``codes`` read from ``x`` (a skip transcoder's
+    skip term included); ``encode(sae, x)`` must have run on ``x`` first (sae-lens' run-time
+    normalisation state). Attribution passes codes it holds apart from ``x``."""
+    codec = codec_of(sae)
     if codec.fused:
         out = codes @ sae.W_dec + sae.b_dec
     else:
         out = sae.decode(codes)  # after encode: sae-lens' run-time normalisation state is set
     if codec.skip:
         out = out + x.to(sae.W_skip.dtype) @ sae.W_skip.T
-    return codes, out
+    return out
 
 
 def feature_write(
@@ -217,6 +226,7 @@ __all__ = [
     "Codec",
     "choose_codec",
     "codec_of",
+    "decode",
     "encode",
     "feature_write",
     "needs_input",

@@ -137,11 +137,17 @@ def build_gemma3(
     seed: int = 0,
     multimodal: bool = False,
     rope_factor: float | None = None,
+    d_model: int = 64,
+    d_mlp: int = 128,
+    d_head: int = 16,
+    vocab_size: int | None = None,
 ) -> Path:
     """A Gemma 3 checkpoint with random weights: qk-norm, five local layers to one global,
     separate local and global rope bases, one KV head, as gemma-3-270m has. ``multimodal``
     saves a Gemma3ForConditionalGeneration (as 4B and up are) with a tiny vision tower;
-    ``rope_factor`` stretches the global layers' rope linearly, as 4B and up do (8)."""
+    ``rope_factor`` stretches the global layers' rope linearly, as 4B and up do (8).
+    ``d_model``, ``d_mlp``, ``d_head`` and ``vocab_size`` size it (gemma-3-270m: 640, 2048,
+    256, 262144 with 18 layers)."""
     from transformers import (
         Gemma3Config,
         Gemma3ForCausalLM,
@@ -152,13 +158,13 @@ def build_gemma3(
 
     n_tokens = build_tokenizer(out)
     config = Gemma3TextConfig(
-        vocab_size=n_tokens,
-        hidden_size=64,
-        intermediate_size=128,
+        vocab_size=vocab_size or n_tokens,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=d_head,
         max_position_embeddings=256,
         sliding_window=6,
         query_pre_attn_scalar=24,
@@ -298,6 +304,67 @@ def seed_hf_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+@torch.no_grad()
+def build_transcoders(
+    model: Any,
+    out: Path,
+    *,
+    d_sae: int = 128,
+    text: str | None = None,
+    read: str = "hook_mlp_in",
+    skip: bool = True,
+    firing_rate: float = 0.1,
+    dec_scale: float = 1.0,
+    seed: int = 0,
+) -> list[Path]:
+    """A random JumpReLU transcoder at every layer of ``model``, each reading
+    ``blocks.L.<read>`` (``hook_mlp_in`` as Gemma Scope 2's, or ``ln2.hook_normalized``) and
+    writing ``blocks.L.hook_mlp_out``, saved by sae-lens into ``out/L<layer>``; returns the
+    folders. Thresholds make each feature fire on about ``firing_rate`` of the tokens of
+    ``text``; decoder rows have norm about ``dec_scale`` times the MLP output's."""
+    from sae_lens.registry import get_sae_class
+    from sae_lens.saes.sae import SAEMetadata
+
+    arch = "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder"
+    cls, cfg_cls = get_sae_class(arch)
+    if read.endswith("hook_mlp_in") and not model.cfg.use_hook_mlp_in:
+        model.set_use_hook_mlp_in(True)
+    tokens = model.to_tokens(text or " ".join(training_text()[:6])[:1500])
+    hooks = [f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers)
+             for h in (read, "hook_mlp_out")]  # fmt: skip
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    gen = torch.Generator().manual_seed(seed)
+    folders = []
+    for layer in range(model.cfg.n_layers):
+        x = cache[f"blocks.{layer}.{read}"][0, 1:].float()
+        y = cache[f"blocks.{layer}.hook_mlp_out"][0, 1:].float()
+        d_in, d_out = x.shape[-1], y.shape[-1]
+        meta = SAEMetadata(
+            hook_name=f"blocks.{layer}.{read}",
+            hook_name_out=f"blocks.{layer}.hook_mlp_out",
+            model_name=str(model.cfg.model_name),
+        )
+        cfg = cfg_cls(d_in=d_in, d_sae=d_sae, d_out=d_out, dtype="float32", device="cpu",
+                      apply_b_dec_to_input=False, metadata=meta)  # fmt: skip
+        sae = cls(cfg)
+        params = dict(sae.named_parameters())
+        w_enc = torch.randn(d_in, d_sae, generator=gen) / x.norm(dim=-1).mean()
+        params["W_enc"].copy_(w_enc)
+        rows = torch.randn(d_sae, d_out, generator=gen) / d_out**0.5
+        params["W_dec"].copy_(rows * y.norm(dim=-1).mean() * dec_scale / d_sae**0.5 * 4)
+        params["b_dec"].copy_(y.mean(0))
+        pre = x @ w_enc
+        params["b_enc"].copy_(-pre.mean(0))
+        pre = pre + params["b_enc"]
+        params["threshold"].copy_(torch.quantile(pre, 1 - firing_rate, dim=0).clamp(min=1e-3))
+        if "W_skip" in params:
+            params["W_skip"].copy_(torch.randn(d_out, d_in, generator=gen) * 0.02)
+        folder = Path(out) / f"L{layer}"
+        sae.save_model(folder)
+        folders.append(folder)
+    return folders
 
 
 @dataclass(frozen=True, kw_only=True)

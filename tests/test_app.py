@@ -91,7 +91,9 @@ def test_label_saved_from_the_page_is_found_by_search(app, app_store):
     no_errors(app)
     assert Store(app_store).label("L2.res.256", f) == ("docstring words", "seen in tests")
     app.switch_page("views/search.py").run()
-    [t for t in app.text_input if t.label == "explanation, label or notes"][0].input("docstring").run()
+    [t for t in app.text_input if t.label == "explanation, label or notes"][0].input(
+        "docstring"
+    ).run()
     no_errors(app)
     found = app.dataframe[0].value
     assert list(zip(found["sae"], found["feature"], strict=True)) == [("L2.res.256", f)]

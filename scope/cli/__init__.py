@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import sys
 
-from scope.cli import evals, explain, info, record, serve, steer, train  # noqa: F401  (each adds its commands)
+from scope.cli import (  # noqa: F401  (each adds its commands)
+    attribute,
+    evals,
+    explain,
+    info,
+    record,
+    serve,
+    steer,
+    train,
+)
 from scope.cli.common import app
 
 __all__ = ["app", "main"]

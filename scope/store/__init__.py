@@ -23,6 +23,8 @@ later recording into the store:
   kl, loss, text, ...)
 - ``labels``: sae, feature, label, notes, updated
 - ``evals``: SAE evaluations; ``cards``: SAE cards
+- ``graphs``: attribution graphs (slug, prompt, top_logit, n_nodes, ...), each beside its
+  circuit-tracer JSON (``scope.graph.load_graph``)
 """
 
 from scope.store import explore

@@ -26,7 +26,7 @@ from scope.errors import ScopeError
 from scope.store.files import VersionBuilder, next_version, write_json_atomic, write_parquet_atomic
 from scope.store.manifest import MANIFEST, Manifest, Part, read_manifest
 
-SIDE_TABLES = ("experiments", "evals", "cards", "labels", "explanations")
+SIDE_TABLES = ("experiments", "evals", "cards", "labels", "explanations", "graphs")
 """Side tables: each a folder of Parquet files (plus JSON metadata where useful)."""
 LABEL_COLUMNS = ("sae", "feature", "label", "notes", "updated")
 
