@@ -71,14 +71,14 @@ class Loaded:
 
 @st.cache_resource(show_spinner="loading the model and SAEs (once per process)")
 def _load(store_path: str, model_name: str, device: str | None) -> Loaded:
+    from scope.identity import ModelIdentity
     from scope.model import load_model
-    from scope.record.runner import model_identity
     from scope.sae import load_recorded_sae
 
     opened = _open_store(store_path)
     model = load_model(model_name, device=device)
     recorded = opened.manifest.model
-    if model_identity(model).fingerprint != recorded.fingerprint:
+    if ModelIdentity.of(model, like=recorded).fingerprint != recorded.fingerprint:
         raise ScopeError(
             f"{model_name} is not the model this store was recorded with ({recorded.name}): "
             "its weights differ; start the app with --model naming that one"

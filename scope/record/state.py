@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from scope.errors import ScopeError
+from scope.identity import splitmix64
 from scope.record import exact
 from scope.store.files import VersionBuilder, as_created
 
@@ -33,17 +34,10 @@ HIST_EDGES = torch.logspace(-3, 4, 16 * 7 + 1, dtype=torch.float64)
 SAMPLE_EDGES = HIST_EDGES[::4].clone()
 EMPTY_KEY = torch.iinfo(torch.int64).max
 
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
 
 def sample_key(window: Int[Tensor, " n"], feature: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
     """A deterministic pseudo-random int64 per (window, feature): splitmix64 of the pair."""
-    x = window.to(torch.int64) * 1_048_583 + feature.to(torch.int64) + _GOLDEN
-    x = (x ^ (x >> 30)) * _MIX1
-    x = (x ^ (x >> 27)) * _MIX2
-    return x ^ (x >> 31)
+    return splitmix64(window.to(torch.int64) * 1_048_583 + feature.to(torch.int64))
 
 
 def lexsort(*keys: Tensor) -> Int[Tensor, " n"]:

@@ -3,6 +3,7 @@ on the SAE and the model (logit lens, decoder neighbours)."""
 
 from __future__ import annotations
 
+import gc
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -210,12 +211,21 @@ def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:
     """Every token id's piece and its text, so readers need no tokenizer."""
     ids = list(range(d_vocab))
     fast = getattr(tokenizer, "backend_tokenizer", None)
-    if fast is not None:  # the Rust tokenizer decodes 256k single tokens in parallel
-        pieces = [fast.id_to_token(i) for i in ids]
-        texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=False)
-    else:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        texts = tokenizer.batch_decode([[i] for i in ids])
+    gc_was_on = gc.isenabled()
+    gc.disable()  # 256k one-token lists would set off collections of the whole heap (0.5 s)
+    try:
+        if fast is not None:  # the Rust tokenizer decodes 256k single tokens in parallel
+            pieces: list[str | None] = [None] * d_vocab
+            for piece, i in fast.get_vocab(with_added_tokens=True).items():
+                if i < d_vocab:
+                    pieces[i] = piece
+            texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        else:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            texts = tokenizer.batch_decode([[i] for i in ids])
+    finally:
+        if gc_was_on:
+            gc.enable()
     # a lone byte of a multi-byte character decodes to U+FFFD: show the byte itself (<0xC2>)
     texts = [
         p if t == "\ufffd" and p and BYTE_PIECE.fullmatch(p) else t
