@@ -214,6 +214,8 @@ def record(
             f"({model.cfg.n_ctx} tokens): use --ctx {model.cfg.n_ctx} or less"
         )
     device = next(model.parameters()).device
+    if settings.overlap is None:
+        settings = replace(settings, overlap=device.type == "cuda")
     by_key = dict(zip(keys, saes, strict=True))
     with StoreWriter(store) as writer:
         root = writer.root
@@ -233,7 +235,9 @@ def record(
             check_same(writer.manifest, wanted, root)
         manifest = writer.manifest
         assert manifest is not None
-        batch = settings.batch_size or fit_batch_size(model, saes, settings.ctx, settings.overlap)
+        batch = settings.batch_size or fit_batch_size(
+            model, saes, settings.ctx, bool(settings.overlap)
+        )
         index = len(manifest.parts) - (current_part(manifest) is not None)
         written = write_windows(
             corpus, model.tokenizer, root / "windows", index, shard=settings.shard,

@@ -175,14 +175,15 @@ def lens_table(sae_key: str, sae: SAE, model: HookedSAETransformer) -> pa.Table:
         logits = (w_out[chunk] @ w_u).float()  # [chunk, vocab]
         for (i, v), largest in ((("ti", "tv"), True), (("bi", "bv"), False)):
             found = logits.topk(LENS_K, dim=-1, largest=largest)
-            out[i].append(found.indices.cpu())
-            out[v].append(found.values.cpu())
+            out[i].append(found.indices)
+            out[v].append(found.values)
         cos = unit[chunk] @ unit.T  # [chunk, d_sae]
         cos[torch.arange(cos.shape[0]), torch.arange(chunk.start, chunk.stop)] = -2.0  # not itself
         near = cos.topk(k_nb, dim=-1)
-        out["ni"].append(near.indices.cpu())
-        out["nv"].append(near.values.cpu())
-    cat = {name: torch.cat(parts).numpy() for name, parts in out.items()}
+        out["ni"].append(near.indices)
+        out["nv"].append(near.values)
+    # kept on the device until the end: one copy to the host per column, not per chunk
+    cat = {name: torch.cat(parts).cpu().numpy() for name, parts in out.items()}
     return pa.table(
         {
             "sae": pa.array([sae_key] * n, pa.string()),
