@@ -299,7 +299,8 @@ def main() -> None:
     try:
         if args.whole_model or args.ops:
             whole_model(args, work)
-        elif args.gemma_2b_shape:
+            return
+        if args.gemma_2b_shape:
             ckpt = fixtures.build_gemma2_2b_shape(work / "model", n_layers=13)
             layer, width, tokens, batch = 12, 16384, args.tokens or 1_000_000, args.batch or 64
         else:
