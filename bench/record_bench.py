@@ -4,6 +4,9 @@
     python bench/record_bench.py --gemma-2b-shape      # GPU: gemma-2-2b dims, 16k SAE at layer 12
     python bench/record_bench.py --saedashboard PYTHON # also time SAEDashboard, in its own venv
     python bench/record_bench.py --gemma-2b-shape --overlap   # also time scope record --overlap
+    python bench/record_bench.py --whole-model         # every layer, one SAE each (CPU: 6 x 4k)
+    python bench/record_bench.py --whole-model --gemma-2b-shape   # GPU: 26 layers, 16k SAEs
+    python bench/record_bench.py --ops                 # aten ops per recorded batch, 1 vs 6 SAEs
 
 The bare loop does only the unavoidable work: the forward pass up to the SAE's layer and the
 JumpReLU encode, over the same windows and batches. `scope record` adds every statistic, the
@@ -41,6 +44,13 @@ TL_FIELDS = [
     "attn_scores_soft_cap", "output_logits_soft_cap", "gated_mlp", "final_rms",
     "use_normalization_before_and_after", "original_architecture", "default_prepend_bos",
 ]  # fmt: skip
+
+
+CPU_MODEL = dict(
+    n_layers=6, d_model=512, n_heads=8, n_kv_heads=4, d_head=64, d_mlp=2048, sliding_window=64,
+    query_pre_attn_scalar=64, attn_softcap=50.0, final_softcap=30.0, init_std=0.02,
+)  # fmt: skip
+"""The CPU bench model: Gemma 2's architecture, 6 layers x d_model 512, random weights."""
 
 
 def corpus_file(work: Path, n_chars: int) -> Path:
@@ -88,6 +98,145 @@ def run_record(
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def whole_model_loop(model, saes, windows, batch: int, with_encode: bool) -> float:
+    """Seconds for the forward through every SAE's layer (and each SAE's encode) over the
+    windows: the unavoidable work of a whole-model recording."""
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    hooks = [s.cfg.metadata.hook_name for s in saes]
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            width = int(windows.lengths[i : i + batch].max())
+            tokens = torch.from_numpy(windows.tokens[i : i + batch, :width]).to(device, torch.long)
+            acts = capture(model, tokens, hooks, model.cfg.n_layers)
+            if with_encode:
+                codes = [encode(s, acts[h]) for s, h in zip(saes, hooks, strict=True)]
+                del codes
+            del acts
+    sync()
+    return time.perf_counter() - start
+
+
+def record_rates(model, saes, corpus: Path, work: Path, ctx: int, tokens: int, batch: int):
+    """(tokens/s once running, from the first batch to the last; seconds end to end) of one
+    `record()` call writing every table."""
+    store = work / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    spec = CorpusSpec(paths=(str(corpus),), ctx=ctx, max_tokens=tokens)
+    marks: list[tuple[float, int]] = []
+
+    def seen(p) -> None:
+        if next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        marks.append((time.perf_counter(), p.tokens))
+
+    start = time.perf_counter()
+    record(model, saes, spec, store, RecordSettings(ctx=ctx, batch_size=batch), on_progress=seen)
+    total = time.perf_counter() - start
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return (n1 - n0) / (t1 - t0), total
+
+
+def aten_ops_per_batch(model, saes, corpus: Path, work: Path, ctx: int, batch: int) -> float:
+    """aten ops (torch.profiler, CPU events, nested ones included) per recorded batch: the
+    difference between recording 4 and 2 batches, halved, so start-up and tables cancel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    for batches in (2, 4):
+        store = work / "store"
+        shutil.rmtree(store, ignore_errors=True)
+        spec = CorpusSpec(paths=(str(corpus),), ctx=ctx, max_tokens=batches * batch * (ctx - 1))
+        settings = RecordSettings(ctx=ctx, batch_size=batch, tables=False, checkpoint_seconds=1e9)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            record(model, saes, spec, store, settings)
+        counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::")))
+    return (counts[1] - counts[0]) / 2
+
+
+def layer_saes(model, windows, layers: list[int], width: int, work: Path, device) -> list:
+    """One Gemma Scope-layout residual SAE per layer, fitted to the model's activations."""
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    with torch.no_grad():
+        probe = torch.from_numpy(windows.tokens[:8]).to(device, torch.long)
+        acts = capture(model, probe, hooks, max(layers) + 1)
+    out = []
+    for layer, hook in zip(layers, hooks, strict=True):
+        folder = (
+            work
+            / "sae"
+            / "bench-res"
+            / f"layer_{layer}"
+            / f"width_{width // 1024}k"
+            / "average_l0_80"
+        )
+        flat = acts[hook][:, 1:].reshape(-1, model.cfg.d_model).float().cpu()
+        fixtures.write_params(
+            folder, fixtures.gemma_scope_params(flat, width, firing_rate=0.006, seed=layer)
+        )
+        out.append(load_sae(folder, device=device, dtype=model.cfg.dtype))
+    return out
+
+
+def whole_model(args, work: Path) -> None:
+    """Every layer with one SAE, and (``--ops``) the aten op count per batch."""
+    if args.gemma_2b_shape:
+        ckpt = fixtures.build_gemma2_2b_shape(work / "model", n_layers=26)
+        width, tokens, batch = 16384, args.tokens or 200_000, args.batch or 64
+    else:
+        ckpt = fixtures.build_gemma2(work / "model", **CPU_MODEL)
+        width = 1024 if args.ops else 4096
+        tokens, batch = args.tokens or 8192, args.batch or 16
+    model = load_model(ckpt, device=args.device)
+    device = next(model.parameters()).device
+    corpus = corpus_file(work, n_chars=tokens * 4)
+    windows = build_windows(
+        CorpusSpec(paths=(str(corpus),), ctx=args.ctx, max_tokens=tokens), model.tokenizer
+    )
+    n_layers = model.cfg.n_layers
+    saes = layer_saes(model, windows, list(range(n_layers)), width, work, device)
+    what = f"{'cuda ' + torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}"
+    print(f"device: {device} ({what}); model: Gemma 2 architecture, {n_layers} layers, "
+          f"d_model {model.cfg.d_model}; SAEs {width} wide, one per layer; batches of "
+          f"{batch} x {args.ctx}")  # fmt: skip
+    if args.ops:
+        one = aten_ops_per_batch(
+            model, saes[n_layers // 2 : n_layers // 2 + 1], corpus, work, args.ctx, batch
+        )
+        every = aten_ops_per_batch(model, saes, corpus, work, args.ctx, batch)
+        print(f"aten ops per recorded batch: 1 SAE (layer {n_layers // 2}) {one:,.0f}; "
+              f"{n_layers} SAEs {every:,.0f}: {every / one:.2f}x")  # fmt: skip
+        return
+    n = windows.n_tokens
+    whole_model_loop(model, saes, windows, batch, with_encode=True)  # warm-up
+    fwd = statistics.median(
+        whole_model_loop(model, saes, windows, batch, False) for _ in range(args.repeats)
+    )
+    enc = statistics.median(
+        whole_model_loop(model, saes, windows, batch, True) for _ in range(args.repeats)
+    )
+    rates = [
+        record_rates(model, saes, corpus, work, args.ctx, tokens, batch)
+        for _ in range(args.repeats)
+    ]
+    running = statistics.median(r[0] for r in rates)
+    end_to_end = n / statistics.median(r[1] for r in rates)
+    fwd_tps, enc_tps = n / fwd, n / enc
+    print(f"{n:,} tokens, medians of {args.repeats}")
+    print(f"forward through all {n_layers} layers:        {fwd_tps:12,.0f} tok/s  1.00x")
+    print(
+        f"forward + {n_layers} encodes:                  {enc_tps:12,.0f} tok/s  {enc_tps / fwd_tps:.2f}x"
+    )
+    print(
+        f"scope record, {n_layers} SAEs, per batch:      {running:12,.0f} tok/s  "
+        f"{running / fwd_tps:.2f}x ({running / enc_tps:.2f}x of forward + encodes)"
+    )
+    print(f"scope record, end to end (tables too):  {end_to_end:12,.0f} tok/s  "
+          f"{end_to_end / fwd_tps:.2f}x")  # fmt: skip
 
 
 def saedashboard(
@@ -143,17 +292,19 @@ def main() -> None:
     ap.add_argument("--saedashboard", metavar="PYTHON", help="python of a venv with sae-dashboard")
     ap.add_argument("--device", default=None)
     ap.add_argument("--overlap", action="store_true", help="also time scope record --overlap (GPU)")
+    ap.add_argument("--whole-model", action="store_true", help="every layer, one SAE each")
+    ap.add_argument("--ops", action="store_true", help="aten ops per batch, 1 SAE vs one per layer")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scope-bench-"))
     try:
+        if args.whole_model or args.ops:
+            whole_model(args, work)
+            return
         if args.gemma_2b_shape:
             ckpt = fixtures.build_gemma2_2b_shape(work / "model", n_layers=13)
             layer, width, tokens, batch = 12, 16384, args.tokens or 1_000_000, args.batch or 64
         else:
-            ckpt = fixtures.build_gemma2(
-                work / "model", n_layers=6, d_model=512, n_heads=8, n_kv_heads=4, d_head=64, d_mlp=2048,
-                sliding_window=64, query_pre_attn_scalar=64, attn_softcap=50.0, final_softcap=30.0, init_std=0.02,
-            )  # fmt: skip
+            ckpt = fixtures.build_gemma2(work / "model", **CPU_MODEL)
             layer, width, tokens, batch = 3, 8192, args.tokens or 65_536, args.batch or 32
         model = load_model(ckpt, device=args.device)
         device = next(model.parameters()).device

@@ -19,7 +19,7 @@ from scope.codec import codec_of
 from scope.errors import ScopeError
 
 if TYPE_CHECKING:
-    from sae_lens import SAE
+    from sae_lens import SAE, HookedSAETransformer
 
 MLP_INPUT = "blocks.{layer}.ln2.hook_out"
 """The MLP's input: the pre-MLP RMSNorm's output, its weight applied (Hugging Face's
@@ -204,20 +204,132 @@ def sae_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]] | None = None) -
     return found or sae_info(sae).key
 
 
+# ---------------------------------------------------------------- the model
+
+FINGERPRINT_SAMPLE = 1 << 14
+"""Weights the fingerprint reads per weight matrix: all of a smaller one."""
+FINGERPRINT_TILES = 16
+"""Tiles (of up to 32 rows) those weights are read in from a larger one."""
+FINGERPRINT_SCHEME = "w2-"
+"""How fingerprints taken on the device begin; a store's older fingerprint (16 hex digits, no
+prefix) is the host hash ``legacy_fingerprint`` computes."""
+
+COMPUTED_WEIGHTS = frozenset({"embed.W_E"})
+"""Matrices the loader computes in the dtype the model runs in (Gemma's embedding, scaled by
+sqrt(d_model)), so their bf16 rounding depends on it: named and shaped in the fingerprint but
+not sampled (the unembedding holds Gemma's tied embedding as stored). Vectors are not sampled
+either: the norm weights are 1 + w, rounded the same way."""
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 of int64 ``x``: a pseudo-random int64 per value (wrapping arithmetic, the
+    same bits on every device)."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> 30)) * _MIX1
+    x = (x ^ (x >> 27)) * _MIX2
+    return x ^ (x >> 31)
+
+
+def _weight_sample(p: torch.Tensor) -> torch.Tensor:
+    """The weights of ``p`` the fingerprint reads, as int16 bit patterns of their bf16
+    rounding: all of a small parameter; of a larger one (seen as a matrix of its last dimension's
+    rows), FINGERPRINT_TILES tiles of up to 32 rows spread over it. A tile is read as short
+    runs of memory in a matrix stored either way round, so the sample is cheap on a CPU too,
+    and it is taken by logical position, so the memory layout does not change it."""
+    if p.numel() <= FINGERPRINT_SAMPLE:
+        return p.reshape(-1).to(torch.bfloat16).view(torch.int16)
+    m = p.reshape(-1, p.shape[-1]) if p.dim() > 1 else p.view(1, -1)
+    (n_rows, n_cols), n = m.shape, FINGERPRINT_TILES
+    high = min(n_rows, 32)
+    wide = min(n_cols, FINGERPRINT_SAMPLE // (n * high))
+    k = torch.arange(n, device=p.device)
+    rows = (k * (n_rows - high) // (n - 1))[:, None] + torch.arange(high, device=p.device)
+    cols = (k * 5 % n * (n_cols - wide) // (n - 1))[:, None] + torch.arange(wide, device=p.device)
+    tiles = m[rows[:, :, None], cols[:, None, :]]  # [tile, row, col]
+    return tiles.reshape(-1).to(torch.bfloat16).view(torch.int16)
+
+
+def model_fingerprint(model: HookedSAETransformer) -> str:
+    """A fingerprint of the model's weights, taken on their device: every parameter's name and
+    shape, and a sample of every weight matrix as loaded (``_weight_sample``, bf16-rounded, so
+    the dtype the model runs in does not change it; see ``COMPUTED_WEIGHTS``) folded into one sum mod 2^64, each weight times a
+    pseudo-random int64 of its position. Nothing is copied to the host but that sum (one
+    sync). Weights that differ at any sampled position give another value."""
+    h = hashlib.sha256()
+    samples = []
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+            h.update(f"{name}{tuple(p.shape)};".encode())
+            if p.dim() > 1 and name not in COMPUTED_WEIGHTS:
+                samples.append(_weight_sample(p.detach()))
+        v = torch.cat(samples).to(torch.int64)
+        total = (v * splitmix64(torch.arange(v.numel(), device=v.device))).sum()
+    h.update(str(total.item()).encode())
+    return FINGERPRINT_SCHEME + h.hexdigest()[:16]
+
+
+def legacy_fingerprint(model: HookedSAETransformer) -> str:
+    """The fingerprint stores written before ``model_fingerprint`` hold: a host sha256 of
+    three weight tensors rounded to bf16 (copies them to the host; asked only of such stores)."""
+    h = hashlib.sha256()
+    for t in (model.W_E[:256], model.blocks[0].attn.W_Q, model.blocks[-1].mlp.W_out):
+        h.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(kw_only=True)
+class ModelIdentity:
+    """The model a store was recorded with."""
+
+    name: str
+    """Hub name or local folder."""
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    fingerprint: str
+    """``model_fingerprint`` of its weights (``legacy_fingerprint`` in older stores)."""
+
+    @classmethod
+    def of(cls, model: HookedSAETransformer, like: ModelIdentity | None = None) -> ModelIdentity:
+        """The identity of a loaded model; with ``like`` (a store's), its fingerprint is taken
+        the way ``like``'s was, so the two compare (a store's older host fingerprint too)."""
+        from scope.model import model_source
+
+        cfg = model.cfg
+        legacy = like is not None and not like.fingerprint.startswith(FINGERPRINT_SCHEME)
+        return cls(
+            name=model_source(model),
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            d_vocab=cfg.d_vocab,
+            fingerprint=legacy_fingerprint(model) if legacy else model_fingerprint(model),
+        )
+
+
 # ---------------------------------------------------------------- loading
 
 
 __all__ = [
+    "FINGERPRINT_SAMPLE",
+    "FINGERPRINT_TILES",
     "MLP_INPUT",
     "SITE_HOOKS",
+    "ModelIdentity",
     "SAEInfo",
     "gemma_scope_id",
     "hook_site",
+    "legacy_fingerprint",
+    "model_fingerprint",
     "recorded_key",
     "sae_info",
     "sae_key",
     "sae_keys",
     "sae_sha256",
+    "splitmix64",
     "weights_sha256",
     "width_label",
 ]

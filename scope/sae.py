@@ -26,6 +26,7 @@ from scope.errors import ScopeError, closest
 from scope.identity import (
     MLP_INPUT,
     SITE_HOOKS,
+    ModelIdentity,
     SAEInfo,
     hook_site,
     recorded_key,
@@ -378,11 +379,10 @@ def open_recorded(
     a model whose weights differ from the recorded one, or changed SAE weights, are refused.
     Gives (model, store key -> SAE)."""
     from scope.model import load_model
-    from scope.record.runner import model_identity
 
     recorded = store.manifest.model
     loaded = load_model(model or recorded.name, device=device)
-    if model_identity(loaded).fingerprint != recorded.fingerprint:
+    if ModelIdentity.of(loaded, like=recorded).fingerprint != recorded.fingerprint:
         raise ScopeError(
             f"{model or recorded.name} is not the model {store.root} was recorded with "
             f"({recorded.name}): its weights differ; name that one with --model"

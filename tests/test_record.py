@@ -508,3 +508,16 @@ def test_l0_variants_of_one_slot_record_side_by_side(
             tmp_path / "t",
             settings(),
         )
+
+
+def test_vocab_table_is_every_token_as_the_tokenizer_names_it(tiny_model):
+    """Pieces and texts per id as the tokenizer gives them one by one (ids past its
+    vocabulary, up to the model's d_vocab, have an empty piece)."""
+    from scope.record.tables import vocab_table
+
+    tok = tiny_model.tokenizer
+    n = len(tok) + 5
+    t = vocab_table(tok, n).to_pydict()
+    assert t["token"] == list(range(n))
+    assert t["piece"] == [tok.convert_ids_to_tokens(i) or "" for i in range(len(tok))] + [""] * 5
+    assert t["text"][: len(tok)] == [tok.decode([i]) for i in range(len(tok))]

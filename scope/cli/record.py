@@ -126,11 +126,14 @@ def record(
         float, typer.Option(help="Save resumable state this often.")
     ] = 60.0,
     overlap: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Fold each batch into the state while the next one's forward runs (GPU)."
+            "--overlap/--no-overlap",
+            help="Fold each batch into the state while the next one's forward runs "
+            "(default: on a GPU).",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     hook: HookOpt = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,10 @@ ROW_GROUP = 4096
 """Rows per Parquet row group of the per-feature tables. Rows are in (sae, feature) order, so
 a reader's ``where sae = ? and feature = ?`` skips every other group by its min/max statistics:
 a feature page reads a few kilobytes instead of the whole table."""
+
+
+WRITERS = 4
+"""Parquet files written at once (threads: encoding and compression release the GIL)."""
 
 
 def write_sorted(table: pa.Table, path: Path) -> None:
@@ -92,9 +97,15 @@ def write_tables(
         parts["hist"].append(tables.hist_table(key, st))
         parts["l0"].append(tables.l0_table(key, st))
         summaries.append(tables.sae_summary(key, st, dense))
-    for name, ts in parts.items():
-        write_sorted(pa.concat_tables(ts), builder.path(f"{name}.parquet"))
-    pq.write_table(pa.Table.from_pylist(summaries), builder.path("saes.parquet"))
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool:  # pyarrow encodes without the GIL
+        written = [
+            pool.submit(write_sorted, pa.concat_tables(ts), builder.path(f"{name}.parquet"))
+            for name, ts in parts.items()
+        ]
+        saes = pa.Table.from_pylist(summaries)
+        written.append(pool.submit(pq.write_table, saes, builder.path("saes.parquet")))
+        for done in written:
+            done.result()
     write_activating(builder, root)
 
 

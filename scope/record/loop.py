@@ -1,6 +1,7 @@
 """The hot loop: batches of windows -> one forward pass (``scope.acts``) -> every SAE's codes ->
-state updates. Everything per batch is tensor work on the model's device. Progress and stop
-requests are callbacks, so a UI or the CLI drives a recording the same way. With
+state updates (the SAEs of one width as one stack, ``stack_states``). Everything per batch is
+tensor work on the model's device. Progress and stop requests are callbacks, so a UI or the
+CLI drives a recording the same way. With
 ``RecordSettings.overlap`` the state updates of one batch overlap the next batch's forward
 (``Feed``)."""
 
@@ -18,7 +19,7 @@ import torch
 from scope.acts import SAEActs, sae_acts
 from scope.errors import ScopeError
 from scope.interrupt import StopFn
-from scope.record.state import FeatureState
+from scope.record.state import FeatureState, stack_states
 from scope.record.windows import Batch, PartWindows, read_batches
 
 if TYPE_CHECKING:
@@ -61,6 +62,34 @@ class Forwarded(NamedTuple):
     """A CUDA event recorded after the forward pass was queued; None off the GPU or plain."""
 
 
+class Stack(NamedTuple):
+    """SAEs of one width whose states are updated as one (``stack_states``)."""
+
+    members: list[int]
+    """Their positions in the SAE list (and in each batch's codes)."""
+    state: FeatureState
+    """The stacked state (the SAE's own state when it is alone)."""
+
+    def update(self, batch: Forwarded) -> None:
+        codes = [batch.out.codes[i] for i in self.members]
+        acts = codes[0] if len(codes) == 1 else torch.cat(codes, dim=-1)
+        self.state.update(acts, batch.out.counted, batch.ids)
+
+
+def stack_by_width(
+    saes: list[SAE], keys: list[str], states: dict[str, FeatureState]
+) -> list[Stack]:
+    """The SAEs grouped by width, each group's states stacked (the states in ``states`` become
+    views of their stack), so the kernels per batch do not grow with the number of SAEs."""
+    groups: dict[int, list[int]] = {}
+    for i, sae in enumerate(saes):
+        groups.setdefault(int(sae.cfg.d_sae), []).append(i)
+    return [
+        Stack(members, stack_states([states[keys[i]] for i in members]))
+        for members in groups.values()
+    ]
+
+
 class Feed:
     """How batches reach the device and the state, plainly or overlapped.
 
@@ -97,18 +126,18 @@ class Feed:
         n = int(chunk.lengths.sum()) - len(chunk.ids)
         return Forwarded(len(chunk.ids), n, self.upload(chunk.ids), out, ready)
 
-    def apply(self, batch: Forwarded, keys: list[str], states: dict[str, FeatureState]) -> None:
+    def apply(self, batch: Forwarded, stacks: list[Stack]) -> None:
         """Fold ``batch`` into the states (queued on the side stream after its own forward)."""
         if self.side is None:
-            for key, codes in zip(keys, batch.out.codes, strict=True):
-                states[key].update(codes, batch.out.counted, batch.ids)
+            for stack in stacks:
+                stack.update(batch)
             return
         self.side.wait_event(batch.ready)  # its forward, not the one queued after it
         for t in (*batch.out.codes, batch.out.counted, batch.ids):
             t.record_stream(self.side)  # freed memory is reused only once the side stream is done
         with torch.cuda.stream(self.side):
-            for key, codes in zip(keys, batch.out.codes, strict=True):
-                states[key].update(codes, batch.out.counted, batch.ids)
+            for stack in stacks:
+                stack.update(batch)
 
     def settle(self) -> None:
         """Order everything after the queued updates, before the state is read (checkpoints)."""
@@ -132,7 +161,8 @@ def run_batches(
     request is honoured between batches: the state is checkpointed and a ScopeError raised.
     ``part.next`` counts the windows whose updates are applied, so a checkpoint is always of
     whole batches (overlapped, a batch already forwarded is dropped and redone on --resume)."""
-    feed = Feed(next(model.parameters()).device, settings.overlap)
+    feed = Feed(next(model.parameters()).device, bool(settings.overlap))
+    stacks = stack_by_width(saes, keys, states)
     n_windows = len(windows)  # this shard's windows of the part
     total = windows.n_tokens
     done = int(windows.lengths[: part.next].sum() - part.next)
@@ -142,7 +172,7 @@ def run_batches(
 
     def fold(batch: Forwarded) -> None:
         nonlocal counted_tokens, done, last
-        feed.apply(batch, keys, states)
+        feed.apply(batch, stacks)
         part.next += batch.windows
         counted_tokens += batch.tokens
         done += batch.tokens

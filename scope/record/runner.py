@@ -3,7 +3,6 @@ run resumes to exactly the same result; the store is written atomically."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, replace
 from importlib import metadata
@@ -15,7 +14,7 @@ import torch
 from scope.corpus import CHUNK_BITS, CorpusSpec
 from scope.errors import ScopeError
 from scope.fit import check_fit
-from scope.identity import sae_info, sae_keys
+from scope.identity import ModelIdentity, sae_info, sae_keys
 from scope.interrupt import StopFn
 from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, run_batches
@@ -24,28 +23,11 @@ from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_stat
 from scope.record.tables import sae_summary, vocab_table
 from scope.record.windows import PartWindows, write_windows
 from scope.store.files import VersionBuilder
-from scope.store.manifest import Manifest, ModelIdentity, Part, StoreSettings
+from scope.store.manifest import Manifest, Part, StoreSettings
 from scope.store.writer import StoreWriter, current_part
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
-
-
-def model_identity(model: HookedSAETransformer) -> ModelIdentity:
-    """Name, sizes and a weights fingerprint (bf16-rounded, so dtype does not change it)."""
-    from scope.model import model_source
-
-    cfg = model.cfg
-    h = hashlib.sha256()
-    for t in (model.W_E[:256], model.blocks[0].attn.W_Q, model.blocks[-1].mlp.W_out):
-        h.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return ModelIdentity(
-        name=model_source(model),
-        n_layers=cfg.n_layers,
-        d_model=cfg.d_model,
-        d_vocab=cfg.d_vocab,
-        fingerprint=h.hexdigest()[:16],
-    )
 
 
 def versions() -> dict[str, str]:
@@ -103,11 +85,15 @@ def check_same(manifest: Manifest, new: Manifest, root: Path) -> None:
 
 
 def new_manifest(
-    model: Any, sae_ids: dict[str, dict[str, Any]], settings: RecordSettings
+    model: Any,
+    sae_ids: dict[str, dict[str, Any]],
+    settings: RecordSettings,
+    like: Manifest | None = None,
 ) -> Manifest:
-    """The manifest a new store would start with."""
+    """The manifest a new store would start with (its model fingerprint taken as the store
+    ``like``'s was, to compare with it)."""
     return Manifest(
-        model=model_identity(model),
+        model=ModelIdentity.of(model, like=like.model if like is not None else None),
         saes=sae_ids,
         settings=StoreSettings(
             ctx=settings.ctx,
@@ -228,6 +214,8 @@ def record(
             f"({model.cfg.n_ctx} tokens): use --ctx {model.cfg.n_ctx} or less"
         )
     device = next(model.parameters()).device
+    if settings.overlap is None:
+        settings = replace(settings, overlap=device.type == "cuda")
     by_key = dict(zip(keys, saes, strict=True))
     with StoreWriter(store) as writer:
         root = writer.root
@@ -239,16 +227,17 @@ def record(
                 f"{root} holds a run recorded as {sharded.shards} shards, {len(sharded.merged)} "
                 "merged so far: continue it with `scope record --ray ... --resume`"
             )
-        wanted = new_manifest(
-            model, {k: asdict(i) for k, i in zip(keys, infos, strict=True)}, settings
-        )
+        ids = {k: asdict(i) for k, i in zip(keys, infos, strict=True)}
+        wanted = new_manifest(model, ids, settings, like=writer.manifest)
         if writer.manifest is None:
             writer.create(wanted, lambda: vocab_table(model.tokenizer, model.cfg.d_vocab))
         else:
             check_same(writer.manifest, wanted, root)
         manifest = writer.manifest
         assert manifest is not None
-        batch = settings.batch_size or fit_batch_size(model, saes, settings.ctx, settings.overlap)
+        batch = settings.batch_size or fit_batch_size(
+            model, saes, settings.ctx, bool(settings.overlap)
+        )
         index = len(manifest.parts) - (current_part(manifest) is not None)
         written = write_windows(
             corpus, model.tokenizer, root / "windows", index, shard=settings.shard,

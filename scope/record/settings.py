@@ -27,10 +27,11 @@ class RecordSettings:
     a --tokens budget needs every document counted); `scope merge` combines the N stores."""
     checkpoint_seconds: float = 60.0
     """Save resumable state at most this often (and at the end)."""
-    overlap: bool = False
+    overlap: bool | None = None
     """Fold each batch into the state while the next batch's forward runs (on a GPU: pinned
     uploads and a side stream), so the host's waits in the bookkeeping hide behind device
-    work. The same store to the bit; two batches' codes are held at once."""
+    work. The same store to the bit; two batches' codes are held at once. None: on where it
+    helps, on a GPU (on a CPU the steps run one after another either way)."""
 
     tables: bool = True
     """Write the tables readers query (lens included) when the run ends. False for a shard

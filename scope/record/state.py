@@ -14,7 +14,7 @@ What is kept per feature (F = d_sae, k = top-k, T = ctx, m = samples per bin):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from scope.errors import ScopeError
+from scope.identity import splitmix64
 from scope.record import exact
 from scope.store.files import VersionBuilder, as_created
 
@@ -33,17 +34,10 @@ HIST_EDGES = torch.logspace(-3, 4, 16 * 7 + 1, dtype=torch.float64)
 SAMPLE_EDGES = HIST_EDGES[::4].clone()
 EMPTY_KEY = torch.iinfo(torch.int64).max
 
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
 
 def sample_key(window: Int[Tensor, " n"], feature: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
     """A deterministic pseudo-random int64 per (window, feature): splitmix64 of the pair."""
-    x = window.to(torch.int64) * 1_048_583 + feature.to(torch.int64) + _GOLDEN
-    x = (x ^ (x >> 30)) * _MIX1
-    x = (x ^ (x >> 27)) * _MIX2
-    return x ^ (x >> 31)
+    return splitmix64(window.to(torch.int64) * 1_048_583 + feature.to(torch.int64))
 
 
 def lexsort(*keys: Tensor) -> Int[Tensor, " n"]:
@@ -156,9 +150,12 @@ class FeatureState:
         ``scope.acts.sae_acts`` gives them); counted: [batch, pos] bool, False at BOS, padding
         and special tokens; windows: [batch] int64 global window ids, increasing across calls.
         One dense pass finds the firing entries; all else works on those sparse entries, on
-        the device.
+        the device. For a stack (``stack_states``) acts are the SAEs' codes side by side,
+        [batch, pos, saes x d_sae], and every SAE is updated by the same kernels.
         """
         n_b, n_t, n_f = acts.shape
+        n_saes = self.l0_hist.shape[0] if self.l0_hist.dim() == 2 else 1
+        width = n_f // n_saes  # each SAE's d_sae
         b, t, f = acts.nonzero(as_tuple=True)
         v = acts[b, t, f].float()
         acc = _wide(v.device)
@@ -169,8 +166,11 @@ class FeatureState:
         n_bins = self.hist.shape[1]
         bins = torch.bucketize(v.to(acc), HIST_EDGES.to(v.device, acc), right=True)
         self.hist.view(-1).add_(torch.bincount(f * n_bins + bins, minlength=self.hist.numel()))
-        l0 = torch.bincount(b * n_t + t, minlength=n_b * n_t).view(n_b, n_t)[counted]
-        self.l0_hist += torch.bincount(l0, minlength=self.l0_hist.numel())
+        # firing features per counted token, per SAE: [saes, counted tokens]
+        at = (f // width * n_b + b) * n_t + t
+        l0 = torch.bincount(at, minlength=n_saes * n_b * n_t).view(n_saes, n_b, n_t)[:, counted]
+        l0 += torch.arange(n_saes, device=l0.device)[:, None] * (width + 1)
+        self.l0_hist.view(-1).add_(torch.bincount(l0.view(-1), minlength=self.l0_hist.numel()))
         self.tokens += counted.sum()
         # each window's max per feature, and the first position reaching it
         bf = b * n_f + f
@@ -180,7 +180,7 @@ class FeatureState:
         wpos.scatter_reduce_(0, bf[at_max], t[at_max], reduce="amin")
         wmax, wpos = wmax.view(n_b, n_f), wpos.view(n_b, n_f)
         self._update_topk(acts, wmax, wpos, windows)
-        self._update_samples(wmax, wpos, windows)
+        self._update_samples(wmax, wpos, windows, width)
 
     def _update_topk(
         self,
@@ -226,13 +226,15 @@ class FeatureState:
         wmax: Float[Tensor, "batch d_sae"],
         wpos: Int[Tensor, "batch d_sae"],
         windows: Int[Tensor, " batch"],
+        width: int,
     ) -> None:
-        """Per (feature, log bin of the window's max), keep the m windows of smallest key."""
+        """Per (feature, log bin of the window's max), keep the m windows of smallest key (keyed
+        by the feature's index within its SAE, ``width`` features wide)."""
         pb, pf = (wmax > 0).nonzero(as_tuple=True)
         if pb.numel() == 0:
             return
         val = wmax[pb, pf]
-        key = sample_key(windows[pb], pf)
+        key = sample_key(windows[pb], pf % width)
         acc = _wide(val.device)
         sbin = torch.bucketize(val.to(acc), SAMPLE_EDGES.to(val.device, acc), right=True)
         go = key < self.smp_key[pf, sbin, -1]
@@ -323,6 +325,29 @@ class FeatureState:
             smp_pos=smp[2].reshape(shape),
             smp_act=smp[3].reshape(shape),
         )
+
+
+STACKED = ("l0_hist", "tokens")
+"""Fields a stack holds per SAE (a new first dimension); the others per feature, side by side."""
+
+
+def stack_states(states: Sequence[FeatureState]) -> FeatureState:
+    """One state for SAEs of one width (and the same k, ctx and samples), updated as one: their
+    features side by side (the i-th SAE's are features i x d_sae to (i + 1) x d_sae - 1),
+    ``l0_hist`` [saes, d_sae + 1] and ``tokens`` [saes]. So a batch costs the same kernels
+    for any number of SAEs. Each given state is re-pointed at its slice of the stack (views),
+    so it still reads as that SAE's own state (checkpoints, tables) while updates go to the
+    stack; every feature's state is what updating it alone gives, to the bit."""
+    if len(states) == 1:
+        return states[0]
+    whole = {}
+    for f in fields(FeatureState):
+        parts = [getattr(s, f.name) for s in states]
+        whole[f.name] = torch.stack(parts) if f.name in STACKED else torch.cat(parts)
+        views = whole[f.name].unbind(0) if f.name in STACKED else whole[f.name].split(len(parts[0]))
+        for st, view in zip(states, views, strict=True):
+            setattr(st, f.name, view)
+    return FeatureState(**whole)
 
 
 def _wide(device: torch.device) -> torch.dtype:

@@ -3,6 +3,7 @@ on the SAE and the model (logit lens, decoder neighbours)."""
 
 from __future__ import annotations
 
+import gc
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -185,14 +186,15 @@ def lens_table(sae_key: str, sae: SAE, model: HookedSAETransformer) -> pa.Table:
         logits = (w_out[chunk] @ w_u).float()  # [chunk, vocab]
         for (i, v), largest in ((("ti", "tv"), True), (("bi", "bv"), False)):
             found = logits.topk(LENS_K, dim=-1, largest=largest)
-            out[i].append(found.indices.cpu())
-            out[v].append(found.values.cpu())
+            out[i].append(found.indices)
+            out[v].append(found.values)
         cos = unit[chunk] @ unit.T  # [chunk, d_sae]
         cos[torch.arange(cos.shape[0]), torch.arange(chunk.start, chunk.stop)] = -2.0  # not itself
         near = cos.topk(k_nb, dim=-1)
-        out["ni"].append(near.indices.cpu())
-        out["nv"].append(near.values.cpu())
-    cat = {name: torch.cat(parts).numpy() for name, parts in out.items()}
+        out["ni"].append(near.indices)
+        out["nv"].append(near.values)
+    # kept on the device until the end: one copy to the host per column, not per chunk
+    cat = {name: torch.cat(parts).cpu().numpy() for name, parts in out.items()}
     return pa.table(
         {
             "sae": pa.array([sae_key] * n, pa.string()),
@@ -221,12 +223,21 @@ def vocab_table(tokenizer: Any, d_vocab: int) -> pa.Table:
     """Every token id's piece and its text, so readers need no tokenizer."""
     ids = list(range(d_vocab))
     fast = getattr(tokenizer, "backend_tokenizer", None)
-    if fast is not None:  # the Rust tokenizer decodes 256k single tokens in parallel
-        pieces = [fast.id_to_token(i) for i in ids]
-        texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=False)
-    else:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        texts = tokenizer.batch_decode([[i] for i in ids])
+    gc_was_on = gc.isenabled()
+    gc.disable()  # 256k one-token lists would set off collections of the whole heap (0.5 s)
+    try:
+        if fast is not None:  # the Rust tokenizer decodes 256k single tokens in parallel
+            pieces: list[str | None] = [None] * d_vocab
+            for piece, i in fast.get_vocab(with_added_tokens=True).items():
+                if i < d_vocab:
+                    pieces[i] = piece
+            texts = fast.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        else:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            texts = tokenizer.batch_decode([[i] for i in ids])
+    finally:
+        if gc_was_on:
+            gc.enable()
     # a lone byte of a multi-byte character decodes to U+FFFD: show the byte itself (<0xC2>)
     texts = [
         p if t == "\ufffd" and p and BYTE_PIECE.fullmatch(p) else t

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from scope.errors import ScopeError
+from scope.identity import ModelIdentity
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -20,19 +21,6 @@ MANIFEST = "manifest.json"
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in data.items() if k in names}
-
-
-@dataclass(kw_only=True)
-class ModelIdentity:
-    """The model a store was recorded with."""
-
-    name: str
-    """Hub name or local folder."""
-    n_layers: int
-    d_model: int
-    d_vocab: int
-    fingerprint: str
-    """A hash of some weights rounded to bf16, so the dtype does not change it."""
 
 
 @dataclass(kw_only=True)
