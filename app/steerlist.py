@@ -16,6 +16,7 @@ from typing import Any
 import streamlit as st
 
 from scope.errors import ScopeError
+from scope.identity import SAEInfo
 from scope.steer_spec import SteerSpec
 
 FIELDS = ("sae", "feature", "mode", "strength", "unit", "positions")
@@ -38,7 +39,7 @@ def encode(row: dict[str, Any]) -> str:
     return str(spec(row))
 
 
-def decode(text: str, saes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def decode(text: str, saes: dict[str, SAEInfo]) -> dict[str, Any]:
     """A row from the URL (``SteerSpec.parse``), checked against the store's SAEs."""
     try:
         found = SteerSpec.parse(text)
@@ -48,13 +49,13 @@ def decode(text: str, saes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         raise ScopeError(
             f"steer {text!r}: no SAE {found.sae!r} in this store (it has {', '.join(saes)})"
         )
-    d_sae = int(saes[found.sae]["d_sae"])
+    d_sae = saes[found.sae].d_sae
     if found.feature >= d_sae:
         raise ScopeError(f"steer {text!r}: {found.sae} has features 0..{d_sae - 1}")
     return found.to_dict()
 
 
-def sync(saes: dict[str, dict[str, Any]]) -> None:
+def sync(saes: dict[str, SAEInfo]) -> None:
     """Every page run, first: a list brought by the URL (a link, a new tab, Back) becomes the
     session's; then the session's list is written to the URL (navigating by the sidebar drops
     the query, and this puts the list back)."""

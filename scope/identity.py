@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,6 +101,15 @@ class SAEInfo:
     """Decoder norms folded into the encoder at load (``fold_dec_norm``): codes as
     Neuronpedia shows them, and a different sha256."""
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SAEInfo:
+        """An identity as a store's manifest holds it. Stores written before transcoders and
+        codecs read as what they were: JumpReLU SAEs writing the hook they read."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        known["hook_out"] = known.get("hook_out") or known.get("hook_name", "")
+        return cls(**known)
+
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 of an SAE's tensors by name, each as fp32 bytes (a stable format since v1)."""
@@ -183,21 +192,17 @@ def sae_keys(infos: Sequence[SAEInfo]) -> list[str]:
     return out
 
 
-def recorded_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
+def recorded_key(sae: SAE, recorded: Mapping[str, SAEInfo]) -> str | None:
     """The key a store gave this SAE (the same weights at the same hook), or None if it was not
     recorded. ``recorded`` is the store's key -> identity map."""
     sha, hook = sae_sha256(sae), sae.cfg.metadata.hook_name
     return next(
-        (
-            key
-            for key, ident in recorded.items()
-            if ident.get("sha256") == sha and ident.get("hook_name") == hook
-        ),
+        (key for key, ident in recorded.items() if ident.sha256 == sha and ident.hook_name == hook),
         None,
     )
 
 
-def sae_key(sae: SAE, recorded: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+def sae_key(sae: SAE, recorded: Mapping[str, SAEInfo] | None = None) -> str:
     """The key to file results about ``sae`` under: the store's own key when the store recorded
     it (so sweeps join with ``features``), else its short key."""
     found = recorded_key(sae, recorded) if recorded else None

@@ -339,7 +339,7 @@ def load_sae(
 
 
 def load_recorded_sae(
-    info: dict[str, Any],
+    info: SAEInfo,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -347,27 +347,23 @@ def load_recorded_sae(
     """Load the SAE a store recorded, from its identity (``Store.saes[key]``): by release and id
     when it has them, else from the folder it was read from. Refuses weights that changed since
     the recording (their sha256 differs), which would make the store's features lie."""
-    where = info.get("source") or ""
-    fold = bool(info.get("folded"))
-    if info.get("release") and info.get("sae_id"):
-        sae = load_sae(
-            info["release"], info["sae_id"], device=device, dtype=dtype, fold_dec_norm=fold
-        )
+    where = info.source
+    fold = info.folded
+    if info.release and info.sae_id:
+        sae = load_sae(info.release, info.sae_id, device=device, dtype=dtype, fold_dec_norm=fold)
     elif where and not where.startswith("hub:") and Path(where).is_dir():
-        sae = load_sae(
-            where, device=device, dtype=dtype, hook=info.get("hook_name"), fold_dec_norm=fold
-        )
+        sae = load_sae(where, device=device, dtype=dtype, hook=info.hook_name, fold_dec_norm=fold)
     else:
         raise ScopeError(
-            f"the SAE {info.get('key')} was recorded from {where or 'an unknown place'}, which "
+            f"the SAE {info.key} was recorded from {where or 'an unknown place'}, which "
             "is not there now: put its params.npz back there (or under saes/)"
         )
     sha = sae.cfg.metadata["scope_sha256"]
-    if sha != info.get("sha256"):
+    if sha != info.sha256:
         raise ScopeError(
-            f"the SAE at {where or info.get('release')} is not the one recorded as "
-            f"{info.get('key')}: its weights changed (sha256 {sha[:12]} vs "
-            f"{str(info.get('sha256'))[:12]}); record again or restore the weights"
+            f"the SAE at {where or info.release} is not the one recorded as "
+            f"{info.key}: its weights changed (sha256 {sha[:12]} vs "
+            f"{info.sha256[:12]}); record again or restore the weights"
         )
     return sae
 

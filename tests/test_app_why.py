@@ -41,7 +41,8 @@ def test_why_lists_the_top_features_draws_them_and_checks_by_ablation(
     rows = table.splitlines()[2:]
     assert len(rows) == 15
     for line, r in zip(rows, want.head(15).itertuples(), strict=True):
-        assert f"[L2.res.256/{r.feature}](/feature?sae=L2.res.256&feature={r.feature})" in line
+        link = f'<a href="/feature?sae=L2.res.256&amp;feature={r.feature}" target="_self">'
+        assert f"{link}L2.res.256/{r.feature}</a>" in line  # a link that opens in place
         assert f"| {r.position} |" in line and f"{r.attribution:+.4f}" in line
     assert len(app.get("plotly_chart")) == 1
     app.button[0].click().run()

@@ -176,8 +176,8 @@ def test_recording_equals_brute_force_for_every_architecture(recorded, tiny_mode
     windows = build_windows(spec, tiny_model.tokenizer)
     for name, sae in kinds.items():
         key = store.key_of(sae)
-        assert store.saes[key]["codec"] == codec_of(sae).name
-        assert store.saes[key]["hook_out"] == codec_of(sae).write_hook
+        assert store.saes[key].codec == codec_of(sae).name
+        assert store.saes[key].hook_out == codec_of(sae).write_hook
         ref = reference(tiny_model, sae, windows, 4, 3)
         rows = store.sql(
             "select count, max, mean from features where sae = ? order by feature", [key]

@@ -287,8 +287,8 @@ def test_record_offline_from_hub_cache_equals_sae_lens(
     opened = Store(store)
     assert list(opened.saes) == ["L5.res.16k"]
     ident = opened.saes["L5.res.16k"]
-    assert ident["source"] == f"hub:{REPO}/{folder_of(*RES)}"
-    assert (ident["release"], ident["sae_id"], ident["neuronpedia_id"]) == (*RES, NEURONPEDIA)
+    assert ident.source == f"hub:{REPO}/{folder_of(*RES)}"
+    assert (ident.release, ident.sae_id, ident.neuronpedia_id) == (*RES, NEURONPEDIA)
     assert_store_matches(opened, "L5.res.16k", res_reference)
 
 
@@ -307,7 +307,7 @@ def test_record_from_saes_mirror_equals_sae_lens(
     result = runner.invoke(app, record_args(gemma3_dir, corpus, store, RES))
     assert result.exit_code == 0, result.output
     opened = Store(store)
-    assert opened.saes["L5.res.16k"]["source"] == str(mirror / "params.safetensors")
+    assert opened.saes["L5.res.16k"].source == str(mirror / "params.safetensors")
     assert_store_matches(opened, "L5.res.16k", res_reference)
 
 

@@ -83,10 +83,8 @@ try:  # no feature named (the sidebar's link): the SAE's first live feature, not
 except ValueError:
     st.error(f"feature {params.get('feature')!r} is not a number.")
     index = 0
-if not 0 <= index < int(s.saes[sae]["d_sae"]):
-    st.error(
-        f"feature {index} is out of range: {sae} has features 0..{int(s.saes[sae]['d_sae']) - 1}."
-    )
+if not 0 <= index < s.saes[sae].d_sae:
+    st.error(f"feature {index} is out of range: {sae} has features 0..{s.saes[sae].d_sae - 1}.")
     index = 0
 
 
@@ -101,7 +99,7 @@ if st.session_state.get("feature_shown") != (sae, index):  # opened by URL, link
 with st.sidebar:
     st.caption("Feature")
     picked = st.selectbox("SAE", keys, key="feature_sae")
-    width = int(s.saes[picked]["d_sae"])
+    width = s.saes[picked].d_sae
     st.session_state["feature_index"] = min(st.session_state["feature_index"], width - 1)
     number = st.number_input("index", 0, width - 1, key="feature_index")
     if (picked, number) != (sae, index):
@@ -133,7 +131,9 @@ title = f"{view.address}" + (f" · {view.label}" if view.label else "")
 st.title(title)
 info = s.saes[sae]
 st.caption(
-    f"hook `{info.get('hook_name')}` · "
+    f"hook `{info.hook_name}`"
+    + (f" → `{info.hook_out}`" if info.hook_out != info.hook_name else "")
+    + " · "
     + (
         f"[open on Neuronpedia]({view.neuronpedia_url})"
         if view.neuronpedia_url

@@ -42,7 +42,7 @@ with st.expander("Add a feature", expanded=not steers):
     keys = list(s.saes)
     key = cols[0].selectbox("SAE", keys)
     first_live = explore.live_neighbour(s, key, -1, 1) or 0  # not a dead feature
-    feature = cols[1].number_input("feature", 0, int(s.saes[key]["d_sae"]) - 1, first_live)
+    feature = cols[1].number_input("feature", 0, s.saes[key].d_sae - 1, first_live)
     mode = cols[2].selectbox("mode", MODES)
     unit = cols[3].selectbox(
         "unit",

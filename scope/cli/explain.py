@@ -50,7 +50,7 @@ def targets(
         wanted = parse_features(features)
         found = []
         for key in keys:
-            d_sae = int(store.saes[key]["d_sae"])
+            d_sae = store.saes[key].d_sae
             bad = [f for f in wanted if f >= d_sae]
             if bad:
                 raise ScopeError(f"--features: {key} has features 0..{d_sae - 1}, not {bad[0]}")

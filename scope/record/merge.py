@@ -47,9 +47,7 @@ def check_same_run(base: Manifest, base_name: str, m: Manifest, name: str) -> No
             raise ScopeError(
                 f"{name} has another {what} than {base_name}: only shards of one run merge"
             )
-    if {k: v["sha256"] for k, v in m.saes.items()} != {
-        k: v["sha256"] for k, v in base.saes.items()
-    }:
+    if {k: v.sha256 for k, v in m.saes.items()} != {k: v.sha256 for k, v in base.saes.items()}:
         raise ScopeError(f"{name} holds other SAEs than {base_name}: only shards of one run merge")
     if [x.fingerprint for x in m.parts] != [x.fingerprint for x in base.parts]:
         raise ScopeError(

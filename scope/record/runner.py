@@ -4,7 +4,7 @@ run resumes to exactly the same result; the store is written atomically."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +14,7 @@ import torch
 from scope.corpus import CHUNK_BITS, CorpusSpec
 from scope.errors import ScopeError
 from scope.fit import check_fit
-from scope.identity import ModelIdentity, sae_info, sae_keys
+from scope.identity import ModelIdentity, SAEInfo, sae_info, sae_keys
 from scope.interrupt import StopFn
 from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, run_batches
@@ -68,7 +68,7 @@ def check_same(manifest: Manifest, new: Manifest, root: Path) -> None:
             "record into a new --store, or load the same model"
         )
     old, given = manifest.saes, new.saes
-    if set(old) != set(given) or any(old[k]["sha256"] != given[k]["sha256"] for k in old):
+    if set(old) != set(given) or any(old[k].sha256 != given[k].sha256 for k in old):
         raise ScopeError(
             f"{root} holds SAEs {', '.join(sorted(old))}, which differ from the ones given "
             f"({', '.join(sorted(given))}): pass the same --sae list, or record into a new --store"
@@ -86,7 +86,7 @@ def check_same(manifest: Manifest, new: Manifest, root: Path) -> None:
 
 def new_manifest(
     model: Any,
-    sae_ids: dict[str, dict[str, Any]],
+    sae_ids: dict[str, SAEInfo],
     settings: RecordSettings,
     like: Manifest | None = None,
 ) -> Manifest:
@@ -227,7 +227,7 @@ def record(
                 f"{root} holds a run recorded as {sharded.shards} shards, {len(sharded.merged)} "
                 "merged so far: continue it with `scope record --ray ... --resume`"
             )
-        ids = {k: asdict(i) for k, i in zip(keys, infos, strict=True)}
+        ids = dict(zip(keys, infos, strict=True))
         wanted = new_manifest(model, ids, settings, like=writer.manifest)
         if writer.manifest is None:
             writer.create(wanted, lambda: vocab_table(model.tokenizer, model.cfg.d_vocab))

@@ -209,10 +209,10 @@ def overview(store: Store) -> Overview:
     rows = [
         {
             "sae": r["sae"],
-            "hook": ident[r["sae"]].get("hook_name"),
+            "hook": ident[r["sae"]].hook_name,
             **{k: r[k] for k in ("width", "tokens", "mean_l0", "dead", "dense")},
-            "release": ident[r["sae"]].get("release") or ident[r["sae"]].get("source"),
-            "neuronpedia_id": ident[r["sae"]].get("neuronpedia_id"),
+            "release": ident[r["sae"]].release or ident[r["sae"]].source,
+            "neuronpedia_id": ident[r["sae"]].neuronpedia_id,
         }
         for r in sorted(saes.arrow().to_pylist(), key=lambda r: natural(r["sae"]))
     ]

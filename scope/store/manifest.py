@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from scope.errors import ScopeError
-from scope.identity import ModelIdentity
+from scope.identity import ModelIdentity, SAEInfo
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -89,8 +89,8 @@ class Manifest:
     """Everything a store knows about itself; readers use only the version it names."""
 
     model: ModelIdentity
-    saes: dict[str, dict[str, Any]]
-    """Store key (``L12.res.16k``) -> the SAE's identity (``scope.sae.SAEInfo`` as a dict)."""
+    saes: dict[str, SAEInfo]
+    """Store key (``L12.res.16k``) -> the SAE's identity."""
     settings: StoreSettings
     shard: list[int]
     """[i, N]: this store holds the windows of documents whose index % N == i."""
@@ -121,6 +121,7 @@ class Manifest:
             **{
                 **_known(cls, data),
                 "model": ModelIdentity(**_known(ModelIdentity, data["model"])),
+                "saes": {k: SAEInfo.from_json(v) for k, v in data["saes"].items()},
                 "settings": StoreSettings(**_known(StoreSettings, data["settings"])),
                 "parts": [Part(**_known(Part, p)) for p in data.get("parts", [])],
                 "sharded": ShardedRun(**_known(ShardedRun, data["sharded"]))

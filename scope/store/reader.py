@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scope.errors import ScopeError, closest
-from scope.identity import recorded_key
+from scope.identity import SAEInfo, recorded_key
 from scope.store.explanations import feature_explanations
 from scope.store.manifest import Manifest, read_manifest
 from scope.store.view import Example, FeatureView
@@ -243,7 +243,7 @@ class Store:
         return {name for (name,) in rows.fetchall()}
 
     @property
-    def saes(self) -> dict[str, dict[str, Any]]:
+    def saes(self) -> dict[str, SAEInfo]:
         """SAE key -> identity (release, id, hook, width, sha256, Neuronpedia id), keys in
         natural order (L3.res.4k, L9.res.4k, L15.res.4k)."""
         return {k: self.manifest.saes[k] for k in sorted(self.manifest.saes, key=natural)}
@@ -282,7 +282,7 @@ class Store:
                 f"feature {address!r}: no SAE {key!r} in this store (it has "
                 f"{', '.join(saes)}){'; did you mean ' + near[0] if near else ''}"
             )
-        d_sae = saes[key]["d_sae"]
+        d_sae = saes[key].d_sae
         if not index.isdigit():
             raise ScopeError(
                 f"feature {address!r}: the index {index!r} is not a number; give 0..{d_sae - 1}"
@@ -354,7 +354,7 @@ class Store:
         found = self.sql("select * from lens where sae = ? and feature = ?", args)
         rows = found.fetchall()
         lens: dict[str, Any] = dict(zip(found.columns, rows[0], strict=True)) if rows else {}
-        np_id = self.manifest.saes[key].get("neuronpedia_id")
+        np_id = self.manifest.saes[key].neuronpedia_id
 
         def pairs(a: str, b: str, text: bool = False) -> list[Any]:
             first = lens.get(a) or []
