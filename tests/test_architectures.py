@@ -317,6 +317,7 @@ def test_unsupported_architecture_is_refused_at_load(tmp_path):
         load_sae(tmp_path / "abs", device="cpu")
 
 
+@pytest.mark.slow  # a scope record subprocess
 def test_cli_refuses_an_unsupported_sae_in_one_line_and_writes_nothing(tmp_path, tiny_dir):
     from sae_lens.registry import get_sae_class
     from sae_lens.saes.sae import SAEMetadata

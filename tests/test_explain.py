@@ -177,6 +177,7 @@ def no_text(result: subprocess.CompletedProcess) -> int:
     return int(found.group(1)) if found else 0
 
 
+@pytest.mark.slow  # scope explain in subprocesses against a served model
 def test_explain_fills_the_table_and_a_rerun_skips(explained, endpoint):
     root, live, first = explained
     rows = (
@@ -234,6 +235,7 @@ def test_search_finds_a_feature_by_a_word_of_its_explanation(tmp_path, app_store
     assert search(Store(root), "zebra") == []
 
 
+@pytest.mark.slow  # scope explain in subprocesses against a served model
 def test_bad_input_is_one_line_and_loses_nothing(explained, tmp_path):
     root, live, _ = explained
     before = Store(root).sql("select count(*) from explanations").fetchone()
@@ -264,6 +266,7 @@ class socketless_port:  # noqa: N801 - a context manager read as a phrase
         pass
 
 
+@pytest.mark.slow  # scope explain in subprocesses against a served model
 def test_an_endpoint_that_wants_a_key_is_refused_in_one_line(explained, tiny_dir):
     from scope import load_model
     from scope.serve import create_app
