@@ -264,7 +264,7 @@ class Intervention:
         """Refuse a steer whose write would swamp the activation: more than WRITE_LIMIT times
         its median norm over the sequence (BOS, whose norm is outsized, left out)."""
         norms = x[:, 1:] if x.shape[1] > 1 else x
-        scale = float(norms.float().norm(dim=-1).median())
+        scale = float(norms.detach().float().norm(dim=-1).median())
         for g in self.groups:
             steer = g.steer
             if steer.mode == "add" and steer.unit == "norm":

@@ -49,6 +49,9 @@ KINDS: dict[str, tuple[str, str, dict]] = {
     "topk": ("topk", RES, {"k": 8, "apply_b_dec_to_input": False}),
     "topk_rescaled": ("topk", RES, {"k": 8, "rescale_acts_by_decoder_norm": True}),
     "gated": ("gated", RES, {"apply_b_dec_to_input": True}),
+    # trained as BatchTopK / Matryoshka BatchTopK, saved by sae-lens as JumpReLU for inference
+    "batchtopk": ("batchtopk", RES, {"k": 8}),
+    "matryoshka_batchtopk": ("matryoshka_batchtopk", RES, {"k": 8, "matryoshka_widths": [32, 96]}),
     "transcoder": ("transcoder", MLP_IN, {"apply_b_dec_to_input": False}),
     "skip_transcoder": ("skip_transcoder", MLP_IN, {"apply_b_dec_to_input": False}),
     "jumprelu_transcoder": ("jumprelu_transcoder", LN2, {"apply_b_dec_to_input": False}),
@@ -73,6 +76,8 @@ def build_sae(model, name: str, root: Path):
     from sae_lens.saes.sae import SAEMetadata
 
     arch, hook, extra = KINDS[name]
+    if arch in TRAINED_AS:
+        return build_trained(model, name, root)
     cls, cfg_cls = get_sae_class(arch)
     x = _inputs(model, hook)
     d_in = x.shape[-1]
@@ -112,6 +117,42 @@ def build_sae(model, name: str, root: Path):
     return load_sae(folder, device="cpu")
 
 
+TRAINED_AS = ("batchtopk", "matryoshka_batchtopk")
+
+
+@torch.no_grad()
+def build_trained(model, name: str, root: Path):
+    """A BatchTopK (or Matryoshka BatchTopK) training SAE with random weights and a fitted
+    top-k threshold, saved with sae-lens' save_inference_model (as JumpReLU) and loaded back."""
+    from sae_lens.saes import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+
+    arch, hook, extra = KINDS[name]
+    cls, cfg_cls = {
+        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+        "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
+    }[arch]  # fmt: skip
+    x = _inputs(model, hook)
+    sae = cls(cfg_cls(d_in=x.shape[-1], d_sae=D_SAE, metadata=SAEMetadata(hook_name=hook), **extra))
+    gen = torch.Generator().manual_seed(len(name))
+    params = dict(sae.named_parameters())
+    params["W_enc"].copy_(torch.randn(x.shape[-1], D_SAE, generator=gen) / x.shape[-1] ** 0.5)
+    rows = torch.randn(D_SAE, x.shape[-1], generator=gen) / x.shape[-1] ** 0.5
+    params["W_dec"].copy_(rows * torch.rand(D_SAE, 1, generator=gen).add(0.5))
+    params["b_dec"].copy_(torch.randn(x.shape[-1], generator=gen) * 0.05)
+    pre = (x - sae.b_dec) @ sae.W_enc
+    params["b_enc"].copy_(-torch.quantile(pre, 0.5, dim=0))
+    scaled = (pre + sae.b_enc).relu() * sae.W_dec.norm(dim=-1)
+    sae.topk_threshold.fill_(float(torch.quantile(scaled.flatten(), 0.9)))
+    sae.save_inference_model(root / name)
+    return load_sae(root / name, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("kinds")
@@ -129,7 +170,8 @@ def test_each_architecture_takes_the_codec_it_should(kinds):
         assert codec.fused == (name in FUSED), name
         assert codec.read_hook == KINDS[name][1]
         info = sae_info(sae)
-        assert info.architecture == KINDS[name][0] and info.codec == codec.name
+        saved_as = "jumprelu" if KINDS[name][0] in TRAINED_AS else KINDS[name][0]
+        assert info.architecture == saved_as and info.codec == codec.name
         if "transcoder" in name:
             assert info.key == f"L1.tc.{D_SAE}" and info.hook_out == MLP_OUT
         else:
