@@ -408,15 +408,9 @@ def prompt_tokens(model: HookedSAETransformer, prompt: str | torch.Tensor) -> to
     """The prompt as [1, pos] token ids, BOS first (a tensor is taken as it is)."""
     if isinstance(prompt, torch.Tensor):
         return prompt.reshape(1, -1).to(model.cfg.device)
-    if not prompt.strip():
-        raise ScopeError("the prompt is empty: give some text to explain")
-    tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ScopeError(
-            f"the prompt is {tokens.shape[1]} tokens, more than the context of "
-            f"{model.cfg.model_name} ({model.cfg.n_ctx}): shorten it"
-        )
-    return tokens
+    from scope.inspect import text_tokens
+
+    return text_tokens(model, prompt, "the prompt", "explain")
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Int
 
 from scope.acts import sae_acts
 from scope.errors import ScopeError
@@ -59,19 +60,28 @@ class TextActivations:
         return self.codes[self.keys.index(sae)][:, feature].tolist()
 
 
+def text_tokens(
+    model: HookedSAETransformer, text: str, what: str = "the text", to: str = "inspect"
+) -> Int[torch.Tensor, "1 pos"]:
+    """``text`` as [1, pos] token ids, BOS first, as recorded; refuses an empty text or one
+    longer than the model's context (``what`` names it in the error, ``to`` says what for)."""
+    if not text.strip():
+        raise ScopeError(f"{what} is empty: give some text to {to}")
+    tokens = model.to_tokens(text, prepend_bos=True, truncate=False)
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ScopeError(
+            f"{what} is {tokens.shape[1]} tokens, more than the context of "
+            f"{model.cfg.model_name} ({model.cfg.n_ctx}): shorten it"
+        )
+    return tokens
+
+
 @torch.no_grad()
 def activations(
     model: HookedSAETransformer, saes: Sequence[SAE], text: str, *, store: Any = None
 ) -> TextActivations:
     """Run ``text`` (BOS first, as recorded) through the model and every SAE once."""
-    if not text.strip():
-        raise ScopeError("the text is empty: give some text to inspect")
-    tokens = model.to_tokens(text, prepend_bos=True, truncate=False)
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ScopeError(
-            f"the text is {tokens.shape[1]} tokens, more than the context of "
-            f"{model.cfg.model_name} ({model.cfg.n_ctx}): shorten it"
-        )
+    tokens = text_tokens(model, text, "the text", "inspect")
     if store is not None:
         keys = [sae_key(s, store.saes) for s in saes]
     else:
