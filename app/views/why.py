@@ -4,6 +4,8 @@ layer by position, and an ablation check: the prompt re-run with the top feature
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 import streamlit as st
 from explorer import feature_link, model_or_reason, store
@@ -69,12 +71,14 @@ lines = []
 for r in df.head(n_top).itertuples():
     label = s.label(str(r.sae), int(r.feature))[0]
     lines.append(
-        f"| {feature_link(str(r.sae), int(r.feature))} | {r.position} | `{visible(str(r.token))}` "
-        f"| {r.activation:.2f} | {r.attribution:+.4f} | {visible(label)} |"
+        f"| {feature_link(str(r.sae), int(r.feature))} | {r.position} | "
+        f"<code>{html.escape(visible(str(r.token)))}</code> "
+        f"| {r.activation:.2f} | {r.attribution:+.4f} | {html.escape(visible(label))} |"
     )
-st.markdown(
+st.markdown(  # links open in place (feature_link's <a target=_self>); the text is escaped
     "| feature | pos | token | activation | attribution | label |\n|---|---:|---|---:|---:|---|\n"
-    + "\n".join(lines)
+    + "\n".join(lines),
+    unsafe_allow_html=True,
 )
 
 st.subheader("Layer by position")
