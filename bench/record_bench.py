@@ -34,6 +34,7 @@ import torch
 from scope import load_model, load_sae
 from scope import testing as fixtures
 from scope.acts import capture, encode
+from scope.codec import codec_of
 from scope.corpus import CorpusSpec, build_windows
 from scope.record import RecordSettings, record
 
@@ -105,7 +106,7 @@ def whole_model_loop(model, saes, windows, batch: int, with_encode: bool) -> flo
     windows: the unavoidable work of a whole-model recording."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    hooks = [s.cfg.metadata.hook_name for s in saes]
+    hooks = [codec_of(s).read_hook for s in saes]  # each SAE's input (a transcoder's too)
     sync()
     start = time.perf_counter()
     with torch.no_grad():

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from scope import ScopeError
+from scope.record import record
 from scope.store import Store
 
 TABLES = [
@@ -17,6 +22,20 @@ TABLES = [
     ("lens", "sae, feature"),
     ("windows", "window_id"),
 ]
+
+
+def stopped_then_resumed(model: Any, saes: Any, spec: Any, store: Path, settings: Any) -> None:
+    """Record into ``store`` stopped as the third batch is asked for (the stop request's
+    message checked), then resume it to the end, with the same settings."""
+    asked: list[int] = []
+
+    def stop_at_third() -> str | None:
+        asked.append(1)
+        return "a test" if len(asked) == 3 else None
+
+    with pytest.raises(ScopeError, match="stopped by a test after 12/"):
+        record(model, saes, spec, store, settings, should_stop=stop_at_third)
+    record(model, saes, spec, store, settings, resume=True)
 
 
 def assert_identical(a: Path, b: Path) -> None:

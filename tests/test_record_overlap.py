@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from store_compare import assert_identical
+from store_compare import assert_identical, stopped_then_resumed
 from typer.testing import CliRunner
 
-from scope import ScopeError, load_sae
+from scope import load_sae
 from scope import testing as fixtures
 from scope.cli import app
 from scope.corpus import CorpusSpec
@@ -92,15 +92,7 @@ def test_overlapped_stop_keeps_whole_batches_and_resumes_identically(
     """A stop request drops the batch already forwarded (its updates were not applied) and
     saves the state of the batches folded so far; --resume redoes the dropped one."""
     store = tmp_path / "stopped"
-    asked = []
-
-    def stop_at_third() -> str | None:
-        asked.append(1)
-        return "a test" if len(asked) == 3 else None
-
-    with pytest.raises(ScopeError, match="stopped by a test after 12/"):
-        record(tiny_model, saes, spec, store, settings(overlap=True), should_stop=stop_at_third)
-    record(tiny_model, saes, spec, store, settings(overlap=True), resume=True)
+    stopped_then_resumed(tiny_model, saes, spec, store, settings(overlap=True))
     assert_identical(plain, store)
 
 

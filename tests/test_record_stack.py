@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from store_compare import TABLES
+from store_compare import TABLES, stopped_then_resumed
 
-from scope import ScopeError, load_sae
+from scope import load_sae
 from scope import testing as fixtures
 from scope.corpus import CorpusSpec
 from scope.record import RecordSettings, loop, record
@@ -98,13 +98,5 @@ def test_stacked_stop_and_resume_equals_each_alone(tmp_path, tiny_model, saes, s
     """Overlapped, stopped after the third batch (its state saved from the stack's views),
     resumed (the saved states stacked again)."""
     store = tmp_path / "stopped"
-    asked = []
-
-    def stop_at_third() -> str | None:
-        asked.append(1)
-        return "a test" if len(asked) == 3 else None
-
-    with pytest.raises(ScopeError, match="stopped by a test after 12/"):
-        record(tiny_model, saes, spec, store, settings(overlap=True), should_stop=stop_at_third)
-    record(tiny_model, saes, spec, store, settings(overlap=True), resume=True)
+    stopped_then_resumed(tiny_model, saes, spec, store, settings(overlap=True))
     assert_each_as_alone(store, alone)
