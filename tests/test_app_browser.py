@@ -253,6 +253,30 @@ def pick(page, label: str, option: str) -> None:
     settle(page)
 
 
+def fill_feature(page, feature: int) -> None:
+    """Type ``feature`` into the lab's "Add a feature" box, opening the expander when it is
+    closed; a rerun may be under way, so each step is retried until the box shows the number."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    number = page.get_by_role("spinbutton", name="feature", exact=True)
+    expander = page.locator("details").filter(has_text="Add a feature")
+    for _ in range(8):
+        settle(page)
+        if expander.get_attribute("open") is None:
+            expander.locator("summary").click()
+            settle(page)
+        try:
+            number.fill(str(feature), timeout=5000)
+            number.press("Enter", timeout=5000)
+            settle(page)
+            if number.input_value(timeout=5000) == str(feature):
+                return
+        except PlaywrightTimeout:
+            continue
+    shot(page, "failed")
+    pytest.fail(f"the lab's feature box never took {feature}")
+
+
 def steer_row(page, feature: int):
     """The steering lab's row of ``feature``: its link, mode, strength, unit and positions."""
     link = page.get_by_role("link", name=f"L2.res.256/{feature}", exact=True)
@@ -290,16 +314,7 @@ def test_removing_a_steered_feature_keeps_every_other_rows_settings(
     rows = [(a, "add", "3", "prompt"), (b, "ablate", None, "all"), (c, "clamp", "2", "all")]
     for feature, mode, strength, positions in rows:
         add = page.get_by_role("button", name="Add", exact=True)
-        number = page.get_by_role("spinbutton", name="feature", exact=True)
-        expander = page.locator("details").filter(has_text="Add a feature")
-        for _ in range(10):  # the "Add a feature" expander may be open or closed
-            if expander.get_attribute("open") is not None and number.is_visible():
-                break
-            expander.locator("summary").click()
-            page.wait_for_timeout(700)
-        number.fill(str(feature))
-        number.press("Enter")
-        settle(page)
+        fill_feature(page, feature)
         pick(page, "mode", mode)
         if strength is not None:
             box = page.get_by_role("spinbutton", name="strength", exact=True).first

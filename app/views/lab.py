@@ -37,7 +37,8 @@ def row_widget(rid: int, widget: Any, name: str, **kwargs: Any) -> None:
            on_change=steerlist.edited, args=(rid, name), **kwargs)  # fmt: skip
 
 
-with st.expander("Add a feature", expanded=not steers):
+# keyed and tracked, so a rerun (adding a row) never opens or closes it under the user
+with st.expander("Add a feature", expanded=not steers, key="add_feature", on_change="rerun"):
     cols = st.columns([2, 1, 1, 1, 1, 1])
     keys = list(s.saes)
     key = cols[0].selectbox("SAE", keys)
