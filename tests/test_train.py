@@ -160,7 +160,11 @@ def test_cache_and_training_resume_bitwise(tiny_model, corpus, tmp_path):
     for hook in HOOKS:
         assert np.array_equal(resumed.rows(hook), whole.rows(hook))
 
-    settings = TrainSettings(hooks=HOOKS, **SETTINGS)
+    # with every recipe option on: the L0 warm-up's scheduler, the dead-feature counters the
+    # pre-activation loss reads and the frequency penalty all resume too
+    settings = TrainSettings(hooks=HOOKS, threshold_init="per_feature", pre_act_loss=1e-3,
+                             dead_tokens=256, freq_penalty=1.0, freq_target=0.1, l0_warm_up=0.5,
+                             **SETTINGS)  # fmt: skip
     a = loop.run(loop.start(settings, whole, tmp_path / "ckpt-a"))
     assert a.step == a.steps == 12
 
@@ -238,6 +242,13 @@ def test_float16_only_where_it_holds():
         (dict(target_l0=2000), "not sparse"),
         (dict(hooks=()), "no hook to train on"),
         (dict(epochs=0), "--epochs 0"),
+        (dict(sparsity_loss="l1"), "--sparsity-loss 'l1' is not one of quadratic, step, tanh"),
+        (dict(l0_warm_up=1.0), "--l0-warm-up 1 is a fraction of the run"),
+        (dict(pre_act_loss=-1.0), "--pre-act-loss -1 must be 0"),
+        (dict(dead_tokens=0), "--dead-tokens 0 must be at least 1"),
+        (dict(freq_penalty=-1.0), "--freq-penalty -1 must be 0"),
+        (dict(freq_target=1.5), "--freq-target 1.5 is a fraction of tokens"),
+        (dict(threshold_init="zero"), "--threshold-init 'zero' is not one of global, per_feature"),
     ],
 )
 def test_bad_settings(kwargs, message):
@@ -271,12 +282,193 @@ def test_train_command(tiny_dir, corpus, tmp_path):
         "train", "--model", str(tiny_dir), "--layer", "2", "--width", "64", "--target-l0", "6",
         "--corpus", str(corpus), "--ctx", str(CTX), "--tokens", "1200", "--epochs", "1",
         "--batch-size", "256", "--eval-tokens", "300", "--out", str(tmp_path / "rel-res"),
-        "--cache", str(tmp_path / "cache"),
+        "--cache", str(tmp_path / "cache"), "--threshold-init", "per_feature", "--pre-act-loss",
+        "1e-3", "--dead-tokens", "1k", "--freq-penalty", "2", "--freq-target", "0.2",
+        "--l0-warm-up", "0.5", "--sparsity-loss", "step",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "/rel-res/layer_2/width_64/average_l0_" in result.output
     (card,) = (tmp_path / "rel-res").rglob("card.json")
-    assert json.loads(card.read_text())["training"]["tokens_seen"] == 4 * 256
+    training = json.loads(card.read_text())["training"]
+    assert training["tokens_seen"] == 4 * 256
+    expected = dict(
+        threshold_init="per_feature",
+        pre_act_loss=1e-3,
+        dead_tokens=1000,
+        freq_penalty=2.0,
+        freq_target=0.2,
+        l0_warm_up=0.5,
+        sparsity_loss="step",
+    )
+    assert {k: training[k] for k in expected} == expected
+    assert training["dead_window_steps"] == 4  # 1000 tokens in 256-token steps, rounded up
+    recipe = "step L0 penalty, pre-activation loss, frequency penalty (scope.train.losses)"
+    assert training["trainer"].endswith(recipe)
     bad = CliRunner().invoke(app, ["train", "--model", str(tiny_dir), "--layer", "2",
                                    "--target-l0", "0", "--corpus", str(corpus), "--out", "x"])  # fmt: skip
     assert bad.exit_code == 2 and "--target-l0 0 is not between" in bad.output
+
+
+# ---- recipe options: each changes what it says -------------------------------------------
+
+RECIPE = dict(width=96, target_l0=8, epochs=4, batch_size=256, lr=2e-2, checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tiny_model, corpus, tmp_path_factory):
+    spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=1024)
+    return build_cache(tiny_model, HOOKS[:1], spec, tmp_path_factory.mktemp("recipe") / "cache")
+
+
+def _all_rows(cache) -> torch.Tensor:
+    return loop.load_batch(cache, HOOKS[0], np.arange(cache.state.rows))
+
+
+@torch.no_grad()
+def _firing(t: loop.Training, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-activations [rows, width] of the training SAE over raw rows, and each feature's
+    firing fraction."""
+    trainer = t.trainers[HOOKS[0]]
+    sae = t.saes[HOOKS[0]]
+    pre = trainer.activation_scaler(x) @ sae.W_enc + sae.b_enc
+    return pre, (pre > sae.threshold).float().mean(0)
+
+
+def test_threshold_init_per_feature_starts_every_feature_at_the_target_rate(small_cache, tmp_path):
+    settings = TrainSettings(hooks=HOOKS[:1], **RECIPE)
+    # the rows the thresholds are set from: the first batches (here all four of epoch 0)
+    first = [loop.batch_rows(settings, small_cache.state.rows, k) for k in range(4)]
+    x = torch.cat([loop.load_batch(small_cache, HOOKS[0], r) for r in first])
+    fired, thresholds = {}, {}
+    for init in ("global", "per_feature"):
+        s = TrainSettings(hooks=HOOKS[:1], threshold_init=init, **RECIPE)
+        t = loop.start(s, small_cache, tmp_path / init)
+        pre, freq = _firing(t, x)
+        fired[init] = (freq * len(x)).round().long()
+        thresholds[init] = t.saes[HOOKS[0]].threshold.detach().clone()
+    n = len(x)
+    k = int((1 - 8 / 96) * n)  # each threshold is the kth smallest pre-activation
+    by_hand = pre.sort(dim=0).values[k - 1]
+    assert bool((by_hand > 0).all())
+    assert torch.equal(thresholds["per_feature"], by_hand)
+    # every feature fires on 86 of the 1024 rows, fewer where equal rows tie at the threshold
+    assert int(fired["per_feature"].max()) == n - k and int(fired["per_feature"].min()) >= 80
+    # one global threshold: the same total, spread unevenly (on a real model's residual
+    # stream, many features never fire)
+    assert thresholds["global"].unique().numel() == 1
+    assert abs(int(fired["global"].sum()) - (n - k) * 96) <= 96
+    assert int(fired["global"].max() - fired["global"].min()) > 40
+
+
+def _train(settings: TrainSettings, cache, folder, *, kill=None, stop_after=None):
+    t = loop.start(settings, cache, folder)
+    if kill is not None:  # features pushed far below their thresholds: dead, no gradient
+        with torch.no_grad():
+            pre, _ = _firing(t, _all_rows(cache))
+            sae = t.saes[HOOKS[0]]
+            sae.b_enc[kill] -= pre[:, kill].max(0).values - sae.threshold[kill] + 0.2
+    return loop.run(t, stop_after=stop_after)
+
+
+def test_pre_act_loss_revives_dead_features(small_cache, tmp_path):
+    kill = torch.arange(0, 96, 4)
+    x = _all_rows(small_cache)
+    out = {}
+    for coef in (0.0, 1e-3):
+        s = TrainSettings(hooks=HOOKS[:1], pre_act_loss=coef, dead_tokens=256, **RECIPE)
+        t = _train(s, small_cache, tmp_path / str(coef), kill=kill, stop_after=4)
+        early = _firing(t, x)[0][:, kill].mean(0)
+        out[coef] = early, _firing(loop.run(t), x)[1]
+    (early_off, freq_off), (early_on, freq_on) = out[0.0], out[1e-3]
+    # after 4 steps (dead from step 2 on, a window of one 256-token step): the loss has lifted
+    # every killed feature's pre-activations; without it nothing moves them
+    assert bool((early_on > early_off + 0.02).all())
+    assert int((freq_off[kill] > 0).sum()) == 0  # without it they stay dead to the end
+    assert int((freq_on[kill] > 0).sum()) >= 0.75 * len(kill)  # with it most fire again
+
+
+def test_pre_act_loss_value_is_sae_lens_formula(small_cache, tmp_path):
+    """The loss a step adds equals coef * mean over tokens of sum over dead features of
+    relu(threshold - pre) * |W_dec row|, by hand in float64."""
+    s = TrainSettings(hooks=HOOKS[:1], pre_act_loss=1e-3, dead_tokens=256, **RECIPE)
+    t = loop.start(s, small_cache, tmp_path / "c")
+    trainer, sae = t.trainers[HOOKS[0]], t.saes[HOOKS[0]]
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    trainer.n_forward_passes_since_fired[dead] = 10  # > the window of 1 step
+    assert torch.equal(trainer.dead_neurons, dead)
+    x = trainer.activation_scaler(_all_rows(small_cache)[:256])
+    out = trainer.sae.training_forward_pass(step_input=_step_input(trainer, x))
+    p = {k: v.detach().double() for k, v in sae.state_dict().items()}
+    pre = x.double() @ p["W_enc"] + p["b_enc"]
+    gap = (p["threshold"] - pre).relu() * p["W_dec"].norm(dim=1) * dead
+    assert float(out.losses["pre_act_loss"]) == pytest.approx(1e-3 * float(gap.sum(1).mean()), rel=1e-5)  # fmt: skip
+
+
+def _step_input(trainer, x):
+    from sae_lens.saes.sae import TrainStepInput
+
+    return TrainStepInput(sae_in=x, coefficients=trainer.get_coefficients(),
+                          dead_neuron_mask=trainer.dead_neurons, n_training_steps=0,
+                          is_logging_step=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "step", "tanh"])
+def test_sparsity_loss_and_l0_warm_up_values(small_cache, tmp_path, mode):
+    """Each sparsity loss on a fixed batch equals its formula by hand, and the warm-up ramps
+    the coefficient linearly over the given fraction of the run (16 steps: 4 of warm-up)."""
+    s = TrainSettings(hooks=HOOKS[:1], sparsity_loss=mode, l0_coefficient=0.5, l0_warm_up=0.25,
+                      **RECIPE)  # fmt: skip
+    t = loop.start(s, small_cache, tmp_path / mode)
+    trainer, sae = t.trainers[HOOKS[0]], t.saes[HOOKS[0]]
+    x = trainer.activation_scaler(_all_rows(small_cache)[:256])
+    coefs = []
+    for _ in range(6):
+        coefs.append(trainer.get_coefficients()["l0"])
+        out = trainer.sae.training_forward_pass(step_input=_step_input(trainer, x))
+        p = {k: v.detach().double() for k, v in sae.state_dict().items()}
+        pre = x.double() @ p["W_enc"] + p["b_enc"]
+        acts = pre * (pre > p["threshold"])
+        l0 = (pre > p["threshold"]).sum(1).double()
+        per_token = {
+            "quadratic": 2 / 8 * (l0 - 8) ** 2,
+            "step": l0,
+            "tanh": torch.tanh(4 * acts * p["W_dec"].norm(dim=1)).sum(1),
+        }[mode]
+        expected = coefs[-1] * float(per_token.mean())
+        assert float(out.losses["l0_loss"]) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+        loop.run(t, stop_after=t.step + 1)
+    assert t.steps == 16
+    assert coefs == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5, 0.5])
+
+
+def test_frequency_loss_value_and_gradient_by_hand():
+    from scope.train.losses import frequency_loss
+
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    thr = torch.linspace(-1.5, 1.5, 12, dtype=torch.float64).requires_grad_()
+    loss = frequency_loss(pre, thr, bandwidth=0.3, ste_to_input=False, coefficient=2.0, target=0.1)
+    loss.backward()
+    f = (pre > thr.detach()).double().mean(0)
+    over = (f - 0.1).clamp(min=0)
+    assert float(loss) == pytest.approx(2.0 * float((over**2).sum()) / 0.1, rel=1e-12)
+    # d loss / d threshold_i = 2 * 2 * over_i / 0.1 * d f_i / d threshold_i, where sae-lens'
+    # straight-through estimate of d f_i / d threshold_i is -mean(rectangle((pre - t) / bw)) / bw
+    window = ((pre - thr.detach()).abs() < 0.15).double().mean(0)
+    expected = 2.0 * 2 * over / 0.1 * (-window / 0.3)
+    assert torch.allclose(thr.grad, expected, rtol=1e-12, atol=0)
+    assert float(over[-1]) == 0 and float(thr.grad[-1]) == 0  # a rare feature is left alone
+    assert float(over[0]) > 0.5 and float(thr.grad[0]) < 0  # a dense one: threshold goes up
+
+
+def test_frequency_penalty_lowers_dense_features_firing(small_cache, tmp_path):
+    x = _all_rows(small_cache)
+    freq = {}
+    for coef in (0.0, 10.0):
+        s = TrainSettings(hooks=HOOKS[:1], freq_penalty=coef, freq_target=0.1, **RECIPE)
+        freq[coef] = _firing(_train(s, small_cache, tmp_path / str(coef)), x)[1]
+    off, on = freq[0.0], freq[10.0]
+    assert int((off > 0.15).sum()) >= 10 and float(off.max()) > 0.4  # dense without it
+    assert int((on > 0.15).sum()) == 0 and float(on.max()) < 0.5 * float(off.max())
+    assert abs(float(on.sum()) - 8) < 2  # L0 still near its target

@@ -83,7 +83,8 @@ def progress(console: Console) -> Iterator[tuple[Callable[[Any], None], Callable
         def on_step(r: StepReport) -> None:
             rate = r.tokens / r.seconds if r.seconds > 0 else 0
             figures = "  ".join(
-                f"{_short(h)} L0 {r.l0[h]:.0f} FVU {r.fvu[h]:.3f}" for h in sorted(r.l0)
+                f"{_short(h)} L0 {r.l0[h]:.0f} FVU {r.fvu[h]:.3f} dead {r.dead[h]}"
+                for h in sorted(r.l0)
             )
             bar.update(
                 task("training"),
@@ -108,7 +109,8 @@ def _log_lines(console: Console) -> tuple[Callable[[Any], None], Callable[[Any],
     def on_step(r: StepReport) -> None:
         if every.due(final=r.step == r.steps):
             figures = ", ".join(
-                f"{_short(h)} L0 {r.l0[h]:.1f} FVU {r.fvu[h]:.3f}" for h in sorted(r.l0)
+                f"{_short(h)} L0 {r.l0[h]:.1f} FVU {r.fvu[h]:.3f} dead {r.dead[h]}"
+                for h in sorted(r.l0)
             )
             console.print(
                 f"step {r.step}/{r.steps}, {r.tokens:,} tokens, "
@@ -145,6 +147,48 @@ def train(
     epochs: Annotated[int, typer.Option(help="Passes over the cached tokens.")] = 4,
     batch_size: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 4096,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
+    sparsity_loss: Annotated[
+        str,
+        typer.Option(
+            help="sae-lens' L0 penalty: quadratic (around --target-l0, Gemma Scope 2's), step "
+            "(L0 itself, Gemma Scope's) or tanh (Anthropic's)."
+        ),
+    ] = "quadratic",
+    l0_warm_up: Annotated[
+        float,
+        typer.Option(help="Fraction of the run over which the L0 coefficient ramps up from 0."),
+    ] = 0.0,
+    pre_act_loss: Annotated[
+        float,
+        typer.Option(
+            help="Weight of sae-lens' pre-activation loss, which lifts dead features' "
+            "pre-activations toward their thresholds (0: off; e.g. 3e-3)."
+        ),
+    ] = 0.0,
+    dead_tokens: Annotated[
+        str | None,
+        typer.Option(
+            help="Tokens without firing after which a feature is dead for --pre-act-loss, "
+            "e.g. 100k (default: a quarter of the run)."
+        ),
+    ] = None,
+    freq_penalty: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the frequency penalty on features firing on more than "
+            "--freq-target of a batch's tokens (0: off; e.g. 1)."
+        ),
+    ] = 0.0,
+    freq_target: Annotated[
+        float, typer.Option(help="Firing fraction above which --freq-penalty applies.")
+    ] = 0.05,
+    threshold_init: Annotated[
+        str,
+        typer.Option(
+            help="global: every threshold starts at one value where --target-l0 fires; "
+            "per_feature: each at its own quantile, so every feature starts alive."
+        ),
+    ] = "global",
     seed: Annotated[int, typer.Option(help="Initialisation and batch-order seed.")] = 0,
     cache: Annotated[
         str | None,
@@ -174,7 +218,11 @@ def train(
     One forward pass caches every hook's activations once (half precision, on disk); the SAEs
     then train for --epochs over them. Saved as a Gemma Scope release: --out/layer_L/width_W/
     average_l0_N/ with params.npz, cfg.json and card.json (L0, FVU, delta loss on held-out
-    text). Ctrl-C saves a checkpoint; the same command again resumes."""
+    text). Ctrl-C saves a checkpoint; the same command again resumes.
+
+    Recipe options against dead and dense features (all off by default): --threshold-init
+    per_feature, --pre-act-loss (with --dead-tokens), --freq-penalty (with --freq-target),
+    --l0-warm-up, --sparsity-loss."""
     from scope.corpus import CorpusSpec, parse_tokens
     from scope.model import load_model
     from scope.train import TrainSettings, train_saes
@@ -189,6 +237,13 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        sparsity_loss=sparsity_loss,  # type: ignore[arg-type]  # checked by TrainSettings
+        l0_warm_up=l0_warm_up,
+        pre_act_loss=pre_act_loss,
+        dead_tokens=parse_tokens(dead_tokens),
+        freq_penalty=freq_penalty,
+        freq_target=freq_target,
+        threshold_init=threshold_init,  # type: ignore[arg-type]
         seed=seed,
         checkpoint_every=checkpoint_every,
     )

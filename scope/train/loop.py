@@ -1,7 +1,10 @@
 """The training loop: sae-lens' own JumpReLU training, one SAE per hook, over cached rows.
 
-Each SAE is a ``sae_lens.JumpReLUTrainingSAE`` (Gemma Scope 2's quadratic L0 penalty around
-the target L0) driven by its own ``sae_lens.SAETrainer`` through the trainer's public seams
+Each SAE is a ``sae_lens.JumpReLUTrainingSAE`` (by default Gemma Scope 2's quadratic L0
+penalty around the target L0; the recipe options of ``TrainSettings`` pick sae-lens' other
+sparsity losses, its L0 warm-up and pre-activation (dead-feature) loss, and add the
+workbench's frequency penalty, ``scope.train.losses``) driven by its own
+``sae_lens.SAETrainer`` through the trainer's public seams
 (``step``, ``maybe_reset_sparsity``, ``save_checkpoint``, ``load_trainer_state``), in lockstep
 as sae-lens' ``MultiSAETrainer`` drives them: its loss, optimizer, schedules, gradient
 clipping and activation scaling are sae-lens'; this module chooses the batches, shows
@@ -37,9 +40,10 @@ from scope.train.cache import ActivationCache, as_tensor
 from scope.train.settings import TrainSettings
 
 if TYPE_CHECKING:
-    from sae_lens import JumpReLUTrainingSAE
     from sae_lens.saes.sae import TrainStepOutput
     from sae_lens.training.sae_trainer import SAETrainer
+
+    from scope.train.losses import TrainingSAE
 
 NORM_BATCHES = 8
 """Batches the activation scaling factor is estimated from (the first of epoch 0)."""
@@ -63,6 +67,9 @@ class StepReport(NamedTuple):
     """Per hook: mean features firing per token in this step's batch."""
     fvu: dict[str, float]
     """Per hook: fraction of variance unexplained on this step's batch."""
+    dead: dict[str, int]
+    """Per hook: features that have not fired for sae-lens' dead-feature window (the ones
+    ``pre_act_loss`` works on)."""
 
 
 @dataclass
@@ -71,7 +78,7 @@ class Training:
 
     settings: TrainSettings
     cache: ActivationCache
-    saes: dict[str, JumpReLUTrainingSAE]
+    saes: dict[str, TrainingSAE]
     trainers: dict[str, SAETrainer]
     step: int
     seconds: float
@@ -103,9 +110,11 @@ def load_batch(cache: ActivationCache, hook: str, rows: np.ndarray) -> torch.Ten
 
 
 def _new_sae(
-    settings: TrainSettings, hook: str, d_in: int, index: int, device: str
-) -> JumpReLUTrainingSAE:
-    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    settings: TrainSettings, hook: str, d_in: int, index: int, steps: int, device: str
+) -> TrainingSAE:
+    from sae_lens import JumpReLUTrainingSAEConfig
+
+    from scope.train.losses import TrainingSAE
 
     cfg = JumpReLUTrainingSAEConfig(
         d_in=d_in,
@@ -116,18 +125,26 @@ def _new_sae(
         normalize_activations="expected_average_only_in",
         jumprelu_bandwidth=settings.bandwidth,
         jumprelu_ste_to_input=settings.ste_to_input,
-        jumprelu_sparsity_loss_mode="quadratic",
+        jumprelu_sparsity_loss_mode=settings.sparsity_loss,
         target_l0=settings.target_l0,
         l0_coefficient=settings.l0_coefficient,
+        l0_warm_up_steps=round(settings.l0_warm_up * steps),
+        pre_act_loss_coefficient=settings.pre_act_loss or None,
     )
     cfg.metadata.hook_name = hook
     torch.manual_seed(settings.seed * 1_000_003 + index)  # the initial weights
-    return JumpReLUTrainingSAE(cfg)
+    return TrainingSAE(cfg, freq_penalty=settings.freq_penalty, freq_target=settings.freq_target)
 
 
-def _new_trainer(
-    settings: TrainSettings, sae: JumpReLUTrainingSAE, steps: int, device: str
-) -> SAETrainer:
+def dead_window(settings: TrainSettings, steps: int) -> int:
+    """Steps without firing after which a feature counts as dead: ``dead_tokens`` in
+    batches (rounded up), or a quarter of the run."""
+    if settings.dead_tokens is None:
+        return max(1, steps // 4)
+    return -(-settings.dead_tokens // settings.batch_size)
+
+
+def _new_trainer(settings: TrainSettings, sae: TrainingSAE, steps: int, device: str) -> SAETrainer:
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -139,7 +156,7 @@ def _new_trainer(
         lr_warm_up_steps=max(1, steps // 20),
         lr_decay_steps=steps // 5,
         device=device,
-        dead_feature_window=max(1, steps // 4),
+        dead_feature_window=dead_window(settings, steps),
         feature_sampling_window=max(1, steps // 4),
     )
     return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
@@ -150,8 +167,9 @@ def _initialise(t: Training) -> None:
     """Before the first step: sae-lens' input scaling factor from the first batches; b_dec at
     their mean (in scaled units) and b_enc = -b_dec @ W_enc, so the encoder starts on centred
     inputs and the decoder on the mean (Gemma's residual stream has a large mean that b_dec
-    would otherwise take thousands of steps to learn); then the threshold where the target L0
-    fires: the (1 - target/width) quantile of the initial pre-activations."""
+    would otherwise take thousands of steps to learn); then the thresholds where the target L0
+    fires: the (1 - target/width) quantile of the initial pre-activations, over all features
+    (``threshold_init="global"``, one value) or of each feature's own (``"per_feature"``)."""
     rows = t.cache.state.rows
     n_norm = min(NORM_BATCHES, t.steps_per_epoch)
     first = [batch_rows(t.settings, rows, k) for k in range(n_norm)]
@@ -167,9 +185,13 @@ def _initialise(t: Training) -> None:
         sae = t.saes[hook]
         sae.b_dec.data.copy_(x.double().mean(0).to(sae.b_dec.dtype))
         sae.b_enc.data.copy_(-(sae.b_dec @ sae.W_enc))
-        pre = (x[:THRESHOLD_SAMPLE] @ sae.W_enc + sae.b_enc).flatten()
-        k = max(1, int(q * pre.numel()))
-        sae.threshold.data.fill_(max(float(pre.kthvalue(k).values), 0.0))
+        pre = x[:THRESHOLD_SAMPLE] @ sae.W_enc + sae.b_enc
+        if t.settings.threshold_init == "per_feature":
+            k = max(1, int(q * pre.shape[0]))
+            sae.threshold.data.copy_(pre.kthvalue(k, dim=0).values.clamp(min=0.0))
+        else:
+            k = max(1, int(q * pre.numel()))
+            sae.threshold.data.fill_(max(float(pre.flatten().kthvalue(k).values), 0.0))
 
 
 def start(
@@ -185,11 +207,11 @@ def start(
             f"the activation cache holds {cache.state.rows:,} tokens, fewer than one batch "
             f"(--batch-size {settings.batch_size}): give more --tokens or a smaller --batch-size"
         )
+    steps = cache.state.rows // settings.batch_size * settings.epochs
     saes = {
-        h: _new_sae(settings, h, cache.spec.d_in[h], i, device)
+        h: _new_sae(settings, h, cache.spec.d_in[h], i, steps, device)
         for i, h in enumerate(settings.hooks)
     }
-    steps = cache.state.rows // settings.batch_size * settings.epochs
     trainers = {h: _new_trainer(settings, s, steps, device) for h, s in saes.items()}
     t = Training(settings, cache, saes, trainers, step=0, seconds=0.0, checkpoints=checkpoints)
     latest = latest_checkpoint(checkpoints)
@@ -273,11 +295,12 @@ def run(
         while t.step < end:
             t0 = time.perf_counter()
             idx = batch_rows(t.settings, rows, t.step)
-            l0s, fvus = {}, {}
+            l0s, fvus, dead = {}, {}, {}
             for hook, trainer in t.trainers.items():
                 trainer.maybe_reset_sparsity()
                 out = trainer.step(load_batch(t.cache, hook, idx))
                 l0s[hook], fvus[hook] = _batch_figures(out)
+                dead[hook] = int(trainer.dead_neurons.sum())
                 trainer.n_training_steps += 1
             t.step += 1
             t.seconds += time.perf_counter() - t0
@@ -285,7 +308,7 @@ def run(
                 save_checkpoint(t)
             if on_step is not None:
                 tokens = t.step * t.settings.batch_size
-                on_step(StepReport(t.step, t.steps, tokens, t.seconds, l0s, fvus))
+                on_step(StepReport(t.step, t.steps, tokens, t.seconds, l0s, fvus, dead))
             if should_stop():
                 save_checkpoint(t)
                 raise KeyboardInterrupt
@@ -295,7 +318,7 @@ def run(
 class Finished(NamedTuple):
     """A trained SAE in raw-activation units."""
 
-    sae: JumpReLUTrainingSAE
+    sae: TrainingSAE
     scaling_factor: float | None
     """The input scaling sae-lens trained with, now folded into the weights."""
 

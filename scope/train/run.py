@@ -227,7 +227,11 @@ def train_saes(
                 **{k: v for k, v in asdict(settings).items() if k != "hooks"},
                 "steps": training.step,
                 "tokens_seen": training.step * settings.batch_size,
-                "trainer": "sae_lens JumpReLUTrainingSAE + SAETrainer, quadratic L0 penalty",
+                "trainer": "sae_lens JumpReLUTrainingSAE + SAETrainer, "
+                f"{settings.sparsity_loss} L0 penalty"
+                + (", pre-activation loss" if settings.pre_act_loss else "")
+                + (", frequency penalty (scope.train.losses)" if settings.freq_penalty else ""),
+                "dead_window_steps": loop.dead_window(settings, training.steps),
                 "sae_lens_version": _sae_lens_version(),
                 "scaling_factor_folded": finished[hook].scaling_factor,
             },

@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from scope.errors import ScopeError
+
+SPARSITY_LOSSES = ("quadratic", "step", "tanh")
+THRESHOLD_INITS = ("global", "per_feature")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +41,41 @@ class TrainSettings:
     bandwidth: float = 0.05
     """Width of the straight-through estimator's window around the threshold (sae-lens'
     jumprelu_bandwidth), in units of the normalised activations."""
+    sparsity_loss: Literal["quadratic", "step", "tanh"] = "quadratic"
+    """sae-lens' jumprelu_sparsity_loss_mode: ``quadratic`` (Gemma Scope 2's) penalises
+    ``2 / target * (L0 - target)^2`` per token, pulling L0 to ``target_l0`` from both sides;
+    ``step`` (Gemma Scope's) penalises L0 itself and ``tanh`` (Anthropic's) the sum of
+    ``tanh(4 * act * |W_dec row|)``, both pushing L0 down only (``target_l0`` then sets just
+    the initial threshold, and ``l0_coefficient`` the sparsity: try ~1e-3 for step)."""
+    l0_warm_up: float = 0.0
+    """Fraction of the run over which sae-lens ramps the L0 coefficient linearly from 0
+    (l0_warm_up_steps): features first learn to reconstruct, then to be sparse."""
+    pre_act_loss: float = 0.0
+    """Weight of sae-lens' pre-activation loss (pre_act_loss_coefficient, Anthropic's
+    dead-feature loss): for each dead feature (see ``dead_tokens``), ``relu(threshold - pre)
+    * |W_dec row|`` summed over features and averaged over tokens, which lifts a dead
+    feature's pre-activations toward its threshold until it fires again. 0 turns it off;
+    Anthropic used 3e-6 in its units (the normalised input has norm sqrt(d_in) here, so
+    ~1e-3 to 1e-2 is where it matters on a short run)."""
+    dead_tokens: int | None = None
+    """A feature is dead (for ``pre_act_loss``) after firing on none of this many training
+    tokens in a row (sae-lens' dead_feature_window, in steps of ``batch_size`` tokens rounded
+    up); None: a quarter of the run."""
+    freq_penalty: float = 0.0
+    """Weight of the frequency penalty on features firing on more than ``freq_target`` of
+    the tokens of a batch: ``sum over features of relu(f - freq_target)^2 / freq_target``, f
+    the feature's firing fraction in the batch, differentiated through sae-lens'
+    straight-through step estimator (so it raises a dense feature's threshold, and with
+    ``ste_to_input`` lowers its pre-activations). Gemma Scope 2 trained with a frequency
+    penalty whose definition is not published; this is the workbench's. 0 turns it off."""
+    freq_target: float = 0.05
+    """Firing fraction above which ``freq_penalty`` applies (a card counts a feature dense
+    above 0.1)."""
+    threshold_init: Literal["global", "per_feature"] = "global"
+    """Where the thresholds start: ``global`` puts every feature's at the one value where the
+    target L0 fires over the first batch (features whose pre-activations sit low never fire,
+    and get no reconstruction gradient); ``per_feature`` puts each at its own (1 - target_l0 /
+    width) quantile, so every feature starts firing on the same share of tokens."""
     seed: int = 0
     """Seeds the SAE initialisation and the order tokens are visited in."""
     checkpoint_every: int = 100
@@ -69,6 +108,27 @@ class TrainSettings:
             raise ScopeError(f"--lr {self.lr:g} must be between 0 and 1, e.g. 5e-4")
         if self.bandwidth <= 0:
             raise ScopeError(f"bandwidth {self.bandwidth:g} must be positive")
+        if self.sparsity_loss not in SPARSITY_LOSSES:
+            raise ScopeError(
+                f"--sparsity-loss {self.sparsity_loss!r} is not one of {', '.join(SPARSITY_LOSSES)}"
+            )
+        if not 0 <= self.l0_warm_up < 1:
+            raise ScopeError(f"--l0-warm-up {self.l0_warm_up:g} is a fraction of the run: 0 to <1")
+        if self.pre_act_loss < 0:
+            raise ScopeError(f"--pre-act-loss {self.pre_act_loss:g} must be 0 (off) or positive")
+        if self.dead_tokens is not None and self.dead_tokens < 1:
+            raise ScopeError(f"--dead-tokens {self.dead_tokens} must be at least 1, e.g. 100000")
+        if self.freq_penalty < 0:
+            raise ScopeError(f"--freq-penalty {self.freq_penalty:g} must be 0 (off) or positive")
+        if not 0 < self.freq_target < 1:
+            raise ScopeError(
+                f"--freq-target {self.freq_target:g} is a fraction of tokens: between 0 and 1"
+            )
+        if self.threshold_init not in THRESHOLD_INITS:
+            raise ScopeError(
+                f"--threshold-init {self.threshold_init!r} is not one of "
+                f"{', '.join(THRESHOLD_INITS)}"
+            )
         if self.checkpoint_every < 1:
             raise ScopeError(f"--checkpoint-every {self.checkpoint_every} must be at least 1")
 
@@ -80,4 +140,4 @@ class TrainSettings:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-__all__ = ["TrainSettings"]
+__all__ = ["SPARSITY_LOSSES", "THRESHOLD_INITS", "TrainSettings"]
