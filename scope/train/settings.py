@@ -54,9 +54,10 @@ class TrainSettings:
     """Weight of sae-lens' pre-activation loss (pre_act_loss_coefficient, Anthropic's
     dead-feature loss): for each dead feature (see ``dead_tokens``), ``relu(threshold - pre)
     * |W_dec row|`` summed over features and averaged over tokens, which lifts a dead
-    feature's pre-activations toward its threshold until it fires again. 0 turns it off;
-    Anthropic used 3e-6 in its units (the normalised input has norm sqrt(d_in) here, so
-    ~1e-3 to 1e-2 is where it matters on a short run)."""
+    feature's pre-activations toward its threshold until it fires again; live features get no
+    gradient from it. 0 turns it off. A dead feature's encoder row and bias get no other
+    gradient, and Adam moves a parameter by about ``lr`` per step whatever its gradient's
+    scale, so a small weight (e.g. 3e-3; Anthropic's 3e-6 was in other units) revives."""
     dead_tokens: int | None = None
     """A feature is dead (for ``pre_act_loss``) after firing on none of this many training
     tokens in a row (sae-lens' dead_feature_window, in steps of ``batch_size`` tokens rounded
