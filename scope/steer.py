@@ -152,10 +152,11 @@ class Steer:
         }
 
 
-def _needs_max(s: Steer) -> ScopeError:
+def missing_max(s: Steer) -> ScopeError:
+    """The error for a unit-max steer without its max (``max_act``)."""
     return ScopeError(
-        f"{s.key}/{s.feature}: unit 'max' needs the feature's recorded max: give max_act, or "
-        "resolve the steer against a store (scope.steer_spec.resolve, or --store)"
+        f"{s.key}/{s.feature}: unit 'max' needs a recorded store (--store), or the feature's "
+        "max as max_act"
     )
 
 
@@ -342,7 +343,7 @@ def _build(
 ) -> list[tuple[str, Intervention]]:
     for s in (s for row in rows for s in row):
         if s.unit == "max" and s.max_act is None:
-            raise _needs_max(s)
+            raise missing_max(s)
     # per hook point: the j-th steer of a row at that hook, by everything but its strength
     found: dict[str, dict[tuple[Any, ...], tuple[Steer, list[int], list[float]]]] = {}
     for r, row in enumerate(rows):
@@ -449,5 +450,6 @@ __all__ = [
     "build_hooks",
     "build_row_hooks",
     "check_steers",
+    "missing_max",
     "steering",
 ]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from scope.errors import ScopeError, closest
 from scope.identity import recorded_key, sae_info, sae_keys
-from scope.steer import MODES, POSITIONS, STRENGTH_LIMITS, UNITS, Steer
+from scope.steer import MODES, POSITIONS, STRENGTH_LIMITS, UNITS, Steer, missing_max
 
 if TYPE_CHECKING:
     from scope.store import Store
@@ -216,10 +216,7 @@ def with_maxes(steers: Sequence[Steer], store: Store | None) -> list[Steer]:
             out.append(s)
             continue
         if store is None:
-            raise ScopeError(
-                f"{s.key}/{s.feature}: unit 'max' needs a recorded store (--store), or the "
-                "feature's max as max_act"
-            )
+            raise missing_max(s)
         at = (id(s.sae), s.feature)
         if at not in found:
             found[at] = feature_max(store, s.sae, s.feature)

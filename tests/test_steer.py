@@ -461,7 +461,7 @@ def test_bad_prompts_and_sampling(tiny_model, sae):
         Sampling(freq_penalty=math.nan)
     with pytest.raises(ScopeError, match="not both"):
         compare(tiny_model, PROMPT, [], sampling=Sampling(), seed=2)
-    with pytest.raises(ScopeError, match="unit 'max' needs the feature's recorded max"):
+    with pytest.raises(ScopeError, match="unit 'max' needs a recorded store"):
         compare(tiny_model, PROMPT, [Steer(sae, 1, strength=1.0, unit="max")])
 
 
