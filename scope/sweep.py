@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -291,14 +291,12 @@ def sweep(
 
 def load_experiments(folder: str | Path) -> list[dict[str, Any]]:
     """Metadata of the sweeps saved under ``folder/experiments``, newest first."""
-    found = sorted((Path(folder) / "experiments").glob("*.json"), reverse=True)
+    found = sorted((Path(folder) / EXPERIMENTS.name).glob("*.json"), reverse=True)
     return [json.loads(p.read_text()) for p in found]
 
 
 def experiments(store: Store) -> list[Sweep]:
     """The store's saved sweeps as ``Sweep`` objects (``.figure()``, ``.points``), newest first."""
-    from dataclasses import fields
-
     found = load_experiments(store.root)
     if not found or EXPERIMENTS.name not in store.views:
         return []
