@@ -36,9 +36,12 @@ from scope.codec import codec_of, reconstruct
 from scope.corpus import CorpusSpec, ReadReport, Windows, iter_windows
 from scope.errors import ScopeError
 from scope.identity import sae_info, sae_keys
+from scope.store.schema import EVALS
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
+
+    from scope.store import Store
 
 DENSE = 0.1
 
@@ -197,7 +200,7 @@ def evaluate(
     corpus: CorpusSpec | Windows,
     *,
     batch_size: int = 8,
-    store: Any = None,
+    store: Store | None = None,
 ) -> EvalReport:
     """Evaluate ``saes`` on ``corpus``: a CorpusSpec (read a block at a time) or Windows
     already built. With a ``store``, SAEs are named by the store's keys and the report is
@@ -251,7 +254,8 @@ class EvalReport:
     corpus_paths: list[str]
 
     def table(self) -> pa.Table:
-        return pa.Table.from_pylist(
+        """A row per SAE: its ``EvalRow`` and the corpus (the ``evals`` side table's columns)."""
+        return EVALS.from_rows(
             [
                 {**asdict(r), "corpus": self.corpus, "corpus_paths": ", ".join(self.corpus_paths)}
                 for r in self.rows
@@ -272,7 +276,7 @@ class EvalReport:
         table, saved = self.table(), []
         for i, row in enumerate(self.rows):
             name = hashlib.sha256(f"{row.sha256}|{row.hook}|{self.corpus}".encode()).hexdigest()
-            saved.append(add_side_table(folder, "evals", name[:24], table.slice(i, 1)))
+            saved.append(add_side_table(folder, EVALS.name, name[:24], table.slice(i, 1)))
         return saved
 
     def figure(self) -> Any:

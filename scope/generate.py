@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -28,6 +28,9 @@ from jaxtyping import Bool, Float, Int
 from scope.errors import ScopeError
 from scope.model import model_source
 from scope.steer import Steer, attach, build_row_hooks, check_steers
+
+if TYPE_CHECKING:
+    from scope.store import Store
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,16 +169,14 @@ def generate(
     tokens: Int[torch.Tensor, "1 pos"],
     sampling: Sampling,
     steers: Sequence[Steer] = (),
-    *,
-    store: Any = None,
 ) -> Iterator[int]:
-    """Continuation tokens of ``tokens``, one at a time, with ``steers`` on (``store`` gives
-    unit-max steers their max). The steers are checked now; the tokens come as the iterator
+    """Continuation tokens of ``tokens``, one at a time, with ``steers`` on (unit-max steers
+    carry their ``max_act``: ``scope.steer_spec.resolve``). The steers are checked now; the tokens come as the iterator
     is read. Each call is one run with fresh hooks, put on the model only for each forward
     pass, so the model is plain between tokens and after the run however it ends. Random
     numbers come from this run's generator seeded from ``sampling.seed``: the same seed draws
     the same numbers."""
-    steps = row_steps(model, tokens, sampling, [steers], store=store)
+    steps = row_steps(model, tokens, sampling, [steers])
     return (int(step.tokens[0]) for step in steps)
 
 
@@ -186,7 +187,6 @@ def generate_rows(
     rows: Sequence[Sequence[Steer]],
     *,
     seeds: Sequence[int] | None = None,
-    store: Any = None,
 ) -> list[list[int]]:
     """The continuations of ``tokens`` for a batch of ``len(rows)`` runs made together (one
     forward per token, KV cache on): row i runs with the steers ``rows[i]`` and draws its random
@@ -195,7 +195,7 @@ def generate_rows(
     rounding (a batch may pick other kernels than one row). A row that reaches an end token
     stops there; the batch ends when every row has."""
     out: list[list[int]] = [[] for _ in rows]
-    for step in row_steps(model, tokens, sampling, rows, seeds=seeds, store=store):
+    for step in row_steps(model, tokens, sampling, rows, seeds=seeds):
         for i, (token, alive) in enumerate(
             zip(step.tokens.tolist(), step.live.tolist(), strict=True)
         ):
@@ -223,7 +223,6 @@ def row_steps(
     *,
     seeds: Sequence[int] | None = None,
     lengths: Sequence[int] | None = None,
-    store: Any = None,
 ) -> Iterator[Step]:
     """``generate_rows`` step by step: row i runs with the steers ``rows[i]``, draws from its
     own generator seeded with ``seeds[i]`` (default ``sampling.seed``) and makes at most
@@ -239,7 +238,7 @@ def row_steps(
             raise ScopeError(f"{len(given)} {name} for {len(rows)} rows: give one per row")
     if min(lengths) < 1:
         raise ScopeError(f"lengths {lengths} must each be at least 1 token")
-    ready = [check_steers(model, row, store) for row in rows]
+    ready = [check_steers(model, row) for row in rows]
     hooks = build_row_hooks(ready, tokens.shape[1])
     longest = max(lengths)
     draws = torch.zeros(len(rows), longest, dtype=torch.float64)
@@ -322,7 +321,7 @@ class Comparison:
     steered: str
     """``steered_tokens`` as text, special tokens skipped."""
     steers: list[dict[str, Any]] = field(default_factory=list)
-    """Each steer's ``describe(store)``."""
+    """Each steer's ``describe(store.saes)``."""
     sampling: Sampling = field(default_factory=Sampling)
     """The settings both runs used."""
 
@@ -333,19 +332,20 @@ def compare(
     steers: Sequence[Steer],
     *,
     sampling: Sampling | None = None,
-    store: Any = None,
+    store: Store | None = None,
     on_token: Callable[[str, int], None] | None = None,
     **sampling_kw: Any,
 ) -> Comparison:
     """Generate from ``prompt`` without and with ``steers``; ``on_token(which, token)`` streams
-    ("baseline" or "steered"). Sampling settings come as ``sampling=`` or keywords (seed=0, ...)."""
+    ("baseline" or "steered"); ``store`` names each steer's SAE by its key there. Sampling
+    settings come as ``sampling=`` or keywords (seed=0, ...)."""
     if sampling is not None and sampling_kw:
         raise ScopeError(
             f"give sampling settings as sampling= or as keywords ({', '.join(sampling_kw)}), not both"
         )
     sampling = sampling or Sampling(**sampling_kw)
     tokens = prompt_tokens(model, prompt, sampling.chat, sampling.max_new_tokens)
-    ready = check_steers(model, steers, store)  # before the baseline runs
+    ready = check_steers(model, steers)  # before the baseline runs
     out: dict[str, list[int]] = {}
     for which, active in (("baseline", []), ("steered", ready)):
         out[which] = []
@@ -361,7 +361,7 @@ def compare(
         steered_tokens=out["steered"],
         baseline=tok.decode(out["baseline"], skip_special_tokens=True),
         steered=tok.decode(out["steered"], skip_special_tokens=True),
-        steers=[s.describe(store) for s in steers],
+        steers=[s.describe(store.saes if store is not None else None) for s in steers],
         sampling=sampling,
     )
 

@@ -425,8 +425,7 @@ def save_graph(root: str | Path, data: dict[str, Any], *, edge_threshold: float)
     """Add a graph JSON to the store at ``root``: ``graphs/<slug>.json`` beside an index row
     ``graphs/<slug>.parquet`` (the ``graphs`` table: slug, prompt, top logit, node and link
     counts, thresholds, transcoders, when). Returns the JSON's path."""
-    import pyarrow as pa
-
+    from scope.store.schema import GRAPHS
     from scope.store.writer import add_side_table
 
     meta = data["metadata"]
@@ -440,8 +439,8 @@ def save_graph(root: str | Path, data: dict[str, Any], *, edge_threshold: float)
         "created": time.time(),
     }  # fmt: skip
     name = slugify(meta["slug"])
-    add_side_table(root, "graphs", name, pa.Table.from_pylist([row]), meta=data)
-    return Path(root) / "graphs" / f"{name}.json"
+    add_side_table(root, GRAPHS.name, name, GRAPHS.from_rows([row]), meta=data)
+    return Path(root) / GRAPHS.name / f"{name}.json"
 
 
 def load_graph(root: str | Path, slug: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
@@ -16,6 +16,8 @@ from scope.identity import sae_info, sae_key, sae_keys
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
+
+    from scope.store import Store
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +80,7 @@ def text_tokens(
 
 @torch.no_grad()
 def activations(
-    model: HookedSAETransformer, saes: Sequence[SAE], text: str, *, store: Any = None
+    model: HookedSAETransformer, saes: Sequence[SAE], text: str, *, store: Store | None = None
 ) -> TextActivations:
     """Run ``text`` (BOS first, as recorded) through the model and every SAE once."""
     tokens = text_tokens(model, text, "the text", "inspect")
@@ -132,7 +134,7 @@ def inspect(
     text: str,
     *,
     top: int = 5,
-    store: Any = None,
+    store: Store | None = None,
 ) -> list[TokenFeatures]:
     """Every counted token of ``text`` (BOS first, as recorded) with its ``top`` features
     across ``saes`` by activation. With a ``store``, SAEs are named by the store's keys."""

@@ -42,6 +42,8 @@ from scope.params import GEMMA_SCOPE_KEYS, read_params_npz, refuse_unsafe_weight
 if TYPE_CHECKING:
     from sae_lens import SAE
 
+    from scope.store import Store
+
 
 def saes_dir() -> Path:
     """The local SAE library: $SCOPE_SAES_DIR, else ./saes, else the checkout's saes/."""
@@ -369,7 +371,7 @@ def load_recorded_sae(
 
 
 def open_recorded(
-    store: Any, model: str | None = None, *, device: str | None = None
+    store: Store, model: str | None = None, *, device: str | None = None
 ) -> tuple[Any, dict[str, SAE]]:
     """The model and SAEs a store recorded (``model`` overrides the manifest's name), checked:
     a model whose weights differ from the recorded one, or changed SAE weights, are refused.

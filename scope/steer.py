@@ -5,9 +5,10 @@ Interventions are hooks at each SAE's own hook point (``blocks.L.hook_resid_post
 - ``add``: x += strength * W_dec[f] / |W_dec[f]| (``unit="absolute"``), or strength times the
   norm of x at that position along the same direction (``unit="norm"``), or x += strength *
   max_f * W_dec[f] (``unit="max"``): what the feature writes when it fires at strength times
-  its recorded max ``max_f`` (``Steer.max_act``: a number, read once from a store by whoever
-  holds it, ``feature_max`` or ``with_maxes``; the steering math never opens a store), the same intervention however the SAE's decoder rows are
-  scaled (Gemma Scope's have unit norm; SAEs trained elsewhere often do not).
+  its recorded max ``max_f`` (``Steer.max_act``: a number; a store's is read where a spec is
+  resolved, ``scope.steer_spec.resolve``, and steering never opens a store), the same
+  intervention however the SAE's decoder rows are scaled (Gemma Scope's have unit norm; SAEs
+  trained elsewhere often do not).
 - ``clamp``: encode x, set feature f to ``strength``, decode, and keep the SAE's error term. As
   decoding is linear this is x += (strength - a_f(x)) * W_dec[f]: nothing else changes. a_f(x)
   is read with ``scope.acts.encode``, so clamping a feature to the value that function gives
@@ -37,10 +38,10 @@ row, so the points of a strength sweep run as one batch through the same steerin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import KW_ONLY, dataclass, replace
-from typing import Any, NamedTuple
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -49,7 +50,10 @@ from scope.acts import enable_hooks, site_input
 from scope.codec import codec_of, encode, feature_write
 from scope.errors import ScopeError
 from scope.fit import check_fit
-from scope.sae import recorded_key, sae_info, sae_key
+from scope.sae import sae_info, sae_key
+
+if TYPE_CHECKING:
+    from scope.identity import SAEInfo
 
 MODES = ("add", "clamp", "ablate")
 UNITS = ("absolute", "max", "norm")
@@ -81,8 +85,9 @@ class Steer:
     positions: str = "all"
     """prompt, generated or all. BOS is never steered."""
     max_act: float | None = None
-    """unit max: the feature's recorded max activation (``feature_max`` reads it from a store;
-    ``with_maxes`` fills it in for a list of steers); unused by other units."""
+    """unit max: the feature's recorded max activation (``scope.steer_spec.resolve`` reads it
+    from a store; ``scope.steer_spec.with_maxes`` fills it in for a list of steers); unused by
+    other units."""
 
     def __post_init__(self) -> None:
         d_sae = self.sae.cfg.d_sae
@@ -116,7 +121,7 @@ class Steer:
 
     @property
     def key(self) -> str:
-        """The SAE's short key, e.g. ``L2.res.256`` (``describe(store)`` gives the store's)."""
+        """The SAE's short key, e.g. ``L2.res.256`` (``describe(store.saes)``: the store's)."""
         return sae_info(self.sae).key
 
     @property
@@ -130,12 +135,12 @@ class Steer:
         """The hook point the SAE reads: the feature's activation is measured there."""
         return codec_of(self.sae).read_hook
 
-    def describe(self, store: Any = None) -> dict[str, Any]:
-        """The steer as a plain dict. ``sae`` is the key ``store`` recorded this SAE under (so
-        results join with its ``features`` table), else the short key."""
+    def describe(self, recorded: Mapping[str, SAEInfo] | None = None) -> dict[str, Any]:
+        """The steer as a plain dict. ``sae`` is the key ``recorded`` (a store's ``saes``) has
+        this SAE under (so results join with its ``features`` table), else the short key."""
         info = sae_info(self.sae)
         return {
-            "sae": sae_key(self.sae, store.saes if store is not None else None),
+            "sae": sae_key(self.sae, recorded),
             "release": info.release,
             "sae_id": info.sae_id,
             "hook": info.hook_out,
@@ -147,47 +152,8 @@ class Steer:
         }
 
 
-def feature_max(store: Any, sae: Any, feature: int) -> float:
-    """The feature's recorded max activation in ``store`` (its SAE with the same weights), for
-    ``Steer(..., unit="max", max_act=...)``. Refuses an SAE the store did not record and a
-    feature that never fired."""
-    key = recorded_key(sae, store.saes)
-    if key is None:
-        raise ScopeError(
-            f"the store {store.root} did not record this SAE ({sae_info(sae).key}; it has "
-            f"{', '.join(store.saes)}): record it, or steer with unit 'absolute'"
-        )
-    rows = store.sql(
-        "select max from features where sae = ? and feature = ?", [key, feature]
-    ).fetchall()
-    top = float(rows[0][0]) if rows else 0.0
-    if top <= 0:
-        raise ScopeError(
-            f"{key}/{feature} never fired in {store.root}: its max is 0, so unit 'max' means nothing"
-        )
-    return top
-
-
-def with_maxes(steers: Sequence[Steer], store: Any = None) -> list[Steer]:
-    """``steers`` with every unit-max steer's ``max_act`` filled in from ``store`` (looked up
-    once per feature); steers that have it, or need none, are kept as they are. Refuses a
-    unit-max steer without its max when there is no store."""
-    found: dict[tuple[int, int], float] = {}
-    out = []
-    for s in steers:
-        if s.unit != "max" or s.max_act is not None:
-            out.append(s)
-            continue
-        if store is None:
-            raise _needs_max(s)
-        at = (id(s.sae), s.feature)
-        if at not in found:
-            found[at] = feature_max(store, s.sae, s.feature)
-        out.append(replace(s, max_act=found[at]))
-    return out
-
-
-def _needs_max(s: Steer) -> ScopeError:
+def missing_max(s: Steer) -> ScopeError:
+    """The error for a unit-max steer without its max (``max_act``)."""
     return ScopeError(
         f"{s.key}/{s.feature}: unit 'max' needs a recorded store (--store), or the feature's "
         "max as max_act"
@@ -358,7 +324,7 @@ def _apply(
 def build_hooks(steers: Sequence[Steer], prompt_len: int) -> list[tuple[str, Intervention]]:
     """Fresh (hook name, Intervention) pairs for ONE run, one per hook point, that apply
     ``steers`` to every row of any batch; positions count from the first forward they see.
-    Unit-max steers carry their max (``with_maxes``). ``steering`` and ``generate`` build
+    Unit-max steers carry their max (``max_act``). ``steering`` and ``generate`` build
     their own per run."""
     return _build([steers], prompt_len, every_row=True)
 
@@ -377,7 +343,7 @@ def _build(
 ) -> list[tuple[str, Intervention]]:
     for s in (s for row in rows for s in row):
         if s.unit == "max" and s.max_act is None:
-            raise _needs_max(s)
+            raise missing_max(s)
     # per hook point: the j-th steer of a row at that hook, by everything but its strength
     found: dict[str, dict[tuple[Any, ...], tuple[Steer, list[int], list[float]]]] = {}
     for r, row in enumerate(rows):
@@ -415,15 +381,13 @@ def _rows(where: list[int]) -> slice | list[int]:
     return where
 
 
-def check_steers(model: Any, steers: Sequence[Steer], store: Any = None) -> list[Steer]:
+def check_steers(model: Any, steers: Sequence[Steer]) -> list[Steer]:
     """Raise a ScopeError now, before anything runs, for a steer that cannot run on ``model``:
-    an SAE that does not fit it, or unit max without its max (no store, or a feature that
-    never fired). Gives the steers with their maxes filled in (``with_maxes``)."""
+    an SAE that does not fit it, or unit max without its max (``max_act``). Gives the steers."""
     for s in steers:
         check_fit(model, s.sae)
-    ready = with_maxes(steers, store)
-    build_hooks(ready, 1)
-    return ready
+    build_hooks(steers, 1)
+    return list(steers)
 
 
 @contextmanager
@@ -463,13 +427,13 @@ def _as_torch_hook(fn: Any, point: Any) -> Any:
 
 @contextmanager
 def steering(
-    model: Any, steers: Sequence[Steer], *, prompt_len: int, store: Any = None
+    model: Any, steers: Sequence[Steer], *, prompt_len: int
 ) -> Iterator[list[tuple[str, Intervention]]]:
     """``with steering(model, steers, prompt_len=n): model(tokens)`` runs ``model`` with the
-    steers on; ``store`` gives unit-max steers their max (or give them ``max_act``). Each ``with`` is one run: fresh hooks
+    steers on (unit-max steers carry their ``max_act``). Each ``with`` is one run: fresh hooks
     whose positions start at 0 (positions from ``prompt_len`` on count as generated), removed
     when the block ends, also on an exception. Gives the (hook name, Intervention) pairs."""
-    hooks = build_hooks(check_steers(model, steers, store), prompt_len)
+    hooks = build_hooks(check_steers(model, steers), prompt_len)
     with attach(model, hooks):
         yield hooks
 
@@ -486,7 +450,6 @@ __all__ = [
     "build_hooks",
     "build_row_hooks",
     "check_steers",
-    "feature_max",
+    "missing_max",
     "steering",
-    "with_maxes",
 ]

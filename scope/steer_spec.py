@@ -10,6 +10,10 @@ runs. ``resolve`` turns specs into ``scope.steer.Steer`` objects against the loa
 The CLI form is ``KEY/FEATURE:STRENGTH[:MODE][@POSITIONS]``: the strength may end in ``xmax``
 or ``xnorm`` for those units, and ablate needs none (``KEY/FEATURE:ablate``). Every error is a
 ``SpecError`` that names the field (``strength``, ``steer[0].feature`` ...) and the fix.
+
+Unit max is resolved here and nowhere else: ``resolve`` (and ``with_maxes``, for steers built
+in code) read each feature's recorded max from the store once and hand ``Steer`` the number;
+steering and generation never see a store.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from scope.errors import ScopeError, closest
 from scope.identity import recorded_key, sae_info, sae_keys
-from scope.steer import MODES, POSITIONS, STRENGTH_LIMITS, UNITS, Steer, with_maxes
+from scope.steer import MODES, POSITIONS, STRENGTH_LIMITS, UNITS, Steer, missing_max
+
+if TYPE_CHECKING:
+    from scope.store import Store
 
 
 class SpecError(ScopeError):
@@ -165,7 +172,7 @@ class SteerSpec:
                    mode=steer.mode, unit=steer.unit, positions=steer.positions)  # fmt: skip
 
 
-def sae_map(saes: Sequence[Any], store: Any = None) -> dict[str, Any]:
+def sae_map(saes: Sequence[Any], store: Store | None = None) -> dict[str, Any]:
     """The keys a spec may name each of ``saes`` by: its key among them (``L12.res.16k``, or
     ``L12.res.16k.l0_71`` when several share a layer, site and width) and, when ``store``
     recorded it, the store's key for it."""
@@ -177,8 +184,51 @@ def sae_map(saes: Sequence[Any], store: Any = None) -> dict[str, Any]:
     return found
 
 
+def feature_max(store: Store, sae: Any, feature: int) -> float:
+    """The feature's recorded max activation in ``store`` (its SAE with the same weights): the
+    number ``Steer(..., unit="max", max_act=...)`` takes. Refuses an SAE the store did not
+    record and a feature that never fired."""
+    key = recorded_key(sae, store.saes)
+    if key is None:
+        raise ScopeError(
+            f"the store {store.root} did not record this SAE ({sae_info(sae).key}; it has "
+            f"{', '.join(store.saes)}): record it, or steer with unit 'absolute'"
+        )
+    rows = store.sql(
+        "select max from features where sae = ? and feature = ?", [key, feature]
+    ).fetchall()
+    top = float(rows[0][0]) if rows else 0.0
+    if top <= 0:
+        raise ScopeError(
+            f"{key}/{feature} never fired in {store.root}: its max is 0, so unit 'max' means nothing"
+        )
+    return top
+
+
+def with_maxes(steers: Sequence[Steer], store: Store | None) -> list[Steer]:
+    """``steers`` with every unit-max steer's ``max_act`` filled in from ``store`` (looked up
+    once per feature); steers that have it, or need none, are kept as they are. Refuses a
+    unit-max steer without its max when there is no store."""
+    found: dict[tuple[int, int], float] = {}
+    out = []
+    for s in steers:
+        if s.unit != "max" or s.max_act is not None:
+            out.append(s)
+            continue
+        if store is None:
+            raise missing_max(s)
+        at = (id(s.sae), s.feature)
+        if at not in found:
+            found[at] = feature_max(store, s.sae, s.feature)
+        out.append(replace(s, max_act=found[at]))
+    return out
+
+
 def resolve(
-    specs: Sequence[SteerSpec], saes: Mapping[str, Any], store: Any = None, where: str = "steer"
+    specs: Sequence[SteerSpec],
+    saes: Mapping[str, Any],
+    store: Store | None = None,
+    where: str = "steer",
 ) -> list[Steer]:
     """``Steer`` objects for ``specs`` against ``saes`` (key -> SAE, e.g. ``sae_map``), unit
     max given its recorded max from ``store`` once per feature. Errors name the spec as
@@ -208,4 +258,4 @@ def resolve(
     return steers
 
 
-__all__ = ["SpecError", "SteerSpec", "resolve", "sae_map"]
+__all__ = ["SpecError", "SteerSpec", "feature_max", "resolve", "sae_map", "with_maxes"]

@@ -9,6 +9,9 @@ For each point (strength, and optionally mode or SAE/layer):
   text itself now carry the feature?);
 - ``kl``: mean KL(steered || baseline) of the next-token distributions along the continuation;
 - ``loss``: mean cross-entropy of the steered continuation under the unsteered model (fluency).
+
+A sweep saved to a store is a row per point in its ``experiments`` side table
+(``scope.store.schema.EXPERIMENTS``) beside the sweep's JSON; ``experiments`` reads them back.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
@@ -29,8 +32,12 @@ from scope.acts import encode, site_input
 from scope.errors import ScopeError
 from scope.generate import Sampling, generate_rows, prompt_tokens
 from scope.sae import sae_key
-from scope.steer import Steer, attach, build_row_hooks, check_steers, with_maxes
-from scope.steer_spec import SteerSpec
+from scope.steer import Steer, attach, build_row_hooks, check_steers
+from scope.steer_spec import SteerSpec, with_maxes
+from scope.store.schema import EXPERIMENTS
+
+if TYPE_CHECKING:
+    from scope.store import Store
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +104,7 @@ class Sweep:
     def table(self) -> pa.Table:
         """One row per point, with the experiment id, feature and prompt, and the point's
         ``SteerSpec`` in its CLI form (``spec``)."""
-        return pa.Table.from_pylist(
+        return EXPERIMENTS.from_rows(
             [
                 {**vars(p), "experiment": self.id, "feature": self.feature, "prompt": self.prompt}
                 | {"spec": str(p.spec())}
@@ -133,15 +140,15 @@ class Sweep:
 
         meta = {"id": self.id, "prompt": self.prompt, "feature": self.feature,
                 "sampling": vars(self.sampling), "baseline": self.baseline}  # fmt: skip
-        return add_side_table(folder, "experiments", self.id, self.table(), meta)
+        return add_side_table(folder, EXPERIMENTS.name, self.id, self.table(), meta)
 
 
 @torch.no_grad()
 def measure(
-    model: Any, tokens: Int[torch.Tensor, "1 pos"], cont: list[int], steer: Steer, store: Any
+    model: Any, tokens: Int[torch.Tensor, "1 pos"], cont: list[int], steer: Steer
 ) -> dict[str, float]:
     """Metrics of one steered continuation ``cont`` of ``tokens`` (see the module docstring)."""
-    return measure_rows(model, tokens, [cont], [steer], store)[0]
+    return measure_rows(model, tokens, [cont], [steer])[0]
 
 
 @torch.no_grad()
@@ -150,7 +157,6 @@ def measure_rows(
     tokens: Int[torch.Tensor, "1 pos"],
     conts: Sequence[list[int]],
     steers: Sequence[Steer],
-    store: Any,
 ) -> list[dict[str, float]]:
     """``measure`` of many continuations of ``tokens`` at once, continuation i steered by
     ``steers[i]``: one steered and one plain forward over the batch (shorter continuations
@@ -167,7 +173,7 @@ def measure_rows(
     def grab(act: torch.Tensor, hook: Any) -> None:
         got[hook.name] = act.detach().clone()
 
-    steering = build_row_hooks([[s] for s in with_maxes(steers, store)], n_prompt)
+    steering = build_row_hooks([[s] for s in steers], n_prompt)
     with attach(model, [*steering, *((h, grab) for h in hooks)]):  # grab sees the steered act
         steered_logits = model(seq)
     after = dict(got)
@@ -226,7 +232,7 @@ def sweep(
     modes: Sequence[str] | None = None,
     saes: Sequence[Any] | None = None,
     sampling: Sampling | None = None,
-    store: Any = None,
+    store: Store | None = None,
     save_to: str | Path | None = None,
     on_point: PointFn | None = None,
     batch_size: int = BATCH_ROWS,
@@ -243,13 +249,14 @@ def sweep(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ScopeError(f"batch size {batch_size!r} must be a whole number of rows, at least 1")
     tokens = prompt_tokens(model, prompt, sampling.chat, sampling.max_new_tokens)
-    plan = [
-        replace(steer, sae=sae, mode=mode, strength=strength)
+    plan = [  # a max given for the steer's own SAE says nothing of another's
+        replace(steer, sae=sae, mode=mode, strength=strength,
+                max_act=steer.max_act if sae is steer.sae else None)
         for sae in saes or [steer.sae]
         for mode in modes or [steer.mode]
         for strength in strengths
-    ]
-    plan = check_steers(model, plan, store)  # unit max: each point with its max
+    ]  # fmt: skip
+    plan = check_steers(model, with_maxes(plan, store))  # unit max: each SAE's own max
     recorded = store.saes if store is not None else None
     rows: list[Steer | None] = [None, *plan]  # None: the baseline
     baseline: list[int] = []
@@ -257,16 +264,14 @@ def sweep(
     for lo in range(0, len(rows), batch_size):
         batch = rows[lo : lo + batch_size]
         conts = generate_rows(
-            model, tokens, sampling, [[p] if p is not None else [] for p in batch], store=store
+            model, tokens, sampling, [[p] if p is not None else [] for p in batch]
         )
         steered = [(p, c) for p, c in zip(batch, conts, strict=True) if p is not None]
         if batch[0] is None:
             baseline = conts[0]
         if not steered:
             continue
-        metrics = measure_rows(
-            model, tokens, [c for _, c in steered], [p for p, _ in steered], store
-        )
+        metrics = measure_rows(model, tokens, [c for _, c in steered], [p for p, _ in steered])
         for (point, cont), m in zip(steered, metrics, strict=True):
             done = SweepPoint(strength=point.strength, mode=point.mode, sae=sae_key(point.sae, recorded),
                               hook=point.hook_name, text=model.tokenizer.decode(cont, skip_special_tokens=True),
@@ -286,5 +291,25 @@ def sweep(
 
 def load_experiments(folder: str | Path) -> list[dict[str, Any]]:
     """Metadata of the sweeps saved under ``folder/experiments``, newest first."""
-    found = sorted((Path(folder) / "experiments").glob("*.json"), reverse=True)
+    found = sorted((Path(folder) / EXPERIMENTS.name).glob("*.json"), reverse=True)
     return [json.loads(p.read_text()) for p in found]
+
+
+def experiments(store: Store) -> list[Sweep]:
+    """The store's saved sweeps as ``Sweep`` objects (``.figure()``, ``.points``), newest first."""
+    found = load_experiments(store.root)
+    if not found or EXPERIMENTS.name not in store.views:
+        return []
+    rows = store.sql("select * from experiments order by experiment, strength").arrow().to_pylist()
+    names = {f.name for f in fields(SweepPoint)}
+    out = []
+    for meta in found:
+        points = [
+            SweepPoint(**{k: v for k, v in r.items() if k in names})
+            for r in rows
+            if r["experiment"] == meta["id"]
+        ]
+        sampling = Sampling(**meta.get("sampling", {}))
+        out.append(Sweep(prompt=meta["prompt"], feature=meta["feature"], sampling=sampling,
+                         baseline=meta.get("baseline", ""), points=points, id=meta["id"]))  # fmt: skip
+    return out

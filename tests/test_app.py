@@ -19,8 +19,10 @@ from scope.generate import Sampling, compare
 from scope.inspect import activations, inspect
 from scope.record import RecordSettings, record
 from scope.steer import Steer
+from scope.steer_spec import with_maxes
 from scope.store import Store, explore, set_label
 from scope.store.view import visible
+from scope.sweep import experiments
 
 HOME = Path(__file__).parents[1] / "app" / "Home.py"
 CTX = 32
@@ -273,7 +275,7 @@ def test_lab_generates_what_the_library_generates(app, tiny_model, tiny_sae_dir,
     next(b for b in app.button if b.label == "Generate").click().run()
     no_errors(app)
     sae = load_sae(tiny_sae_dir, device="cpu")
-    want = compare(tiny_model, "The fox", [Steer(sae, f, 4.0, unit="max")],
+    want = compare(tiny_model, "The fox", with_maxes([Steer(sae, f, 4.0, unit="max")], store),
                    sampling=Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0), store=store)  # fmt: skip
     shown = {"baseline": "", "steered": ""}
     for h in app.get("html"):
@@ -342,7 +344,7 @@ def test_labels_and_a_recording_into_the_same_store_both_survive(
 def test_lab_sweep_is_charted_saved_and_listed(app, app_store):
     store = Store(app_store)
     f = busiest(store)
-    before = len(explore.experiments(store))
+    before = len(experiments(store))
     app.session_state["steers"] = [{"sae": "L2.res.256", "feature": f, "mode": "add",
                                     "strength": 1.0, "unit": "max", "positions": "all"}]  # fmt: skip
     app.switch_page("views/lab.py").run()
@@ -350,7 +352,7 @@ def test_lab_sweep_is_charted_saved_and_listed(app, app_store):
     [n for n in app.number_input if n.label == "new tokens"][0].set_value(8)
     next(b for b in app.button if b.label == "Run sweep").click().run()
     no_errors(app)
-    saved = explore.experiments(Store(app_store))
+    saved = experiments(Store(app_store))
     assert len(saved) == before + 1
     done = saved[0]
     assert [p.strength for p in done.points] == [0.0, 4.0] and done.feature == f

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from served import free_port, wait_served
 
+from scope.steer_spec import with_maxes
 from scope.store import Store
 
 pytestmark = pytest.mark.slow
@@ -217,8 +218,8 @@ def test_every_prompt_in_the_lab_is_what_is_generated(browser, explorer, app_sto
     box = page.get_by_role("textbox", name="prompt")
     sampling = Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)
     for prompt in ["The fox", "Rivers run to", "In the morning the"]:
-        want = compare(tiny_model, prompt, [Steer(sae, f, 1.0, unit="max")], sampling=sampling,
-                       store=store)  # fmt: skip
+        steers = with_maxes([Steer(sae, f, 1.0, unit="max")], store)
+        want = compare(tiny_model, prompt, steers, sampling=sampling, store=store)
         box.fill(prompt)
         page.get_by_role("button", name="Generate").click()
 
@@ -337,12 +338,12 @@ def test_removing_a_steered_feature_keeps_every_other_rows_settings(
 
     # what runs is what the rows show
     sae = load_recorded_sae(store.saes["L2.res.256"], device="cpu")
-    want = compare(tiny_model, "The fox", [Steer(sae, a, 3.0, unit="max", positions="prompt"),
-                                           Steer(sae, c, 2.0, mode="clamp")],
+    want = compare(tiny_model, "The fox", with_maxes([Steer(sae, a, 3.0, unit="max", positions="prompt"),
+                                                      Steer(sae, c, 2.0, mode="clamp")], store),
                    sampling=Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0),
                    store=store)  # fmt: skip
-    shifted = compare(tiny_model, "The fox", [Steer(sae, a, 3.0, unit="max", positions="prompt"),
-                                              Steer(sae, c, 0.0, mode="ablate")],
+    shifted = compare(tiny_model, "The fox", with_maxes([Steer(sae, a, 3.0, unit="max", positions="prompt"),
+                                                         Steer(sae, c, 0.0, mode="ablate")], store),
                       sampling=Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0),
                       store=store)  # fmt: skip
     assert as_shown(shifted.steered) != as_shown(want.steered)  # the test tells them apart

@@ -482,7 +482,8 @@ def test_l0_variants_of_one_slot_record_side_by_side(
 ):
     """Gemma Scope ships several L0s per layer and width: they get distinct keys, and steering
     in units of the recorded max finds its own SAE by its weights."""
-    from scope.steer import Steer, feature_max
+    from scope.steer import Steer
+    from scope.steer_spec import feature_max
 
     sparse = tmp_path / "tiny-scope-res" / "layer_2" / "width_256" / "average_l0_4"
     fixtures.write_params(

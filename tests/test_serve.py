@@ -24,8 +24,7 @@ openai = pytest.importorskip("openai")
 
 from scope.errors import ScopeError  # noqa: E402
 from scope.generate import Sampling, chat_tokens, end_tokens, generate, prompt_tokens  # noqa: E402
-from scope.steer import feature_max  # noqa: E402
-from scope.steer_spec import SteerSpec, resolve, sae_map  # noqa: E402
+from scope.steer_spec import SteerSpec, feature_max, resolve, sae_map  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog, then"
 MESSAGES = [{"role": "user", "content": "Tell me about the fox."}]

@@ -20,7 +20,8 @@ from scope.generate import (
     sample_token,
     text_stream,
 )
-from scope.steer import Steer, build_hooks, steering, with_maxes
+from scope.steer import Steer, build_hooks, steering
+from scope.steer_spec import with_maxes
 from scope.sweep import parse_strengths, sweep
 
 HOOK = "blocks.2.hook_resid_post"
@@ -73,7 +74,7 @@ def unit(sae, f):
     return sae.W_dec[f] / sae.W_dec[f].norm()
 
 
-def run_steered(model, tokens, steers, prompt_len=None, store=None, hooks=(HOOK,)):
+def run_steered(model, tokens, steers, prompt_len=None, hooks=(HOOK,)):
     """Each hook's input and output under ``steers`` (capture hooks around the steering hooks),
     as {hook: (x, y)} [pos, d] for several hooks, or (x, y) for one; and the logits."""
     seen: dict[tuple[str, str], torch.Tensor] = {}
@@ -87,7 +88,7 @@ def run_steered(model, tokens, steers, prompt_len=None, store=None, hooks=(HOOK,
     with (
         torch.no_grad(),
         model.hooks(fwd_hooks=[(h, grab("in")) for h in hooks]),
-        steering(model, steers, prompt_len=prompt_len or tokens.shape[1], store=store),
+        steering(model, steers, prompt_len=prompt_len or tokens.shape[1]),
         model.hooks(fwd_hooks=[(h, grab("out")) for h in hooks]),
     ):
         logits = model(tokens)
@@ -520,9 +521,9 @@ def test_max_unit_uses_the_recorded_max(tiny_model, sae, l0_store):
         ).fetchall()[0][0]
         top = store.feature(f"{key}/{f}").max
         tokens = tiny_model.to_tokens(PROMPT)
-        x, y, _ = run_steered(
-            tiny_model, tokens, [Steer(s, f, strength=2.0, unit="max")], store=store
-        )
+        steers = with_maxes([Steer(s, f, strength=2.0, unit="max")], store)
+        assert steers[0].max_act == pytest.approx(top)  # the number, read once from the store
+        x, y, _ = run_steered(tiny_model, tokens, steers)
         # what the feature writes at twice its recorded max: the same whatever its row's norm
         torch.testing.assert_close(
             (y - x)[1:], (2.0 * top * s.W_dec[f]).expand_as(x[1:]), rtol=1e-5, atol=1e-4
@@ -543,7 +544,7 @@ def test_sweep_in_a_store_with_l0_variants_joins_its_features(tiny_model, sae, l
 
     path, _ = l0_store
     steer = Steer(sae, 7)
-    assert steer.describe(Store(path))["sae"] == "L2.res.256.l0_13"
+    assert steer.describe(Store(path).saes)["sae"] == "L2.res.256.l0_13"
     assert steer.describe()["sae"] == "L2.res.256"
     result = sweep(tiny_model, PROMPT, steer, [0.0, 10.0], store=Store(path),
                    sampling=Sampling(max_new_tokens=4, temperature=0.0))  # fmt: skip

@@ -156,9 +156,9 @@ def test_rows_stop_at_their_end_token(tiny_model, sae, tokens, monkeypatch):
         cut = u.index(end) + 1 if end in u else len(u)
         assert g == u[:cut]
     assert len(got[2]) <= 4 and len({len(g) for g in got}) > 1 and max(map(len, got)) == 12
-    batched = measure_rows(tiny_model, tokens, got, steers, None)
+    batched = measure_rows(tiny_model, tokens, got, steers)
     assert_metrics_close(
-        batched, [measure(tiny_model, tokens, c, s, None) for c, s in zip(got, steers, strict=True)]
+        batched, [measure(tiny_model, tokens, c, s) for c, s in zip(got, steers, strict=True)]
     )
 
 
@@ -183,7 +183,7 @@ def test_sweep_equals_its_points_run_one_by_one(tiny_model, sae, layer1, tokens)
         )
         cont = list(generate(tiny_model, tokens, sampling, [steer]))
         assert p.tokens == q.tokens == cont
-        want = measure(tiny_model, tokens, cont, steer, None)
+        want = measure(tiny_model, tokens, cont, steer)
         for name, value in want.items():
             assert getattr(p, name) == pytest.approx(value, **CLOSE)
             assert getattr(q, name) == pytest.approx(value, **CLOSE)
@@ -194,3 +194,17 @@ def test_sweep_batch_size_is_checked(tiny_model, sae):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ScopeError, match=f"batch size {bad!r} must be a whole number"):
             sweep(tiny_model, PROMPT, Steer(sae, 7), [1.0], batch_size=bad)
+
+
+def test_a_given_max_is_its_own_saes_only(tiny_model, sae, layer1, tokens):
+    """Unit max across SAEs: the steer's ``max_act`` is its own feature's; the other SAE's
+    point needs its own max (a store), never the first SAE's number."""
+    steer = Steer(sae, 7, 2.0, unit="max", max_act=3.0)
+    with pytest.raises(ScopeError, match=r"L1\.res\.128/7: unit 'max' needs a recorded store"):
+        sweep(tiny_model, PROMPT, steer, [2.0], saes=[sae, layer1],
+              on_point=lambda *a: pytest.fail("a point ran"))  # fmt: skip
+    sampling = Sampling(max_new_tokens=4, temperature=0.0)
+    (point,) = sweep(tiny_model, PROMPT, steer, [2.0], sampling=sampling).points
+    # the point ran with the number it was given (no store anywhere)
+    assert point.tokens == list(generate(tiny_model, tokens, sampling, [steer]))
+    assert point.spec().unit == "max" and point.strength == 2.0

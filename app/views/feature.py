@@ -25,6 +25,7 @@ from scope.errors import ScopeError
 from scope.inspect import activations
 from scope.record.tables import written_directions
 from scope.store import explore, set_label
+from scope.store.schema import N_INTERVALS
 from scope.store.view import shaded, visible
 
 LENS_K = 10
@@ -232,7 +233,7 @@ with left:
                 st.caption(f"shaded against the feature's max on the corpus ({view.max:.2f})")
     st.subheader("Examples by activation interval")
     for interval in sorted(view.intervals, reverse=True):
-        lo, hi = interval * view.max / 5, (interval + 1) * view.max / 5
+        lo, hi = interval * view.max / N_INTERVALS, (interval + 1) * view.max / N_INTERVALS
         exs = view.intervals[interval]
         with st.expander(
             f"{lo:.2f} – {hi:.2f} of the max · {len(exs)} examples",

@@ -17,7 +17,7 @@ from scope.generate import Sampling, compare
 from scope.steer import MODES, POSITIONS, Steer
 from scope.steer_spec import resolve
 from scope.store import explore
-from scope.sweep import parse_strengths, sweep
+from scope.sweep import experiments, parse_strengths, sweep
 
 s = store()
 st.title("Steering lab")
@@ -187,7 +187,7 @@ if loaded is not None and cols[1].button("Run sweep", disabled=not steers):
             st.plotly_chart(done.figure(), width="stretch")
             st.success(f"saved as experiment {done.id}")
 
-saved = explore.experiments(s)
+saved = experiments(s)
 st.subheader(f"Saved sweeps ({len(saved)})")
 for done in saved:
     with st.expander(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,6 +18,9 @@ from scope.cli.common import (
     out,
 )
 from scope.errors import ScopeError
+
+if TYPE_CHECKING:
+    from scope.store import Store
 
 
 @app.command()
@@ -128,7 +131,7 @@ def _write_graph(
     path: str,
     thresholds: tuple[float, float],
     max_feature_nodes: int | None,
-    store: Any,
+    store: Store | None,
 ) -> None:
     import json
     from pathlib import Path

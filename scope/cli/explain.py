@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.progress import (
 
 from scope.cli.common import DeviceOpt, LogEvery, RecordedStoreOpt, app, err, friendly, out
 from scope.errors import ScopeError
+
+if TYPE_CHECKING:
+    from scope.store import Store
 
 
 def parse_features(text: str) -> list[int]:
@@ -37,7 +40,7 @@ def parse_features(text: str) -> list[int]:
 
 
 def targets(
-    store: Any, saes: list[str], features: str | None, live: bool, labelled: bool
+    store: Store, saes: list[str], features: str | None, live: bool, labelled: bool
 ) -> list[tuple[str, int]]:
     """The (sae key, feature) pairs the options select, checked against the store."""
     keys = saes or list(store.saes)

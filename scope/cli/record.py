@@ -290,6 +290,7 @@ def feature(
 ) -> None:
     """Print a feature's statistics, histogram, logit lens, neighbours and examples."""
     from scope.store import Store
+    from scope.store.schema import N_INTERVALS
     from scope.store.view import visible
 
     if examples < 0:
@@ -323,7 +324,7 @@ def feature(
     for ex in view.top[:examples]:
         say(f"{ex.act:8.2f}  {example_line(ex, context=20)}")
     if examples and view.intervals:
-        say("interval examples (fifths of the max, highest first):")
+        say(f"interval examples ({N_INTERVALS} equal parts of the max, highest first):")
         for interval in sorted(view.intervals, reverse=True):
             for ex in view.intervals[interval][:2]:
                 say(f"{interval} {ex.act:6.2f}  {example_line(ex, context=20)}")

@@ -23,7 +23,8 @@ from scope.errors import ScopeError
 from scope.explain.models import Explainer
 from scope.explain.score import Sets, detection, fuzzing, split
 from scope.store import Store
-from scope.store.explanations import SCHEMA, Explanation
+from scope.store.explanations import Explanation
+from scope.store.schema import EXPLANATIONS
 from scope.store.writer import add_side_table
 
 METHOD = "delphi-top-intervals"
@@ -47,7 +48,7 @@ class ExplainReport(NamedTuple):
 
 def done(store: Store, explainer: str) -> set[tuple[str, int]]:
     """(sae, feature) pairs this explainer already explained with METHOD."""
-    if "explanations" not in store.views:
+    if EXPLANATIONS.name not in store.views:
         return set()
     rows = store.sql(
         "select distinct sae, feature from explanations where explainer = ? and method = ?",
@@ -102,8 +103,8 @@ def explain_features(
     def flush() -> None:
         nonlocal chunk
         if pending:
-            table = pa.Table.from_pylist([asdict(e) for e in pending], schema=SCHEMA)
-            add_side_table(store_path, "explanations", f"{run}-{chunk:05d}", table)
+            table = pa.Table.from_pylist([asdict(e) for e in pending], schema=EXPLANATIONS.columns)
+            add_side_table(store_path, EXPLANATIONS.name, f"{run}-{chunk:05d}", table)
             chunk += 1
             made.extend(pending)
             pending.clear()
@@ -156,4 +157,4 @@ def explain_features(
     return ExplainReport(made=made, already=len(targets) - len(todo), empty=empty)
 
 
-__all__ = ["METHOD", "SCHEMA", "ExplainReport", "Explanation", "done", "explain_features"]
+__all__ = ["METHOD", "ExplainReport", "Explanation", "done", "explain_features"]

@@ -1,4 +1,5 @@
-"""Write a finished snapshot's tables from the recording state."""
+"""Write a finished snapshot's tables from the recording state, in the format
+``scope.store.schema`` declares (each table conformed to its columns before it is written)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,24 @@ from scope.record.state import FeatureState
 from scope.record.tables import WindowLengths
 from scope.store.files import VersionBuilder
 from scope.store.manifest import Manifest
-from scope.store.reader import activating_query, sql_files, sql_string
+from scope.store.schema import (
+    ACTIVATING,
+    FEATURES,
+    HIST,
+    L0,
+    LENS,
+    SAES,
+    SAMPLES,
+    TOPK,
+    VOCAB,
+    WINDOWS,
+    WINDOWS_GLOB,
+    Table,
+    activating_query,
+    lens_file,
+    sql_files,
+    sql_string,
+)
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
@@ -25,7 +43,7 @@ if TYPE_CHECKING:
 
 def window_lengths(root: Path) -> WindowLengths:
     """n_tokens of every window recorded in the store, by window id."""
-    parts = sorted((root / "windows").glob("part-*.parquet"))
+    parts = sorted((root / WINDOWS.name).glob(WINDOWS_GLOB))
     t = pa.concat_tables([pq.read_table(p, columns=["window_id", "n_tokens"]) for p in parts])
     ids = t["window_id"].to_numpy()
     order = np.argsort(ids, kind="stable")
@@ -50,15 +68,15 @@ def write_sorted(table: pa.Table, path: Path) -> None:
 def write_activating(builder: VersionBuilder, root: Path) -> None:
     """The ``activating`` table (each top example's activating token and the text before it),
     which makes search by token a filter instead of a join over every window."""
-    topk = sql_string(str(builder.path("topk.parquet")))
-    windows = sql_files(root / "windows", "part-*.parquet")
-    vocab = sql_string(str(root / "vocab.parquet"))
+    topk = sql_string(str(builder.path(TOPK.file)))
+    windows = sql_files(root / WINDOWS.name, WINDOWS_GLOB)
+    vocab = sql_string(str(root / VOCAB.file))
     with duckdb.connect() as con:
         query = activating_query(
             f"read_parquet({topk})", f"read_parquet({windows})", f"read_parquet({vocab})"
         )
         table = con.sql(query).to_arrow_table()
-    write_sorted(table, builder.path("activating.parquet"))
+    write_sorted(ACTIVATING.conform(table), builder.path(ACTIVATING.file))
 
 
 def finalize(
@@ -86,24 +104,22 @@ def write_tables(
     """The tables made from the state: features, topk, samples, hist, l0, saes, activating."""
     dense = manifest.settings.dense_threshold
     lengths = window_lengths(root)
-    parts: dict[str, list[pa.Table]] = {
-        n: [] for n in ("features", "topk", "samples", "hist", "l0")
-    }
+    parts: dict[Table, list[pa.Table]] = {t: [] for t in (FEATURES, TOPK, SAMPLES, HIST, L0)}
     summaries = []
     for key, st in states.items():
-        parts["features"].append(tables.feature_table(key, st, dense))
-        parts["topk"].append(tables.topk_table(key, st, lengths))
-        parts["samples"].append(tables.samples_table(key, st))
-        parts["hist"].append(tables.hist_table(key, st))
-        parts["l0"].append(tables.l0_table(key, st))
+        parts[FEATURES].append(tables.feature_table(key, st, dense))
+        parts[TOPK].append(tables.topk_table(key, st, lengths))
+        parts[SAMPLES].append(tables.samples_table(key, st))
+        parts[HIST].append(tables.hist_table(key, st))
+        parts[L0].append(tables.l0_table(key, st))
         summaries.append(tables.sae_summary(key, st, dense))
     with ThreadPoolExecutor(max_workers=WRITERS) as pool:  # pyarrow encodes without the GIL
         written = [
-            pool.submit(write_sorted, pa.concat_tables(ts), builder.path(f"{name}.parquet"))
-            for name, ts in parts.items()
+            pool.submit(write_sorted, t.conform(pa.concat_tables(ts)), builder.path(t.file))
+            for t, ts in parts.items()
         ]
-        saes = pa.Table.from_pylist(summaries)
-        written.append(pool.submit(pq.write_table, saes, builder.path("saes.parquet")))
+        saes = SAES.from_rows(summaries)
+        written.append(pool.submit(pq.write_table, saes, builder.path(SAES.file)))
         for done in written:
             done.result()
     write_activating(builder, root)
@@ -125,16 +141,15 @@ def write_lens(
     for key in states:
         old = next(
             (
-                p / "lens" / f"{key}.parquet"
+                p / lens_file(key)
                 for p in sources
-                if p is not None and (p / "lens" / f"{key}.parquet").is_file()
+                if p is not None and (p / lens_file(key)).is_file()
             ),
             None,
         )
         if old is not None:
-            shutil.copyfile(old, builder.path(f"lens/{key}.parquet"))
+            shutil.copyfile(old, builder.path(lens_file(key)))
         else:
             assert model is not None, "lens tables need the model unless copied"
-            pq.write_table(
-                tables.lens_table(key, saes[key], model), builder.path(f"lens/{key}.parquet")
-            )
+            table = LENS.conform(tables.lens_table(key, saes[key], model))
+            pq.write_table(table, builder.path(lens_file(key)))

@@ -24,6 +24,7 @@ from scope.record.finalize import finalize
 from scope.record.state import FeatureState, load_states, save_states
 from scope.store.files import VersionBuilder, as_created
 from scope.store.manifest import MANIFEST, Manifest, Part, ShardedRun, read_manifest
+from scope.store.schema import LENS, VOCAB, windows_file
 from scope.store.writer import StoreWriter
 
 
@@ -91,9 +92,9 @@ def shard_files(root: Path) -> list[str]:
     made from the state, which the merge makes again). A shard sent from another machine
     needs only these."""
     m = read_shard(root)
-    found = [MANIFEST, "vocab.parquet"]
-    found += [f"windows/part-{i:03d}.parquet" for i in range(len(m.parts))]
-    for version, folder in ((m.state_version, "state"), (m.tables_version, "lens")):
+    found = [MANIFEST, VOCAB.file]
+    found += [windows_file(i) for i in range(len(m.parts))]
+    for version, folder in ((m.state_version, "state"), (m.tables_version, LENS.name)):
         if (root / str(version) / folder).is_dir():
             found += sorted(
                 str(p.relative_to(root)) for p in (root / str(version) / folder).iterdir()
@@ -175,7 +176,7 @@ class ShardMerger:
                     merged_from=None,
                     sharded=ShardedRun(shards=n, merged=[]),
                 ),
-                lambda: pq.read_table(path / "vocab.parquet"),
+                lambda: pq.read_table(path / VOCAB.file),
             )
         else:
             out.parts = [merged_part([a, b]) for a, b in zip(out.parts, m.parts, strict=True)]
@@ -184,8 +185,8 @@ class ShardMerger:
         assert out.sharded is not None
         out.sharded.merged = sorted([*out.sharded.merged, i])
         for index in range(len(m.parts)):  # each shard holds its own documents' windows
-            self._windows.append((index, path / f"windows/part-{index:03d}.parquet", (i, n)))
-        if (path / str(m.tables_version) / "lens").is_dir():
+            self._windows.append((index, path / windows_file(index), (i, n)))
+        if (path / str(m.tables_version) / LENS.name).is_dir():
             self._lens_from = path / str(m.tables_version)
         return m
 

@@ -31,6 +31,7 @@ from scope.record.loop import RecordProgress
 from scope.record.merge import shard_files
 from scope.record.runner import record
 from scope.record.settings import RecordSettings
+from scope.store.schema import LENS, lens_file
 
 PROGRESS_SECONDS = 0.5
 """A worker reports a shard's progress at most this often."""
@@ -138,8 +139,8 @@ class ShardWorker:
         files = {}
         for key, sae in dict(zip(keys, saes, strict=True)).items():
             sink = pa.BufferOutputStream()
-            pq.write_table(tables.lens_table(key, sae, model), sink)
-            files[f"lens/{key}.parquet"] = sink.getvalue().to_pybytes()
+            pq.write_table(LENS.conform(tables.lens_table(key, sae, model)), sink)
+            files[lens_file(key)] = sink.getvalue().to_pybytes()
         return files
 
     def record_shard(

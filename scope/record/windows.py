@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from scope.corpus import CorpusSpec, ReadReport, Windows, iter_windows
 from scope.store.files import as_created
+from scope.store.schema import WINDOWS
 
 READ_ROWS = 4096
 """Windows read from disk at a time."""
@@ -65,12 +66,6 @@ class PartWindows:
         return str(self.report.text_hash.hexdigest())
 
 
-WINDOWS_SCHEMA = pa.schema(
-    [("window_id", pa.int64()), ("part", pa.int32()), ("doc", pa.string()),
-     ("offset", pa.int32()), ("n_tokens", pa.int32()), ("tokens", pa.list_(pa.int32()))]
-)  # fmt: skip
-
-
 def write_windows(
     spec: CorpusSpec,
     tokenizer: Any,
@@ -89,9 +84,9 @@ def write_windows(
     report = ReadReport()
     lengths: list[np.ndarray] = [np.zeros(0, np.int32)]
     try:
-        with pq.ParquetWriter(tmp, WINDOWS_SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, WINDOWS.columns, compression="zstd") as writer:
             for block in iter_windows(spec, tokenizer, report, shard=shard, first_doc=first_doc):
-                table = windows_table(block, part).cast(WINDOWS_SCHEMA)
+                table = WINDOWS.conform(windows_table(block, part))
                 writer.write_table(table, row_group_size=READ_ROWS)
                 lengths.append(block.lengths)
     except BaseException:

@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
@@ -30,6 +30,9 @@ from scope.serve.requests import ApiError, Limits, Request, bad, read_request
 from scope.steer import Steer
 from scope.steer_spec import SpecError, SteerSpec, resolve, sae_map
 
+if TYPE_CHECKING:
+    from scope.store import Store
+
 RESOLVED_KEPT = 4096
 """Resolved steers kept for reuse; past this the cache starts again."""
 
@@ -41,8 +44,8 @@ class Served:
     model: Any
     saes: dict[str, Any]
     """SAE key -> SAE, the keys a ``steer`` item may name."""
-    store: Any = None
-    """For unit max: the features' recorded maxes."""
+    store: Store | None = None
+    """For unit max: the features' recorded maxes (read once per spec, by ``resolve``)."""
     name: str = ""
     """The model id clients send (GET /v1/models)."""
     chat: bool | None = None
@@ -73,7 +76,7 @@ def create_app(
     model: Any,
     saes: Sequence[Any] = (),
     *,
-    store: Any = None,
+    store: Store | None = None,
     name: str | None = None,
     chat: bool | None = None,
     steer: Sequence[SteerSpec | str] = (),

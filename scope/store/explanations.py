@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
+from scope.store.schema import EXPLANATIONS, LABELS
 
 if TYPE_CHECKING:
     from scope.store.reader import Store
@@ -56,20 +56,13 @@ class Explanation:
         return sum(got) / len(got) if got else 0.0
 
 
-SCHEMA = pa.schema(
-    [("sae", pa.string()), ("feature", pa.int32()), ("explanation", pa.string()),
-     ("explainer", pa.string()), ("scorer", pa.string()), ("method", pa.string()),
-     ("prompt_hash", pa.string()), ("detection", pa.float64()), ("fuzzing", pa.float64()),
-     ("n_pos", pa.int32()), ("n_neg", pa.int32()), ("n_shown", pa.int32()),
-     ("hard_negatives", pa.int32()), ("unreadable", pa.int32()), ("created", pa.float64())]
-)  # fmt: skip
 COLUMNS = [f.name for f in fields(Explanation)]
-assert SCHEMA.names == COLUMNS
+assert EXPLANATIONS.names == COLUMNS, "scope.store.schema.EXPLANATIONS and Explanation disagree"
 
 
 def feature_explanations(store: Store, key: str, feature: int) -> list[Explanation]:
     """A feature's explanations, the newest per explainer and method, best score first."""
-    if "explanations" not in store.views:
+    if EXPLANATIONS.name not in store.views:
         return []
     rows = store.sql(
         f"""select {", ".join(COLUMNS)} from explanations where sae = ? and feature = ?
@@ -82,7 +75,7 @@ def feature_explanations(store: Store, key: str, feature: int) -> list[Explanati
 
 def best_explanation_sql(store: Store) -> str:
     """SQL giving (sae, feature, explanation): each explained feature's best-scored one."""
-    if "explanations" not in store.views:
+    if EXPLANATIONS.name not in store.views:
         return "select null::varchar as sae, null::integer as feature, null::varchar as explanation where false"
     return (
         "select sae, feature, arg_max(explanation, coalesce(detection, 0) + coalesce(fuzzing, 0)) "
@@ -111,14 +104,14 @@ def search_text(store: Store, query: str, limit: int = 50) -> list[Hit]:
     if not words:
         return []
     rows: list[tuple[str, int, str, str]] = []
-    if "explanations" in store.views:
+    if EXPLANATIONS.name in store.views:
         rows += [
             (s, int(f), str(e), f"explanation ({x})")
             for s, f, e, x in store.sql(
                 "select sae, feature, explanation, explainer from explanations"
             ).fetchall()
         ]
-    if "labels" in store.views:
+    if LABELS.name in store.views:
         rows += [
             (s, int(f), " · ".join(t for t in (lab, notes) if t), "label")
             for s, f, lab, notes in store.sql(
@@ -146,7 +139,6 @@ def search_text(store: Store, query: str, limit: int = 50) -> list[Hit]:
 
 __all__ = [
     "COLUMNS",
-    "SCHEMA",
     "Explanation",
     "Hit",
     "best_explanation_sql",

@@ -13,7 +13,8 @@ from typing import Any
 
 from scope.errors import ScopeError
 from scope.store.explanations import best_explanation_sql, search_text
-from scope.store.reader import Rows, Store, natural, sql_string
+from scope.store.reader import Rows, Store, natural
+from scope.store.schema import EVALS, LABELS, sql_string
 
 SORTS = {
     "hits": "hits",
@@ -117,7 +118,7 @@ def search(store: Store, query: Query) -> Rows:
         where.append("(a.hits > 0 or l.lens is not null)")
         matched = "coalesce(a.hits, 0) as hits, coalesce(a.share, 0) as share, a.context, l.lens"
     label_join, label_cols = "", "null as label"
-    if "labels" in store.views:
+    if LABELS.name in store.views:
         label_join = "left join labels lb using (sae, feature)"
         label_cols = "lb.label"
     label_cols += ", ex.explanation"
@@ -223,7 +224,7 @@ def overview(store: Store) -> Overview:
            from features where not dead group by all order by sae, log10_density"""
     )
     evals = None
-    if "evals" in store.views:
+    if EVALS.name in store.views:
         evals = store.sql("select * from evals order by sae")
     return Overview(
         model=vars(m.model),
@@ -316,39 +317,12 @@ def health(store: Store, cos: float = DUPLICATE_COS) -> Rows:
     return Rows(pa.Table.from_pylist(table))
 
 
-def experiments(store: Store) -> list[Any]:
-    """The store's saved sweeps as ``scope.sweep.Sweep`` objects (``.figure()``, ``.points``),
-    newest first."""
-    from dataclasses import fields
-
-    from scope.generate import Sampling
-    from scope.sweep import Sweep, SweepPoint, load_experiments
-
-    found = load_experiments(store.root)
-    if not found or "experiments" not in store.views:
-        return []
-    rows = store.sql("select * from experiments order by experiment, strength").arrow().to_pylist()
-    names = {f.name for f in fields(SweepPoint)}
-    out = []
-    for meta in found:
-        points = [
-            SweepPoint(**{k: v for k, v in r.items() if k in names})
-            for r in rows
-            if r["experiment"] == meta["id"]
-        ]
-        sampling = Sampling(**meta.get("sampling", {}))
-        out.append(Sweep(prompt=meta["prompt"], feature=meta["feature"], sampling=sampling,
-                         baseline=meta.get("baseline", ""), points=points, id=meta["id"]))  # fmt: skip
-    return out
-
-
 __all__ = [
     "DUPLICATE_COS",
     "Overview",
     "Query",
     "corpus_tokens",
     "duplicates",
-    "experiments",
     "health",
     "live_neighbour",
     "overview",

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scope.store.manifest import MANIFEST
+from scope.store.schema import FEATURES, MANIFEST
 
 READER_GRACE_SECONDS = 600.0
 """A replaced snapshot stays on disk this long, so readers that opened it can finish."""
@@ -87,7 +87,7 @@ class VersionBuilder:
         for old in sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir()):
             if old.name in live:
                 continue
-            if not (old / "features.parquet").exists():  # checkpoint only: readers never use it
+            if not (old / FEATURES.file).exists():  # checkpoint only: readers never use it
                 shutil.rmtree(old, ignore_errors=True)
                 continue
             # a snapshot readers may still have open: drop it a grace period after it is replaced

@@ -13,9 +13,9 @@ from typing import Any
 
 from scope.errors import ScopeError
 from scope.identity import ModelIdentity, SAEInfo
+from scope.store.schema import MANIFEST
 
 FORMAT = 1
-MANIFEST = "manifest.json"
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -21,47 +21,33 @@ from scope.errors import ScopeError, closest
 from scope.identity import SAEInfo, recorded_key
 from scope.store.explanations import feature_explanations
 from scope.store.manifest import Manifest, read_manifest
+from scope.store.schema import (
+    ACTIVATING,
+    FEATURES,
+    INTERVALS,
+    LABELS,
+    LENS,
+    SAMPLES,
+    SIDE_TABLES,
+    SNAPSHOT,
+    TOPK,
+    VOCAB,
+    WINDOWS,
+    WINDOWS_GLOB,
+    activating_query,
+    intervals_query,
+    sql_files,
+    sql_string,
+)
 from scope.store.view import Example, FeatureView
-from scope.store.writer import SIDE_TABLES
 
 if TYPE_CHECKING:
     from sae_lens import SAE
-
-INTERVALS = 5
-PER_INTERVAL = 5
-SNAPSHOT_TABLES = ("features", "topk", "samples", "hist", "l0", "saes")
 
 
 def natural(key: str) -> list[tuple[int, int, str]]:
     """A sort key that puts L3.res.4k before L9.res.4k before L15.res.4k (numbers as numbers)."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key)]
-
-
-def sql_string(text: str) -> str:
-    """``text`` as a SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def sql_files(folder: Path, pattern: str) -> str | None:
-    """The files matching ``pattern`` in ``folder`` as a SQL list of string literals (no glob
-    left for DuckDB to expand, so ``[``, ``*`` or ``?`` in a path are only characters), or
-    None when there are none."""
-    found = sorted(folder.glob(pattern))
-    return "[" + ", ".join(sql_string(str(f)) for f in found) + "]" if found else None
-
-
-def activating_query(topk: str, windows: str, vocab: str) -> str:
-    """SQL for the ``activating`` table from the sources of topk, windows and vocab: each top
-    example's activating token (at its max) and the text of up to six tokens ending there.
-    Written at the end of a recording; computed on the fly for stores recorded before."""
-    return f"""
-        with vv as (select list(text order by token) as v from {vocab}),
-        hits as (select k.sae, k.feature, k.rank, w.tokens[k.pos + 1] as token,
-                        w.tokens[greatest(k.pos - 5, 1) + 1 : k.pos + 1] as ids
-                 from {topk} k join {windows} w using (window_id))
-        select sae, feature, rank, token, vv.v[token + 1] as text,
-               array_to_string(list_transform(ids, lambda x: vv.v[x + 1]), '') as context
-        from hits, vv order by sae, feature, rank"""
 
 
 READ_ONLY = {"SELECT", "EXPLAIN"}
@@ -206,29 +192,27 @@ class Store:
         def view(name: str, source: str) -> None:
             con.execute(f"create view {name} as select * from {source}")
 
-        for name in SNAPSHOT_TABLES:
-            view(name, f"read_parquet({sql_string(str(version / f'{name}.parquet'))})")
-        view(
-            "lens", f"read_parquet({sql_files(version / 'lens', '*.parquet')}, union_by_name=true)"
-        )
-        view("windows", f"read_parquet({sql_files(self.root / 'windows', 'part-*.parquet')})")
-        view("vocab", f"read_parquet({sql_string(str(self.root / 'vocab.parquet'))})")
-        if (version / "activating.parquet").is_file():
-            view("activating", f"read_parquet({sql_string(str(version / 'activating.parquet'))})")
+        def parquet(path: Path) -> str:
+            return f"read_parquet({sql_string(str(path))})"
+
+        for table in SNAPSHOT:
+            view(table.name, parquet(version / table.file))
+        lens = sql_files(version / LENS.name, "*.parquet")
+        view(LENS.name, f"read_parquet({lens}, union_by_name=true)")
+        view(WINDOWS.name, f"read_parquet({sql_files(self.root / WINDOWS.name, WINDOWS_GLOB)})")
+        view(VOCAB.name, parquet(self.root / VOCAB.file))
+        if (version / ACTIVATING.file).is_file():
+            view(ACTIVATING.name, parquet(version / ACTIVATING.file))
         else:  # recorded before the table was written at the end of a recording
-            con.execute(f"create view activating as {activating_query('topk', 'windows', 'vocab')}")
+            query = activating_query(TOPK.name, WINDOWS.name, VOCAB.name)
+            con.execute(f"create view {ACTIVATING.name} as {query}")
         for name in SIDE_TABLES:  # present once written; refresh() picks up files added later
             files = sql_files(self.root / name, "*.parquet")
             if files is not None:
                 view(name, f"read_parquet({files}, union_by_name=true)")
-        con.execute(f"""
-            create view intervals as
-            select sae, feature, interval, window_id, pos, act from (
-              select *, row_number() over (partition by sae, feature, interval order by key) as n
-              from (select s.*, least(floor(s.act / f.max * {INTERVALS}), {INTERVALS - 1})::int
-                           as interval
-                    from samples s join features f using (sae, feature) where f.max > 0))
-            where n <= {PER_INTERVAL}""")
+        con.execute(
+            f"create view {INTERVALS.name} as {intervals_query(SAMPLES.name, FEATURES.name)}"
+        )
         # readers read the store and nothing else (DuckDB resolves the views' files at query
         # time, so the store's folder stays allowed); what may run is checked in ``sql``
         con.execute("set allowed_directories = [?]", [str(self.root)])
@@ -315,7 +299,7 @@ class Store:
     def label(self, key: str, feature: int) -> tuple[str, str]:
         """(label, notes) of a feature, read fresh from the labels side table (edits made
         after this Store was opened show at once); empty strings when it has none."""
-        path = self.root / "labels" / "labels.parquet"
+        path = self.root / LABELS.name / LABELS.file
         if not path.is_file():
             return "", ""
         table = pq.read_table(
@@ -383,4 +367,4 @@ class Store:
         )
 
 
-__all__ = ["Rows", "Store", "activating_query", "check_read_only", "sql_files", "sql_string"]
+__all__ = ["Rows", "Store", "check_read_only", "natural"]

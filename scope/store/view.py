@@ -39,7 +39,8 @@ class FeatureView:
     std: float
     top: list[Example]
     intervals: dict[int, list[Example]]
-    """Interval (0-4, fifths of the max) -> random windows whose max falls in it."""
+    """Interval (0 .. N_INTERVALS - 1 of ``scope.store.schema``, equal parts of the max) ->
+    random windows whose max falls in it."""
     histogram: list[tuple[float, float, int]]
     """(lo, hi, count) of the activation over log-spaced bins."""
     top_tokens: list[tuple[str, float]]

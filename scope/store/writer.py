@@ -24,11 +24,18 @@ import pyarrow.parquet as pq
 
 from scope.errors import ScopeError
 from scope.store.files import VersionBuilder, next_version, write_json_atomic, write_parquet_atomic
-from scope.store.manifest import MANIFEST, Manifest, Part, read_manifest
+from scope.store.manifest import Manifest, Part, read_manifest
+from scope.store.schema import (
+    LABELS,
+    MANIFEST,
+    SIDE_TABLES,
+    VOCAB,
+    WINDOWS,
+    WINDOWS_GLOB,
+    windows_file,
+)
 
-SIDE_TABLES = ("experiments", "evals", "cards", "labels", "explanations", "graphs")
-"""Side tables: each a folder of Parquet files (plus JSON metadata where useful)."""
-LABEL_COLUMNS = ("sae", "feature", "label", "notes", "updated")
+LABEL_COLUMNS = tuple(LABELS.names)
 
 
 @contextmanager
@@ -79,7 +86,7 @@ class StoreWriter:
 
     def check_new(self) -> None:
         """Refuse a folder that holds things other than a store's (a new store goes there)."""
-        allowed = {".lock", "windows", "vocab.parquet", *SIDE_TABLES}
+        allowed = {".lock", WINDOWS.name, VOCAB.file, *SIDE_TABLES}
         extra = [p.name for p in self.root.iterdir() if p.name not in allowed]
         if extra:
             raise ScopeError(
@@ -91,9 +98,9 @@ class StoreWriter:
         """Start a new store in an empty (or new) folder: the vocabulary, then the manifest.
         Windows left by a first run killed before it wrote a manifest go: nothing was recorded."""
         self.check_new()
-        for stale in (self.root / "windows").glob("part-*.parquet"):
+        for stale in (self.root / WINDOWS.name).glob(WINDOWS_GLOB):
             stale.unlink()
-        write_parquet_atomic(self.root / "vocab.parquet", vocab())
+        write_parquet_atomic(self.root / VOCAB.file, VOCAB.conform(vocab()))
         self.manifest = manifest
         return manifest
 
@@ -102,8 +109,7 @@ class StoreWriter:
     ) -> Path:
         """Move a finished windows file (written beside, under a hidden name) into place as
         corpus part ``index`` (or as shard (i, N) of it, merged in); returns its path."""
-        name = f"part-{index:03d}" + (f".shard-{shard[0]:04d}-of-{shard[1]:04d}" if shard else "")
-        path = self.root / "windows" / f"{name}.parquet"
+        path = self.root / windows_file(index, shard)
         os.replace(written, path)
         return path
 
@@ -111,7 +117,7 @@ class StoreWriter:
         """Forget a store whose first recording stopped before its first checkpoint: nothing
         was recorded, so its manifest and windows go and the folder is new again."""
         assert self.manifest is not None and self.manifest.state_version is None
-        for path in (self.root / "windows").glob("part-*.parquet"):
+        for path in (self.root / WINDOWS.name).glob(WINDOWS_GLOB):
             path.unlink()
         (self.root / MANIFEST).unlink()
         self.manifest = None
@@ -173,8 +179,7 @@ def set_label(root: str | Path, sae: str, feature: int, label: str, notes: str =
     """Set (or, with both empty, clear) a feature's label and notes. Labels are one table,
     replaced atomically under their own lock, so writers queue instead of losing each other's
     edits, and a recording running meanwhile neither blocks nor touches them."""
-    folder = Path(root) / "labels"
-    path = folder / "labels.parquet"
+    path = Path(root) / LABELS.name / LABELS.file
     with _flock(Path(root) / ".labels.lock", "another label edit", wait=True):
         rows = pq.read_table(path).to_pylist() if path.is_file() else []
         rows = [r for r in rows if (r["sae"], r["feature"]) != (sae, feature)]
@@ -188,16 +193,7 @@ def set_label(root: str | Path, sae: str, feature: int, label: str, notes: str =
                     "updated": time.time(),
                 }  # fmt: skip
             )
-        schema = pa.schema(
-            [
-                ("sae", pa.string()),
-                ("feature", pa.int32()),
-                ("label", pa.string()),
-                ("notes", pa.string()),
-                ("updated", pa.float64()),
-            ]  # fmt: skip
-        )
-        write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=schema))
+        write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=LABELS.columns))
 
 
 __all__ = [
