@@ -361,24 +361,26 @@ def test_lab_sweep_is_charted_saved_and_listed(app, app_store):
 
 
 def test_scope_app_serves_on_localhost_with_the_store(app_store, monkeypatch):
+    from served import free_port
     from typer.testing import CliRunner
 
     import scope.cli.serve as serve
     from scope.cli import app as cli
 
+    port, other = str(free_port()), str(free_port())  # a fixed port may be taken
     ran: list[list[str]] = []
     monkeypatch.setattr(serve.os, "execv", lambda exe, args: ran.append(args))
-    result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--port", "8765"])
+    result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--port", port])
     assert result.exit_code == 0, result.output
-    assert "http://127.0.0.1:8765" in result.output and "warning" not in result.output
+    assert f"http://127.0.0.1:{port}" in result.output and "warning" not in result.output
     args = ran[0]
     assert args[args.index("--server.address") + 1] == "127.0.0.1"
-    assert args[args.index("--server.port") + 1] == "8765"
+    assert args[args.index("--server.port") + 1] == port
     assert args[-2:] == ["--store", str(app_store.resolve())]
     assert args[args.index("run") + 1] == str(HOME.resolve())
 
     result = CliRunner().invoke(cli, ["app", "--store", str(app_store), "--address", "0.0.0.0",
-                                      "--port", "8766", "--model", "m"])  # fmt: skip
+                                      "--port", other, "--model", "m"])  # fmt: skip
     assert "has no login" in result.output
     assert ran[1][-2:] == ["--model", "m"]
 
