@@ -89,7 +89,9 @@ class Graph:
         return tokens + self.n_pos + feature
 
 
-def _check_transcoders(model: HookedSAETransformer, saes: Sequence[SAE]) -> list[SAE]:
+def layer_transcoders(model: HookedSAETransformer, saes: Sequence[SAE]) -> list[SAE]:
+    """The transcoders ordered by layer, one per layer of ``model``, or a ScopeError saying
+    what is missing."""
     by_layer: dict[int, SAE] = {}
     for sae in saes:
         codec = codec_of(sae)
@@ -137,7 +139,7 @@ def attribution_graph(
     ``batch_size`` rows a pass, each batch of nearby positions). ``max_feature_nodes`` keeps
     that many features, chosen as circuit-tracer chooses them: in rounds, the unvisited
     features with the most influence on the logits through the rows computed so far."""
-    saes = _check_transcoders(model, transcoders)
+    saes = layer_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
     n_pos, n_layers = tokens.shape[1], model.cfg.n_layers
     with gradients_for(model, saes):
@@ -449,6 +451,7 @@ __all__ = [
     "attribution_graph",
     "graph_json",
     "influence",
+    "layer_transcoders",
     "load_graph",
     "prune",
     "save_graph",
