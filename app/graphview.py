@@ -3,8 +3,9 @@ attribution graph or from one target's attributions) and the plotly figure that 
 
 Nodes stand at (position, layer): token embeddings below layer 0, features and error nodes at
 their layer, the target or the top logits above the last layer; nodes sharing a cell spread
-sideways. Edges are line segments from source to target, coloured by sign (blue pushes the
-target up, red down) and as wide as their share of the largest weight. Every node and edge
+sideways; the outputs (all at the last position) spread along the top row, the most likely
+at the last position. Edges are line segments from source to target, coloured by sign (blue pushes the
+target up, red down) and as wide and as opaque as their share of the largest weight. Every node and edge
 trace carries its graph indices in ``customdata``, so what is drawn can be read back.
 """
 
@@ -25,7 +26,8 @@ KINDS = {  # kind -> (marker symbol, colour, legend name)
     "token": ("diamond", "#54a24b", "token"),
     "logit": ("star", "#e45756", "output"),
 }
-WIDTHS = (1.0, 2.5, 4.5, 7.0)  # edge widths, by quarter of the largest |weight|
+# edges by quarter of the largest |weight|: width and opacity (weak edges fade)
+STROKES = ((0.6, 0.12), (1.2, 0.3), (2.2, 0.5), (3.5, 0.75))
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def from_graph(graph: Graph, pruned: Pruned, keys: dict[int, str]) -> Drawn:
         else:
             k = i - tokens_at - n_pos
             node |= {"kind": "logit", "layer": graph.n_layers, "position": n_pos - 1,
-                     "label": f"{visible(graph.logit_pieces[k])!r} p={float(graph.logit_probs[k]):.2f}"}  # fmt: skip
+                     "label": f"{visible(graph.logit_pieces[k])!r}<br>p={float(graph.logit_probs[k]):.2f}"}  # fmt: skip
         rows.append(node)
     targets, sources = pruned.edges.nonzero(as_tuple=True)
     edges = pd.DataFrame(
@@ -106,27 +108,33 @@ def from_attribution(
     return Drawn(nodes, edges, n_layers, pieces)
 
 
-def _placed(nodes: pd.DataFrame) -> pd.DataFrame:
-    """Each node's x: its position, spread sideways among the nodes of its cell."""
+def _placed(nodes: pd.DataFrame, n_pos: int) -> pd.DataFrame:
+    """Each node's x: its position, spread sideways among the nodes of its cell; the outputs
+    spread leftwards from the last position along the whole row, so their labels fit."""
     placed = nodes.sort_values(["layer", "position", "kind", "index"], kind="stable").copy()
     cell = placed.groupby(["layer", "position"])
     rank, size = cell.cumcount(), cell["index"].transform("size")
-    step = (0.8 / size).clip(upper=0.18)
+    step = (0.8 / size).clip(upper=0.3)
     placed["x"] = placed["position"] + (rank - (size - 1) / 2) * step
+    out = placed["kind"] == "logit"
+    k = int(out.sum())
+    if k > 1:
+        order = placed.loc[out, "index"].rank(method="first") - 1  # the most likely first
+        placed.loc[out, "x"] = (n_pos - 1) * (1 - order / k)
     return placed
 
 
 def figure(drawn: Drawn) -> go.Figure:
     """The graph drawn layer by position."""
-    nodes = _placed(drawn.nodes)
+    nodes = _placed(drawn.nodes, len(drawn.pieces))
     where = {int(r.index): (float(r.x), int(r.layer)) for r in nodes.itertuples()}
     fig = go.Figure()
     edges = drawn.edges
     top = float(edges["weight"].abs().max()) if len(edges) else 1.0
-    for sign, colour in ((1, "rgba(59,110,200,0.45)"), (-1, "rgba(214,69,65,0.45)")):
+    for sign, rgb in ((1, "59,110,200"), (-1, "214,69,65")):
         side = edges[(edges["weight"] >= 0) == (sign > 0)]
         quarter = (side["weight"].abs() / max(top, 1e-30) * 4).clip(upper=3.999).astype(int)
-        for q, width in enumerate(WIDTHS):
+        for q, (width, alpha) in enumerate(STROKES):
             part = side[quarter == q]
             if part.empty:
                 continue
@@ -143,7 +151,7 @@ def figure(drawn: Drawn) -> go.Figure:
                     x=xs,
                     y=ys,
                     mode="lines",
-                    line={"width": width, "color": colour},
+                    line={"width": width, "color": f"rgba({rgb},{alpha})"},
                     customdata=data,
                     hoverinfo="skip",
                     showlegend=False,

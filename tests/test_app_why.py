@@ -159,3 +159,32 @@ def test_why_in_a_browser(app_store, tiny_dir):
             page.get_by_text("features ablated at every position").wait_for()
             shot(page, "why")
         browser.close()
+
+
+@pytest.mark.slow
+def test_why_graph_in_a_browser(tc_store, tiny_dir):
+    """The attribution graph of the transcoder store in Chromium: nodes and edges drawn, the
+    node picker under it; a screenshot goes to test-output/screenshots/why-graph.png."""
+    from served import free_port
+    from test_app_browser import CHROMIUM, shot
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    from test_app_browser import ARGS, serving
+
+    store, _ = tc_store
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(180_000)
+        with serving(store, tiny_dir, free_port()) as url:
+            page.goto(f"{url}/why")
+            page.get_by_text("feature nodes,").wait_for()
+            plot = page.locator(".js-plotly-plot").first
+            plot.wait_for()
+            assert plot.locator("g.trace.scatter path.js-line").count() > 0  # edges
+            assert plot.locator("path.point").count() > 10  # nodes
+            page.get_by_role("button", name="Steer with this").wait_for()
+            shot(page, "why-graph")
+        browser.close()
