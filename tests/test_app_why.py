@@ -57,7 +57,7 @@ def tc_store(tmp_path_factory, tiny_model) -> tuple[Path, list]:
     saes = [load_sae(f, device="cpu") for f in folders]
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(d for d in fixtures.training_text()[:20] if len(d) > 200))
-    record(tiny_model, saes, CorpusSpec(paths=(str(corpus),), max_tokens=1500), root / "store",
+    record(tiny_model, saes, CorpusSpec(paths=(str(corpus),), max_tokens=800), root / "store",
            RecordSettings(ctx=32, k=5, samples=3, batch_size=16))  # fmt: skip
     return root / "store", saes
 
