@@ -216,6 +216,8 @@ class Frozen:
     """The normalised final residual stream (after ln_final) [1, pos, d_model]."""
     biases: list[torch.Tensor] = field(default_factory=list)
     """The bias parameters whose shares are counted (gradients on while attributing)."""
+    held: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Every held pattern and normalisation scale, by hook name (``scope.replacement``)."""
 
 
 def _check_saes(model: HookedSAETransformer, saes: Sequence[SAE]) -> None:
@@ -259,10 +261,6 @@ def gradients_for(model: HookedSAETransformer, saes: Sequence[SAE]) -> Iterator[
             p.requires_grad_(flag)
 
 
-def _freeze(act: torch.Tensor, hook: Any) -> torch.Tensor:
-    return act.detach()
-
-
 def frozen_hooks(
     model: HookedSAETransformer,
     saes: Sequence[SAE],
@@ -278,6 +276,10 @@ def frozen_hooks(
     run.codes = [torch.empty(0)] * len(saes)
     run.errors = [torch.empty(0)] * len(saes)
     run.inputs = [torch.empty(0)] * len(saes)
+
+    def freeze(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        run.held[hook.name] = act.detach()
+        return run.held[hook.name]
 
     def embed(act: torch.Tensor, hook: Any) -> torch.Tensor:
         run.embed = act.detach().requires_grad_(True)
@@ -309,7 +311,7 @@ def frozen_hooks(
         return fn
 
     hooks: list[tuple[Any, Any]] = [
-        (lambda name: name.endswith(("hook_pattern", "hook_scale")), _freeze),
+        (lambda name: name.endswith(("hook_pattern", "hook_scale")), freeze),
         ("blocks.0.hook_resid_pre", embed),
     ]
     for i, sae in enumerate(saes):

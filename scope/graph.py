@@ -33,6 +33,7 @@ from scope.attribute import frozen_forward, frozen_logits, gradients_for, prompt
 from scope.codec import codec_of
 from scope.errors import ScopeError
 from scope.identity import hook_site, sae_info
+from scope.replacement import Replacement
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
@@ -88,7 +89,9 @@ class Graph:
         return tokens + self.n_pos + feature
 
 
-def _check_transcoders(model: HookedSAETransformer, saes: Sequence[SAE]) -> list[SAE]:
+def layer_transcoders(model: HookedSAETransformer, saes: Sequence[SAE]) -> list[SAE]:
+    """The transcoders ordered by layer, one per layer of ``model``, or a ScopeError saying
+    what is missing."""
     by_layer: dict[int, SAE] = {}
     for sae in saes:
         codec = codec_of(sae)
@@ -132,61 +135,44 @@ def attribution_graph(
     max_feature_nodes: int | None = None,
 ) -> Graph:
     """The attribution graph of ``prompt`` (module docstring): active features' rows by
-    batched backward passes through the frozen replacement model. ``max_feature_nodes`` keeps
+    batched backward passes through the frozen replacement model (``scope.replacement``:
+    ``batch_size`` rows a pass, each batch of nearby positions). ``max_feature_nodes`` keeps
     that many features, chosen as circuit-tracer chooses them: in rounds, the unvisited
     features with the most influence on the logits through the rows computed so far."""
-    saes = _check_transcoders(model, transcoders)
+    saes = layer_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
     n_pos, n_layers = tokens.shape[1], model.cfg.n_layers
     with gradients_for(model, saes):
         run = frozen_forward(model, saes, tokens, direct=True)
-        assert run.resid is not None and run.embed is not None
-        h = run.resid[0, -1]
-        with torch.no_grad():
-            probs = torch.softmax(frozen_logits(model, h.detach()).float(), -1)
+    assert run.resid is not None and run.embed is not None
+    with torch.no_grad():
+        h = run.resid[0, -1].detach()
+        probs = torch.softmax(frozen_logits(model, h).float(), -1)
         logit_ids = _salient_logits(probs, max_n_logits, desired_logit_prob)
         W_U = model.unembed.W_U  # noqa: N806
         demeaned = (W_U[:, logit_ids] - W_U.mean(1, keepdim=True)).T  # [k, d_model]
         located = [torch.nonzero(c.detach()[0]) for c in run.codes]  # [n_L, 2] (pos, feature)
         active = torch.cat(
-            [torch.cat([torch.full((len(p), 1), n), p], 1) for n, p in enumerate(located)]
+            [torch.cat([torch.full_like(p[:, :1], n), p], 1) for n, p in enumerate(located)]
         )
         acts = torch.cat(
             [run.codes[n].detach()[0][p[:, 0], p[:, 1]] for n, p in enumerate(located)]
         )
-        dec = [saes[n].W_dec[p[:, 1]] for n, p in enumerate(located)]  # [n_L, d_out]
-
-        embed = run.embed
-        leaves = [embed, *run.errors]
-        per_layer = acts.split([len(p) for p in located])
+        replacement = Replacement(model, saes, run, located)
+        # every active feature's target: its encoder column read at its layer and position
+        encoders = torch.cat([saes[n].W_enc.detach()[:, p[:, 1]].T for n, p in enumerate(located)])
 
         def rows(targets: torch.Tensor) -> torch.Tensor:
-            """Direct effects of every source on each of ``targets`` [B] -> [B, sources]."""
-            b = targets.shape[0]
-            grads = torch.autograd.grad(
-                targets, leaves, torch.eye(b, dtype=targets.dtype), retain_graph=True,
-                allow_unused=True, is_grads_batched=True,
-            )  # fmt: skip
-            g = [
-                torch.zeros_like(v).expand(b, *v.shape) if gr is None else gr
-                for v, gr in zip(leaves, grads, strict=True)
-            ]  # [B, 1, pos, d] each: the embedding's, then each layer's write hook's
-            feats = [
-                a_n * (g[n + 1][:, 0, p[:, 0]] * d).sum(-1)
-                for n, (p, d, a_n) in enumerate(zip(located, dec, per_layer, strict=True))
-            ]
-            errs = [(g[n + 1][:, 0] * run.errors[n].detach()[0]).sum(-1) for n in range(n_layers)]
-            emb = (g[0][:, 0] * embed.detach()[0]).sum(-1)
-            return torch.cat([*feats, *errs, emb], dim=1).detach().float()
+            """Direct effects of every source on active features ``targets`` [B]."""
+            at = active[targets]
+            return replacement.rows(at[:, 0], at[:, 1], encoders[targets]).float().cpu()
 
         n_active = len(active)
         n_src = n_active + (n_layers + 1) * n_pos
-        logit_rows = rows(h @ demeaned.T)  # [k, sources]
-        reads = [
-            (run.inputs[n][0, p[:, 0]] * saes[n].W_enc[:, p[:, 1]].T).sum(-1)
-            for n, p in enumerate(located)
-        ]  # every active feature's pre-activation, less its bias
-        pre = torch.cat(reads)
+        k = len(logit_ids)
+        last = torch.full((k,), n_layers, device=h.device)  # the final residual stream
+        logit_rows = replacement.rows(last, torch.full_like(last, n_pos - 1), demeaned)
+        logit_rows = logit_rows.float().cpu()  # [k, sources]
         limit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
         chosen: list[torch.Tensor] = []
         feature_rows: list[torch.Tensor] = []
@@ -203,9 +189,11 @@ def attribution_graph(
                 queue = score.argsort(descending=True)[
                     : min(4 * batch_size, limit - int(visited.sum()))
                 ]
+            # batches of nearby positions: a batch carries positions up to its last target's
+            queue = queue[active[queue, 1].cpu().argsort(stable=True)]
             for start in range(0, len(queue), batch_size):
                 batch = queue[start : start + batch_size]
-                feature_rows.append(rows(pre[batch]))
+                feature_rows.append(rows(batch))
                 chosen.append(batch)
                 visited[batch] = True
         picked = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
@@ -462,6 +450,7 @@ __all__ = [
     "attribution_graph",
     "graph_json",
     "influence",
+    "layer_transcoders",
     "load_graph",
     "prune",
     "save_graph",

@@ -244,3 +244,35 @@ def test_max_feature_nodes_keeps_the_most_influential_rows_unchanged(
     first = (graph.logit_probs @ direct).argsort(descending=True)[:16].tolist()
     assert set(first) <= set(keep)
     Model.model_validate(graph_json(small))
+
+
+def test_rows_on_gemma3_with_transcoders_reading_the_normalised_mlp_input(tmp_path):
+    """Gemma 3's shape (one KV head for four query heads, qk-norm, local and global layers)
+    with transcoders reading ``ln2.hook_normalized``: the batched rows of ``scope.replacement``
+    equal ``scope.attribute``'s autograd through the frozen model, one target at a time."""
+    from scope import load_model
+
+    model = load_model(fixtures.build_gemma3(tmp_path / "g3", n_layers=3), device="cpu")
+    folders = fixtures.build_transcoders(model, tmp_path / "tc", d_sae=32, firing_rate=0.1,
+                                         read="ln2.hook_normalized")  # fmt: skip
+    saes = [load_sae(f, device="cpu") for f in folders]
+    g = attribution_graph(model, saes, TEXT, batch_size=8)
+    assert g.n_features > 20
+    checked = 0
+    for i in range(g.n_features - 1, 0, -max(g.n_features // 5, 1)):
+        layer, pos, feature = g.active[i].tolist()
+        if layer == 0:
+            continue
+        a = attribute(model, saes, TEXT, Target(kind="feature", sae=f"L{layer}.tc.32",
+                      feature=feature, position=pos), direct=True)  # fmt: skip
+        row = g.adjacency[i]
+        for r in a.df().itertuples():
+            j = g.index("feature", layer=int(r.sae[1]), pos=r.position, feature=r.feature)
+            assert row[j].item() == pytest.approx(r.attribution, rel=1e-4, abs=1e-6)
+        t = g.index("token")
+        torch.testing.assert_close(row[t : t + g.n_pos], a.embeddings, rtol=1e-4, atol=1e-6)
+        for n in range(g.n_layers):
+            e = g.index("error", layer=n)
+            torch.testing.assert_close(row[e : e + g.n_pos], a.errors[n], rtol=1e-4, atol=1e-6)
+        checked += 1
+    assert checked >= 3

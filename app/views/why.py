@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import html
 
-import plotly.graph_objects as go
+import graphview
+import steerlist
 import streamlit as st
 from explorer import feature_link, model_or_reason, store
 
 from scope.attribute import Target, attribute, measure, prompt_tokens, token_id
+from scope.codec import codec_of
 from scope.errors import ScopeError
+from scope.graph import (
+    EDGE_THRESHOLD,
+    NODE_THRESHOLD,
+    attribution_graph,
+    layer_transcoders,
+    prune,
+)
 from scope.identity import hook_site
 from scope.steer import Steer, steering
 from scope.store.view import visible
@@ -82,39 +91,86 @@ st.markdown(  # links open in place (feature_link's <a target=_self>); the text 
 )
 
 st.subheader("Layer by position")
-share = st.slider(
-    "keep the features that hold this share of all |attribution|", 0.1, 1.0, 0.8, 0.05,
-    help="pruning: features sorted by |attribution|, kept until their sum reaches the share",
-)  # fmt: skip
-mag = df["attribution"].abs()
-kept = df[(mag.cumsum() / mag.sum()).shift(fill_value=0) < share]
-layer = [hook_site(str(saes[k].cfg.metadata.hook_name))[0] or 0 for k in kept["sae"]]
-# features sharing a (layer, position) cell stand in a column above it, strongest lowest
-rank = kept.assign(layer=layer).groupby(["layer", "position"]).cumcount()
-height = [y + 0.8 * r / max(int(rank.max()), 1) for y, r in zip(layer, rank, strict=True)]
-fig = go.Figure(
-    go.Scatter(
-        x=kept["position"], y=height, mode="markers",
-        marker={"size": 8 + 30 * kept["attribution"].abs() / mag.max(),
-                "color": kept["attribution"], "colorscale": "RdBu", "cmid": 0,
-                "showscale": True, "colorbar": {"title": "attribution"}},
-        text=[f"{r.sae}/{r.feature} @ {r.position} {r.token!r}: {r.attribution:+.4f}"
-              for r in kept.itertuples()],
-        hoverinfo="text",
+transcoders = {hook_site(codec_of(sae).write_hook)[0]: k for k, sae in saes.items()
+               if codec_of(sae).transcoder}  # fmt: skip
+why_not = ""
+try:
+    ordered = layer_transcoders(model, [saes[k] for k in transcoders.values()])
+except ScopeError as err:
+    ordered, why_not = [], str(err)
+if ordered:  # an attribution graph: every feature's direct effects in the replacement model
+    cols = st.columns(3)
+    node_t = cols[0].slider("node threshold", 0.1, 1.0, NODE_THRESHOLD, 0.01, key="why_node_t",
+                            help="keep the nodes that hold this share of the influence on the "
+                            "output (circuit-tracer's node threshold)")  # fmt: skip
+    edge_t = cols[1].slider("edge threshold", 0.1, 1.0, EDGE_THRESHOLD, 0.01, key="why_edge_t",
+                            help="then the edges that hold this share of the edge influence")  # fmt: skip
+    most = int(cols[2].number_input("feature nodes at most", 16, 8192, 512, step=16))
+    made = st.session_state.get("why_graph")
+    if made is None or made[0] != (prompt, most):
+        with st.spinner("attributing every active feature (batched backward passes)"):
+            built = attribution_graph(model, ordered, prompt, max_feature_nodes=most)
+        made = st.session_state["why_graph"] = ((prompt, most), built)
+    graph = made[1]
+    drawn = graphview.from_graph(graph, prune(graph, node_t, edge_t), transcoders)
+    counts = drawn.nodes["kind"].value_counts()
+    caption = (
+        f"{counts.get('feature', 0)} of {graph.n_features} feature nodes, "
+        f"{counts.get('error', 0)} error nodes and {len(drawn.edges)} edges kept; the output "
+        "nodes are the top next tokens. Click a node to pick it below."
     )
+else:  # one target's attributions, features joined to it
+    share = st.slider(
+        "keep the features that hold this share of all |attribution|", 0.1, 1.0, 0.8, 0.05,
+        help="pruning: features sorted by |attribution|, kept until their sum reaches the share",
+    )  # fmt: skip
+    mag = df["attribution"].abs()
+    kept = df[(mag.cumsum() / mag.sum()).shift(fill_value=0) < share]
+    layers = {k: hook_site(codec_of(saes[k]).write_hook)[0] or 0 for k in keys}
+    drawn = graphview.from_attribution(
+        kept, layers, model.cfg.n_layers, result.tokens, result.target.label
+    )
+    caption = (
+        f"{len(kept)} of {len(df)} active features shown, each joined to the target by its "
+        f"attribution. Edges between features need a transcoder at every layer ({why_not})."
+    )
+event = st.plotly_chart(
+    graphview.figure(drawn), use_container_width=True, on_select="rerun",
+    selection_mode="points", key="why_chart",
 )  # fmt: skip
-fig.update_layout(
-    height=420, margin={"t": 10, "b": 40}, xaxis_title="position", yaxis_title="layer",
-    xaxis={"tickvals": list(range(len(result.tokens))),
-           "ticktext": [visible(t) for t in result.tokens]},
-    yaxis={"tickvals": sorted(set(layer)), "ticktext": [f"L{n}" for n in sorted(set(layer))]},
-)  # fmt: skip
-st.plotly_chart(fig, use_container_width=True)
-st.caption(f"{len(kept)} of {len(df)} active features shown")
+st.caption(caption)
+features = drawn.nodes[drawn.nodes["kind"] == "feature"].sort_values(
+    "influence", key=lambda v: v.abs(), ascending=False
+)
+clicked = [p.get("customdata") for p in (event.selection.points if event else [])]
+picked = [int(c) for c in clicked if isinstance(c, int) and c in set(features["index"])]
+if picked:
+    st.session_state["why_node"] = picked[0]
+if len(features):
+    by_index = {int(r.index): r for r in features.itertuples()}
+    if st.session_state.get("why_node") not in by_index:
+        st.session_state.pop("why_node", None)
+    node = by_index[
+        st.selectbox(
+            "node", list(by_index), key="why_node",
+            format_func=lambda i: f"{by_index[i].label} @ {by_index[i].position} "
+            f"{visible(result.tokens[int(by_index[i].position)])!r}",
+        )
+    ]  # fmt: skip
+    cols = st.columns([3, 1])
+    label = s.label(str(node.sae), int(node.feature))[0]
+    cols[0].markdown(
+        f"{feature_link(str(node.sae), int(node.feature))} at position {node.position}, "
+        f"activation {node.activation:.3f}" + (f": {html.escape(visible(label))}" if label else ""),
+        unsafe_allow_html=True,
+    )
+    if cols[1].button("Steer with this", icon=":material/tune:", key="why_steer"):
+        steerlist.add(str(node.sae), int(node.feature))
+        st.switch_page(st.session_state["pages"]["lab"], query_params=steerlist.params())
 
 st.subheader("Ablation check")
 n_ablate = st.number_input("ablate the top features (by attribution, positive ones)", 1, 50, 5)
-if st.button("Run the ablation check", type="primary"):
+if st.button("Run the ablation check", type="primary", key="why_ablate"):
     chosen = df[df["attribution"] > 0].drop_duplicates(["sae", "feature"]).head(int(n_ablate))
     steers = [Steer(saes[str(r.sae)], int(r.feature), mode="ablate") for r in chosen.itertuples()]
     before = measure(model, tokens, result.target.target)
