@@ -18,9 +18,12 @@ not even rows with the same prompt are bitwise equal to a lone row). A token dif
 that moves it across a boundary: a greedy pick between two logits within rounding of each
 other, or a sampled draw within rounding of the edge between two tokens.
 
-Rows leave the batch as they end (an end token, their length) or when ``drop`` is called (a
-client went away, a stop sequence): their rows of the KV cache go, and so does the padding no
-remaining row needs, so a finished row costs nothing more.
+Rows may join a running batch (``join``): their prompts run in a forward of their own, then
+their KV cache rows are put beside the others', the shorter side left-padded under the mask
+(positions, and so rotary angles and the sliding window, are unchanged by padding). Rows leave
+as they end (an end token, their length) or when ``drop`` is called (a client went away, a stop
+sequence): their rows of the KV cache go, and so does the padding no remaining row needs, so a
+finished row costs nothing more.
 """
 
 from __future__ import annotations
@@ -63,48 +66,44 @@ class Step(NamedTuple):
 
 
 class Batch:
-    """``Batch(model, gens)``: step through many generations at once (``step``, or iterate).
+    """``Batch(model, gens)``: step through many generations at once (``step``, or iterate);
+    ``join`` adds more while it runs.
 
-    The steers are checked when it is made (a ScopeError for one that cannot run); the first
-    ``step`` runs the prompts, and refuses a steer that would swamp its row's activation. The
+    The steers are checked when rows are given (a ScopeError for one that cannot run). The
+    first step of rows runs their prompts, in a forward of their own, and refuses a steer that
+    would swamp its row's activation; their KV cache rows then join the others' (the shorter
+    side left-padded), and from the next step on every row makes its token in one forward. The
     steering hooks are on the model only during each forward."""
 
-    def __init__(self, model: Any, gens: Sequence[Gen], *, store: Any = None) -> None:
-        if not gens:
-            raise ScopeError("no rows to generate: give at least one prompt")
-        self.model, self.gens = model, list(gens)
-        self.steers = [check_steers(model, g.steers, store) for g in self.gens]
+    def __init__(self, model: Any, gens: Sequence[Gen] = (), *, store: Any = None) -> None:
+        self.model, self.store = model, store
+        self.device = torch.device(model.cfg.device)
+        self.gens: list[Gen] = []
+        """Every row given so far; a row is its index here."""
+        self.steers: list[list[Steer]] = []
         """Each row's steers with their maxes filled in."""
-        device = torch.device(model.cfg.device)
-        lengths = [g.sampling.max_new_tokens for g in self.gens]
-        self.draws = torch.zeros(len(gens), max(lengths), dtype=torch.float64)
-        """Row i's uniform draws, from its own generator."""
-        for i, (g, n) in enumerate(zip(self.gens, lengths, strict=True)):
-            self.draws[i, :n] = gen._draws(g.sampling.seed, n)
-        self.ends = [gen.end_tokens(model.tokenizer) if g.sampling.stop_at_eos else set()
-                     for g in self.gens]  # fmt: skip
-        self.made = [0] * len(gens)
+        self.draws: list[torch.Tensor] = []
+        """Each row's uniform draws, from its own generator (float64)."""
+        self.ends: list[set[int]] = []
+        """Each row's end tokens (none without ``stop_at_eos``)."""
+        self.made: list[int] = []
         """Tokens each row has made."""
-        self.rows = list(range(len(gens)))
-        """The rows still in the batch, in batch order."""
+        self.rows: list[int] = []
+        """The rows in the KV cache, in batch order."""
         self.gone: set[int] = set()
         """Rows to leave the batch before the next forward."""
-        widths = [int(g.tokens.shape[1]) for g in self.gens]
-        self.width = max(widths)
-        """The padded prompt's length: every prompt ends here."""
-        self.firsts = [self.width - w for w in widths]
-        """Each row's BOS position in the padded batch."""
-        self.cut = 0
-        """Leading (padding) positions dropped from the cache since the start."""
+        self.pending: list[tuple[Gen, list[Steer]]] = []
+        """Rows given at the start (with their checked steers), which the first ``step`` joins."""
         self.cache: Any = None
         self.hooks: list[tuple[str, Intervention]] | None = None
-        """The steering hooks for the rows now in the batch (built again when rows leave)."""
+        """The steering hooks for the rows now in the batch (built again when rows change)."""
         self.last: torch.Tensor | None = None
-        """The tokens drawn at the latest step, fed at the next."""
+        """The tokens drawn at the latest step by the rows in the cache, fed at the next."""
         self.counts: torch.Tensor | None = None
         """[rows, d_vocab] each token's count in the row's prompt and continuation, for rows
         with a frequency penalty (zeros for the others); None when no row has one."""
-        self.device = device
+        if gens:
+            self.pending = list(zip(gens, self._check(gens), strict=True))
 
     def drop(self, rows: Iterable[int]) -> None:
         """Stop generating these rows (nobody reads them); they leave before the next forward."""
@@ -112,28 +111,112 @@ class Batch:
 
     @property
     def over(self) -> bool:
-        """Whether no row is left to generate."""
-        return not set(self.rows) - self.gone
+        """Whether no row is left to generate (rows may still join)."""
+        return not self.pending and not set(self.rows) - self.gone
 
     def __iter__(self) -> Iterator[Step]:
         while (step := self.step()) is not None:
             yield step
 
-    @torch.inference_mode()
     def step(self) -> Step | None:
         """Run one forward and draw each row's next token; None when every row has ended."""
-        if self.cache is not None:
-            self._compact()
-        elif self.gone:  # rows dropped before the prompt ran: they never join
-            self.rows = [r for r in self.rows if r not in self.gone]
-        if self.over:
-            self.rows = []
+        if self.pending:
+            pending, self.pending = self.pending, []
+            return self._join([g for g, _ in pending], [r for _, r in pending])
+        if self.cache is None:
             return None
-        logits = self._prompt() if self.cache is None else self._next()
-        tokens = self._sample(logits)
+        with torch.inference_mode():
+            self._compact()
+            if not self.rows:
+                return None
+            assert self.last is not None
+            if self.hooks is None:  # every row is past its prompt: positions count on
+                seen = int(self.cache.previous_attention_mask.shape[1])
+                self.hooks = build_row_hooks([self.steers[r] for r in self.rows], seen)
+                for _, fn in self.hooks:
+                    fn.seen = seen
+            step = self.last[:, None]
+            with attach(self.model, self.hooks):
+                logits = self.model(
+                    step, past_kv_cache=self.cache, attention_mask=torch.ones_like(step)
+                )
+            return self._draw(list(self.rows), logits[:, -1], self.counts, joined=None)
+
+    def join(self, gens: Sequence[Gen]) -> Step:
+        """Add ``gens`` and make their first tokens: their prompts, left-padded to the longest,
+        run in a forward of their own; then they join the batch. Gives their step (their row
+        ids in ``Step.rows``). A ScopeError (a steer that cannot run, or would swamp its row's
+        activation) leaves the batch as it was."""
+        if not gens:
+            raise ScopeError("no rows to generate: give at least one prompt")
+        return self._join(gens, self._check(gens))
+
+    def _join(self, gens: Sequence[Gen], ready: list[list[Steer]]) -> Step:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        model = self.model
+        widths = [int(g.tokens.shape[1]) for g in gens]
+        width = max(widths)
+        pad = model.tokenizer.pad_token_id
+        tokens = torch.full((len(gens), width), 0 if pad is None else int(pad), dtype=torch.long)
+        mask = torch.zeros((len(gens), width), dtype=torch.long)
+        for k, (g, w) in enumerate(zip(gens, widths, strict=True)):
+            tokens[k, width - w :], mask[k, width - w :] = g.tokens[0].cpu(), 1
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(gens))
+        hooks = build_row_hooks(ready, width, starts=[width - w for w in widths])
+        with torch.inference_mode():
+            with attach(model, hooks):
+                logits = model(tokens.to(self.device), past_kv_cache=cache,
+                               attention_mask=mask.to(self.device))[:, -1]  # fmt: skip
+            counts = None
+            if any(_penalised(g.sampling) for g in gens):
+                counts = torch.zeros(len(gens), model.cfg.d_vocab, device=self.device)
+                for k, g in enumerate(gens):
+                    if _penalised(g.sampling):
+                        own = g.tokens[0].to(self.device)
+                        counts[k] = torch.bincount(own, minlength=model.cfg.d_vocab).float()
+            first = len(self.gens)  # the new rows' ids
+            for g, steers in zip(gens, ready, strict=True):
+                n = g.sampling.max_new_tokens
+                self.gens.append(g)
+                self.steers.append(steers)
+                self.draws.append(gen._draws(g.sampling.seed, n))
+                self.ends.append(
+                    gen.end_tokens(model.tokenizer) if g.sampling.stop_at_eos else set()
+                )
+                self.made.append(0)
+            new = list(range(first, len(self.gens)))
+            return self._draw(new, logits, counts, joined=cache)
+
+    def _check(self, gens: Sequence[Gen]) -> list[list[Steer]]:
+        for g in gens:
+            if g.tokens.dim() != 2 or g.tokens.shape[0] != 1 or g.tokens.shape[1] < 1:
+                raise ScopeError(f"prompt tokens of shape {tuple(g.tokens.shape)}: give [1, pos]")
+        return [check_steers(self.model, g.steers, self.store) for g in gens]
+
+    def _draw(
+        self, rows: list[int], logits: torch.Tensor, counts: torch.Tensor | None, joined: Any
+    ) -> Step:
+        """Each of ``rows``' token from its own logits, settings and draw (rows with the same
+        settings together: ``sample_rows`` treats each row on its own); then the rows that
+        ended leave, and ``joined`` (new rows' cache) joins the batch's."""
+        u = torch.stack([self.draws[r][self.made[r]] for r in rows])
+        kinds: dict[tuple[Any, ...], list[int]] = {}
+        for k, r in enumerate(rows):
+            s = self.gens[r].sampling
+            kinds.setdefault((s.temperature, s.top_p, s.freq_penalty), []).append(k)
+        if len(kinds) == 1:
+            tokens = gen.sample_rows(logits, self.gens[rows[0]].sampling, u, counts)
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+            for ks in kinds.values():
+                at = torch.tensor(ks, device=logits.device)
+                part = None if counts is None else counts[at]
+                sampling = self.gens[rows[ks[0]]].sampling
+                tokens[at] = gen.sample_rows(logits[at], sampling, u[ks], part).to(tokens.dtype)
         ids = tokens.tolist()
         finish: list[str | None] = []
-        for k, r in enumerate(self.rows):
+        for k, r in enumerate(rows):
             self.made[r] += 1
             ended = "stop" if ids[k] in self.ends[r] else None
             if ended is None and self.made[r] >= self.gens[r].sampling.max_new_tokens:
@@ -141,65 +224,44 @@ class Batch:
             finish.append(ended)
             if ended is not None:
                 self.gone.add(r)
-        if self.counts is not None:
-            self.counts[torch.arange(len(self.rows), device=self.device), tokens] += 1
-        self.last = tokens
-        return Step(list(self.rows), tokens, logits, finish)
+        if counts is not None:
+            counts[torch.arange(len(rows), device=counts.device), tokens] += 1
+        if joined is None:
+            self.last, self.counts = tokens, counts
+        else:
+            self._merge(rows, joined, tokens, counts)
+        return Step(rows, tokens, logits, finish)
 
-    def _prompt(self) -> torch.Tensor:
-        """The first forward: the left-padded prompts."""
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        model, n = self.model, len(self.rows)
-        pad = model.tokenizer.pad_token_id
-        tokens = torch.full((n, self.width), 0 if pad is None else int(pad), dtype=torch.long)
-        mask = torch.zeros((n, self.width), dtype=torch.long)
-        for k, r in enumerate(self.rows):
-            tokens[k, self.firsts[r] :] = self.gens[r].tokens[0].cpu()
-            mask[k, self.firsts[r] :] = 1
-        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n)
-        penalised = [r for r in self.rows if _penalised(self.gens[r].sampling)]
-        if penalised:
-            counts = torch.zeros(n, model.cfg.d_vocab, device=self.device)
-            for k, r in enumerate(self.rows):
-                if r in penalised:
-                    own = self.gens[r].tokens[0].to(self.device)
-                    counts[k] = torch.bincount(own, minlength=model.cfg.d_vocab).float()
-            self.counts = counts
-        return self._forward(tokens.to(self.device), mask.to(self.device))
-
-    def _next(self) -> torch.Tensor:
+    def _merge(
+        self, rows: list[int], cache: Any, tokens: torch.Tensor, counts: torch.Tensor | None
+    ) -> None:
+        """Put new rows (their cache, last tokens and counts) after the batch's rows."""
+        self.hooks = None
+        if self.cache is None or not self.rows:
+            self.cache, self.rows, self.last, self.counts = cache, rows, tokens, counts
+            return
+        old, new = self.cache, cache
+        length = max(_length(old), _length(new))
+        old_n = len(self.rows)
+        for a, b in zip(old.entries, new.entries, strict=True):
+            a.past_keys = torch.cat([_left(a.past_keys, length), _left(b.past_keys, length)])
+            a.past_values = torch.cat([_left(a.past_values, length), _left(b.past_values, length)])
+        old.previous_attention_mask = torch.cat([_left(old.previous_attention_mask, length),
+                                                 _left(new.previous_attention_mask, length)])  # fmt: skip
         assert self.last is not None
-        step = self.last[:, None]
-        return self._forward(step, torch.ones_like(step))
-
-    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.hooks is None:
-            seen = int(self.cache.previous_attention_mask.shape[1])
-            self.hooks = build_row_hooks([self.steers[r] for r in self.rows], self.width - self.cut,
-                                         starts=[self.firsts[r] - self.cut for r in self.rows])  # fmt: skip
-            for _, fn in self.hooks:
-                fn.seen = seen  # positions count on across the batch's forwards
-        with attach(self.model, self.hooks):
-            return self.model(tokens, past_kv_cache=self.cache, attention_mask=mask)[:, -1]
-
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each row's token from its own logits, settings and draw; rows with the same settings
-        are sampled together (``sample_rows`` treats each row on its own)."""
-        u = self.draws[torch.tensor(self.rows), torch.tensor([self.made[r] for r in self.rows])]
-        kinds: dict[tuple[Any, ...], list[int]] = {}
-        for k, r in enumerate(self.rows):
-            s = self.gens[r].sampling
-            kinds.setdefault((s.temperature, s.top_p, s.freq_penalty), []).append(k)
-        if len(kinds) == 1:
-            return gen.sample_rows(logits, self.gens[self.rows[0]].sampling, u, self.counts)
-        out = torch.empty(len(self.rows), dtype=torch.long, device=logits.device)
-        for ks in kinds.values():
-            at = torch.tensor(ks, device=logits.device)
-            counts = None if self.counts is None else self.counts[at]
-            sampling = self.gens[self.rows[ks[0]]].sampling
-            out[at] = gen.sample_rows(logits[at], sampling, u[ks], counts).to(out.dtype)
-        return out
+        self.last = torch.cat([self.last, tokens])
+        if self.counts is not None or counts is not None:
+            vocab = self.model.cfg.d_vocab
+            mine = (
+                self.counts
+                if self.counts is not None
+                else torch.zeros(old_n, vocab, device=self.device)
+            )
+            theirs = (
+                counts if counts is not None else torch.zeros(len(rows), vocab, device=self.device)
+            )
+            self.counts = torch.cat([mine, theirs])
+        self.rows = self.rows + rows
 
     def _compact(self) -> None:
         """Take the rows that left out of the cache, and the padding no row needs any more."""
@@ -209,11 +271,11 @@ class Batch:
         self.rows = [self.rows[k] for k in keep]
         self.hooks = None
         if not keep:
+            self.cache = None
             return
         at = torch.tensor(keep, device=self.device)
         mask = self.cache.previous_attention_mask[at]
         cut = int(mask.any(0).long().argmax())  # leading columns that are padding in every row
-        self.cut += cut
         self.cache.previous_attention_mask = mask[:, cut:]
         for entry in self.cache.entries:
             entry.past_keys = entry.past_keys[at.to(entry.past_keys.device), cut:]
@@ -222,6 +284,20 @@ class Batch:
         self.last = self.last[at]
         if self.counts is not None:
             self.counts = self.counts[at]
+
+
+def _length(cache: Any) -> int:
+    return int(cache.previous_attention_mask.shape[1])
+
+
+def _left(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` ([rows, pos, ...]) left-padded with zeros to ``length`` positions (masked out)."""
+    if x.shape[1] == length:
+        return x
+    pad = torch.zeros(
+        (x.shape[0], length - x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device
+    )
+    return torch.cat([pad, x], dim=1)
 
 
 def _penalised(s: gen.Sampling) -> bool:
