@@ -40,7 +40,7 @@ from scope.errors import ScopeError
 from scope.steer import Intervention, Steer, attach, build_row_hooks, check_steers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Gen:
     """One generation, as ``generate(model, tokens, sampling, steers)`` would make it alone."""
 
