@@ -350,12 +350,26 @@ def test_concurrent_clients_each_get_their_own_answer(server, name, tiny_model, 
 def test_a_client_leaving_mid_stream_leaves_the_others_correct(
     server, name, tiny_model, ref_sae, store
 ):
+    """A client leaves while another request, of another prompt, is under way beside it (in
+    its batch unless the first had already made all its tokens): the other still gets its own
+    answer, and the abandoned request stops generating."""
     engine = server.app.state.engine
-    want = reference(tiny_model, ref_sae, store, chat=False, seed=9, max_tokens=20)
+    other_prompt = "Hi there, fox"
+    want = reference(
+        tiny_model, ref_sae, store, chat=False, seed=9, max_tokens=20, prompt=other_prompt
+    )
     got: list[Any] = []
+    started = threading.Event()
 
     def other() -> None:
-        got.append(ask(server.client(), name, chat=False, stream=True, seed=9, max_tokens=20)[:2])
+        text, ids = "", []
+        stream = server.client().completions.create(model=name, prompt=other_prompt, stream=True,
+                                                    seed=9, max_tokens=20)  # fmt: skip
+        for chunk in stream:
+            started.set()
+            for c in chunk.choices:
+                text, ids = text + (c.text or ""), ids + c.model_extra["token_ids"]
+        got.append((text, ids))
 
     body = {"model": name, "prompt": PROMPT, "max_tokens": 60, "stream": True, "seed": 9,
             "stop": ["never appears \u2603"]}  # fmt: skip
@@ -364,14 +378,18 @@ def test_a_client_leaving_mid_stream_leaves_the_others_correct(
         assert next(lines).startswith("data: ")
         t = threading.Thread(target=other)
         t.start()
-        # leave with most of the 60 tokens still to come
+        assert started.wait(30)
+        # leave with most of the 60 tokens still to come, the other request under way
     t.join(60)
     assert got == [want]
     deadline = time.monotonic() + 10
     while engine.runs:  # the abandoned request stops generating
         assert time.monotonic() < deadline, "the abandoned request kept generating"
         time.sleep(0.05)
-    assert ask(server.client(), name, chat=False, seed=9, max_tokens=20)[:2] == want
+    assert (
+        ask(server.client(), name, chat=False, seed=9, max_tokens=20, prompt=other_prompt)[:2]
+        == want
+    )
 
 
 BAD = [
