@@ -290,7 +290,7 @@ class Intervention:
             writes = None
             if steer.mode != "add" or steer.unit == "max":
                 xin = self.reads.get(steer.read_hook, x) if steer.read_hook != hook_name else x
-                writes = feature_write(steer.sae, steer.feature, xin).float().norm(dim=-1)
+                writes = feature_write(steer.sae, steer.feature, xin).detach().float().norm(dim=-1)
             for k, r in enumerate(rows):
                 amount = amounts[k if len(amounts) > 1 else 0]
                 if writes is not None and writes.dim() == 2:  # per position: the row's own
