@@ -6,8 +6,8 @@
     python bench/serve_bench.py --clients 1,4 --new-tokens 16 --repeats 1   # quicker
 
 The server is `scope serve` in its own process on 127.0.0.1 (what a user runs); each client is a
-thread with the official `openai` client sending one completion request (its own seed and, when
-steered, its own strength of one feature), all at once. In-process is the same requests one
+thread with the official `openai` client sending one completion request (its own prompt, of 2 to
+19 words, its own seed and, when steered, its own strength of one feature), all at once. In-process is the same requests one
 after another with `scope.generate.generate` in this process (what a script does without the
 server), run in a worker thread as the server's engine runs its generations (on a loaded 2-core
 machine torch ran up to 10x slower in a process's main thread than in a worker thread, which
@@ -40,7 +40,17 @@ from scope import testing as fixtures
 from scope.generate import Sampling, generate, prompt_tokens
 from scope.steer_spec import SteerSpec, resolve, sae_map
 
-PROMPT = "The history of the city begins with"
+PROMPTS = [
+    "The history of the city begins with",
+    "Once upon a time",
+    "The committee met on Tuesday to discuss the budget for the coming year, and",
+    "Water boils at",
+    "In the morning the fishermen pushed their boats into the grey sea and",
+    "My favourite",
+    "The old library had three floors, each one darker than the last, and on the top",
+    "Yesterday",
+]
+"""Client i sends ``PROMPTS[i % 8]``: prompts of 2 to 19 words, as real clients differ."""
 
 
 def make_sae(model: Any, work: Path, layer: int, width: int) -> Path:
@@ -84,8 +94,10 @@ def start_server(
 
 
 def requests_for(clients: int, steered: bool, key: str) -> list[dict[str, Any]]:
-    """One request per client: its seed, and when steered its own strength of feature 5."""
-    return [{"seed": 100 + i, "steer": [SteerSpec(sae=key, feature=5, strength=2.0 + i).to_dict()] if steered else []}
+    """One request per client: its prompt, its seed, and when steered its own strength of
+    feature 5."""
+    return [{"seed": 100 + i, "prompt": PROMPTS[i % len(PROMPTS)],
+             "steer": [SteerSpec(sae=key, feature=5, strength=2.0 + i).to_dict()] if steered else []}
             for i in range(clients)]  # fmt: skip
 
 
@@ -101,7 +113,7 @@ def over_http(
 
     def one(i: int) -> None:
         go.wait()
-        r = clients[i].completions.create(model=name, prompt=PROMPT, max_tokens=n, temperature=0.7, top_p=0.9,
+        r = clients[i].completions.create(model=name, prompt=reqs[i]["prompt"], max_tokens=n, temperature=0.7, top_p=0.9,
                                           seed=reqs[i]["seed"], extra_body={"steer": reqs[i]["steer"], "ignore_eos": True})  # fmt: skip
         out[i] = r.choices[0].model_extra["token_ids"]
 
@@ -120,7 +132,6 @@ def in_process(
 ) -> tuple[float, list[list[int]]]:
     """Seconds for the same requests one after another with ``generate`` (in a worker thread,
     as the server's engine), and their tokens."""
-    tokens = prompt_tokens(model, PROMPT, False, n)
     out: list[list[int]] = []
     took: list[float] = []
 
@@ -131,6 +142,7 @@ def in_process(
                 max_new_tokens=n, temperature=0.7, top_p=0.9, seed=r["seed"], stop_at_eos=False
             )
             steers = resolve([SteerSpec.from_dict(s) for s in r["steer"]], saes)
+            tokens = prompt_tokens(model, r["prompt"], False, n)
             out.append(list(generate(model, tokens, sampling, steers)))
         if next(model.parameters()).device.type == "cuda":
             torch.cuda.synchronize()
@@ -197,7 +209,7 @@ def main() -> None:
                     seconds, want = in_process(model, saes, reqs, n)
                     local.append(clients * n / seconds)
                     differ = sum(g != w for g, w in zip(got, want, strict=True))
-                    if differ:  # a batch may round differently from one row (other kernels)
+                    if differ:  # a batch rounds differently from one row (scope.batch)
                         print(
                             f"note: {differ} of {clients} requests' tokens differ from generate's"
                         )

@@ -8,9 +8,10 @@
   every random number from a ``torch.Generator`` seeded from ``Sampling.seed``: the global
   torch RNG is never touched, and two runs with the same seed draw the same numbers whatever
   their steers, so a baseline and a steered run differ only by the steering;
-- ``generate_rows`` makes many such runs as one batch (a row per run, each with its own steers
-  and its own generator), as a strength sweep does; ``row_steps`` gives the same batch step by
-  step with each step's logits (a server streams it, with log-probabilities);
+- ``generate_rows`` makes many such runs of one prompt as one batch (a row per run, each with
+  its own steers and its own generator), as a strength sweep does; ``scope.batch.Batch`` makes
+  runs of different prompts and settings together, step by step with each step's logits (a
+  server streams it, with log-probabilities);
 - ``text_stream`` turns a token stream into text pieces (``st.write_stream``, a terminal);
 - ``compare`` generates the baseline and the steered continuation of one prompt.
 """
@@ -19,15 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 
 from scope.errors import ScopeError
 from scope.model import model_source
-from scope.steer import Steer, attach, build_row_hooks, check_steers
+from scope.steer import Steer, check_steers
 
 if TYPE_CHECKING:
     from scope.store import Store
@@ -175,9 +176,11 @@ def generate(
     is read. Each call is one run with fresh hooks, put on the model only for each forward
     pass, so the model is plain between tokens and after the run however it ends. Random
     numbers come from this run's generator seeded from ``sampling.seed``: the same seed draws
-    the same numbers."""
-    steps = row_steps(model, tokens, sampling, [steers])
-    return (int(step.tokens[0]) for step in steps)
+    the same numbers. (A batch of one: ``scope.batch.Batch`` makes many at once.)"""
+    from scope.batch import Batch, Gen
+
+    batch = Batch(model, [Gen(tokens, sampling, steers)])
+    return (int(step.tokens[0]) for step in batch)
 
 
 def generate_rows(
@@ -192,99 +195,20 @@ def generate_rows(
     forward per token, KV cache on): row i runs with the steers ``rows[i]`` and draws its random
     numbers from its own generator seeded with ``seeds[i]`` (default ``sampling.seed``), so it
     gives what ``generate(model, tokens, sampling, rows[i])`` with that seed gives, up to
-    rounding (a batch may pick other kernels than one row). A row that reaches an end token
-    stops there; the batch ends when every row has."""
-    out: list[list[int]] = [[] for _ in rows]
-    for step in row_steps(model, tokens, sampling, rows, seeds=seeds):
-        for i, (token, alive) in enumerate(
-            zip(step.tokens.tolist(), step.live.tolist(), strict=True)
-        ):
-            if alive:
-                out[i].append(token)
-    return out
+    rounding (a batch sums in another order than one row: ``scope.batch``). A row that reaches
+    an end token stops there; the batch ends when every row has."""
+    from scope.batch import Gen, run
 
-
-class Step(NamedTuple):
-    """One step of a batched generation."""
-
-    tokens: Int[torch.Tensor, " batch"]
-    """Each row's next token (rows that ended draw on, unread)."""
-    live: Bool[torch.Tensor, " batch"]
-    """Rows still going when it was drawn: not past an end token nor their length."""
-    logits: Float[torch.Tensor, "batch d_vocab"]
-    """The logits each row's token was drawn from, steering on, before any sampling setting."""
-
-
-def row_steps(
-    model: Any,
-    tokens: Int[torch.Tensor, "1 pos"],
-    sampling: Sampling,
-    rows: Sequence[Sequence[Steer]],
-    *,
-    seeds: Sequence[int] | None = None,
-    lengths: Sequence[int] | None = None,
-) -> Iterator[Step]:
-    """``generate_rows`` step by step: row i runs with the steers ``rows[i]``, draws from its
-    own generator seeded with ``seeds[i]`` (default ``sampling.seed``) and makes at most
-    ``lengths[i]`` tokens (default ``sampling.max_new_tokens``), so it draws exactly the
-    numbers ``generate`` with that seed and ``max_new_tokens`` draws. The steers are checked
-    now; steps run as the iterator is read, and stop when every row has ended."""
     if not rows:
         raise ScopeError("no rows to generate: give at least one list of steers (empty: unsteered)")
     seeds = [sampling.seed] * len(rows) if seeds is None else list(seeds)
-    lengths = [sampling.max_new_tokens] * len(rows) if lengths is None else list(lengths)
-    for name, given in (("seeds", seeds), ("lengths", lengths)):
-        if len(given) != len(rows):
-            raise ScopeError(f"{len(given)} {name} for {len(rows)} rows: give one per row")
-    if min(lengths) < 1:
-        raise ScopeError(f"lengths {lengths} must each be at least 1 token")
-    ready = [check_steers(model, row) for row in rows]
-    hooks = build_row_hooks(ready, tokens.shape[1])
-    longest = max(lengths)
-    draws = torch.zeros(len(rows), longest, dtype=torch.float64)
-    for i, (seed, n) in enumerate(zip(seeds, lengths, strict=True)):
-        draws[i, :n] = _draws(seed, n)
-    return _steps(model, tokens, sampling, hooks, draws, torch.tensor(lengths))
-
-
-@torch.inference_mode()
-def _steps(
-    model: Any,
-    tokens: Int[torch.Tensor, "1 pos"],
-    sampling: Sampling,
-    hooks: list[tuple[str, Any]],
-    draws: Float[torch.Tensor, "batch steps"],
-    lengths: Int[torch.Tensor, " batch"],
-) -> Iterator[Step]:
-    """Each step's next token of every row, which rows were still going (had not yet made an
-    end token nor reached their length) when it was drawn, and the logits. Rows that ended run
-    on, unread: rows never mix."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    n_rows, device = draws.shape[0], tokens.device
-    ends = end_tokens(model.tokenizer) if sampling.stop_at_eos else set()
-    end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
-    lengths = lengths.to(device)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
-
-    def next_logits(step: torch.Tensor) -> torch.Tensor:
-        with attach(model, hooks):
-            return model(step, past_kv_cache=cache)[:, -1]
-
-    logits = next_logits(tokens.expand(n_rows, -1).contiguous())
-    counts = None
-    if sampling.freq_penalty and sampling.temperature > 0:
-        counts = torch.bincount(tokens[0], minlength=logits.shape[-1]).float().repeat(n_rows, 1)
-    live = torch.ones(n_rows, dtype=torch.bool, device=device)
-    for i in range(draws.shape[1]):
-        step = sample_rows(logits, sampling, draws[:, i], counts)
-        yield Step(step, live, logits)
-        live = live & ~torch.isin(step, end_ids) & (lengths > i + 1)
-        if i + 1 == draws.shape[1] or not bool(live.any()):
-            return
-        if counts is not None:
-            counts[torch.arange(n_rows, device=device), step] += 1
-        logits = next_logits(step[:, None])
+    if len(seeds) != len(rows):
+        raise ScopeError(f"{len(seeds)} seeds for {len(rows)} rows: give one per row")
+    gens = [
+        Gen(tokens, replace(sampling, seed=seed), row)
+        for row, seed in zip(rows, seeds, strict=True)
+    ]
+    return run(model, gens)
 
 
 def text_stream(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
@@ -369,13 +293,11 @@ def compare(
 __all__ = [
     "Comparison",
     "Sampling",
-    "Step",
     "chat_tokens",
     "compare",
     "generate",
     "generate_rows",
     "prompt_tokens",
-    "row_steps",
     "uses_chat",
     "sample_rows",
     "sample_token",

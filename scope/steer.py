@@ -178,15 +178,24 @@ class Intervention:
     a second forward of several positions is a new sequence and is refused (build new hooks).
     Each steer applies to its rows of the batch at its row's strength (``build_row_hooks``)."""
 
-    def __init__(self, groups: list[RowSteer], prompt_len: int, batch: int | None) -> None:
+    def __init__(
+        self,
+        groups: list[RowSteer],
+        prompt_len: int,
+        batch: int | None,
+        starts: Sequence[int] | None = None,
+    ) -> None:
         self.groups = groups
         """The steers at this hook point with their rows, applied in order."""
         self.prompt_len = prompt_len
         """Positions before this are the prompt; from it on, generated tokens."""
         self.batch = batch
         """The batch size the rows were built for; None: any (every steer on every row)."""
+        self.starts = list(starts) if starts is not None and any(starts) else None
+        """Per row, the position of its BOS (a left-padded batch: the padding before it is not
+        the row's, and is never steered); None: every row starts at 0."""
         self.seen = 0
-        """Positions seen so far in this run."""
+        """Positions seen so far in this run (a batch that drops rows carries it over)."""
         self.reads: dict[str, torch.Tensor] = {}
         """A transcoder's input at this forward, by read hook (filled by its ``Reader``): a
         clamp at its output hook encodes what it read."""
@@ -202,9 +211,10 @@ class Intervention:
         """The transcoders' input hooks this intervention needs a ``Reader`` at."""
         return sorted({s.read_hook for s in self.steers if s.read_hook != s.hook_name})
 
-    def span(self, steer: Steer, start: int, stop: int) -> slice:
-        """The positions of ``start .. stop - 1`` that ``steer`` touches, relative to ``start``."""
-        lo, hi = max(start, 1), stop  # never BOS
+    def span(self, steer: Steer, start: int, stop: int, first: int = 0) -> slice:
+        """The positions of ``start .. stop - 1`` that ``steer`` touches in a row whose BOS is at
+        ``first``, relative to ``start``."""
+        lo, hi = max(start, first + 1), stop  # never BOS, nor the padding before it
         if steer.positions == "prompt":
             hi = min(hi, self.prompt_len)
         elif steer.positions == "generated":
@@ -226,28 +236,43 @@ class Intervention:
             self._placed[key] = torch.tensor(self.groups[i].rows, device=device)
         return self._placed[key]
 
+    def row_firsts(self, n_rows: int) -> list[int]:
+        """Each row's BOS position in a batch of ``n_rows``."""
+        return self.starts if self.starts is not None else [0] * n_rows
+
     def check_scale(self, x: torch.Tensor, hook_name: str) -> None:
         """Refuse a steer whose write would swamp the activation: more than WRITE_LIMIT times
-        its median norm over the sequence (BOS, whose norm is outsized, left out)."""
-        norms = x[:, 1:] if x.shape[1] > 1 else x
-        scale = float(norms.detach().float().norm(dim=-1).median())
+        its median norm over the row's sequence (BOS, whose norm is outsized, left out), row by
+        row, so a row is refused exactly when it would be alone."""
+        norms = x.detach().float().norm(dim=-1)  # [rows, pos]
+        firsts = self.row_firsts(x.shape[0])
+        scales = [float(_after_bos(norms[r, f:]).median()) for r, f in enumerate(firsts)]
         for g in self.groups:
             steer = g.steer
             if steer.mode == "add" and steer.unit == "norm":
                 continue  # already relative, and limited when built
-            write = float(g.amounts.abs().max())
+            rows = list(range(x.shape[0]))[g.rows] if isinstance(g.rows, slice) else g.rows
+            amounts = g.amounts.abs().tolist()
+            writes = None
             if steer.mode != "add" or steer.unit == "max":
                 xin = self.reads.get(steer.read_hook, x) if steer.read_hook != hook_name else x
-                row = feature_write(steer.sae, steer.feature, xin)
-                write *= float(row.float().norm(dim=-1).max())
-            if write > WRITE_LIMIT * scale:
-                raise ScopeError(
-                    f"{steer.key}/{steer.feature} at strength {steer.strength:g} would write "
-                    f"{write:,.0f} into {hook_name}, {write / max(scale, 1e-12):,.0f} times the "
-                    f"activation's norm there ({scale:,.0f}): past {WRITE_LIMIT:g}x the model's "
-                    "own signal is gone. Give a smaller strength (a few times the feature's max "
-                    "activation, or unit 'norm' for a fraction of the activation's norm)"
-                )
+                writes = feature_write(steer.sae, steer.feature, xin).detach().float().norm(dim=-1)
+            for k, r in enumerate(rows):
+                amount = amounts[k if len(amounts) > 1 else 0]
+                if writes is not None and writes.dim() == 2:  # per position: the row's own
+                    write = amount * float(writes[r, firsts[r] :].max())
+                else:  # the same everywhere (a decoder row), or unit absolute
+                    write = amount * (1.0 if writes is None else float(writes.max()))
+                if write > WRITE_LIMIT * scales[r]:
+                    strength = amount / (steer.max_act or 1.0) if steer.unit == "max" else amount
+                    raise ScopeError(
+                        f"{steer.key}/{steer.feature} at strength {strength:g} would write "
+                        f"{write:,.0f} into {hook_name}, {write / max(scales[r], 1e-12):,.0f} times "
+                        f"the activation's norm there ({scales[r]:,.0f}): past {WRITE_LIMIT:g}x the "
+                        "model's own signal is gone. Give a smaller strength (a few times the "
+                        "feature's max activation, or unit 'norm' for a fraction of the "
+                        "activation's norm)"
+                    )
 
     def __call__(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
         start, n = self.seen, act.shape[1]
@@ -266,13 +291,17 @@ class Intervention:
         x = site_input(act)  # attn.hook_z: heads flattened, a view
         if start == 0:
             self.check_scale(x, hook.name)
+        ragged = self.starts is not None and start <= max(self.starts)
         for i, g in enumerate(self.groups):
-            where = self.span(g.steer, start, start + n)
-            if where.start >= where.stop:
-                continue
             # add works in x's dtype; clamp's value meets the SAE's codes in theirs
             amount = self.amount(i, x if g.steer.mode == "add" else g.steer.sae.W_enc)
             read = self.reads.get(g.steer.read_hook) if g.steer.read_hook != hook.name else None
+            if ragged:  # rows whose sequences begin at different positions: each its own span
+                self._apply_ragged(g, x, amount, read, start, n)
+                continue
+            where = self.span(g.steer, start, start + n)
+            if where.start >= where.stop:
+                continue
             if isinstance(g.rows, slice):
                 xin = None if read is None else read[g.rows, where]
                 _apply(g.steer, x[g.rows, where], amount, xin)  # a view: in place
@@ -282,6 +311,35 @@ class Intervention:
                 _apply(g.steer, xs, amount, None if read is None else read[rows, where])
                 x[rows, where] = xs
         return x.reshape(act.shape)
+
+    def _apply_ragged(
+        self,
+        g: RowSteer,
+        x: torch.Tensor,
+        amount: torch.Tensor,
+        read: torch.Tensor | None,
+        start: int,
+        n: int,
+    ) -> None:
+        """Steer group ``g``'s rows of a left-padded batch, the rows that begin at the same
+        position together, each over its own positions."""
+        rows = list(range(x.shape[0]))[g.rows] if isinstance(g.rows, slice) else g.rows
+        firsts = self.row_firsts(x.shape[0])
+        for first in sorted({firsts[r] for r in rows}):
+            where = self.span(g.steer, start, start + n, first)
+            if where.start >= where.stop:
+                continue
+            ks = [k for k, r in enumerate(rows) if firsts[r] == first]
+            at = torch.tensor([rows[k] for k in ks], device=x.device)
+            part = amount if amount.shape[0] == 1 else amount[torch.tensor(ks, device=x.device)]
+            xs = x[at, where]  # a copy: written back
+            _apply(g.steer, xs, part, None if read is None else read[at, where])
+            x[at, where] = xs
+
+
+def _after_bos(norms: torch.Tensor) -> torch.Tensor:
+    """A row's norms from its BOS on, BOS left out unless it is all there is."""
+    return norms[1:] if norms.shape[0] > 1 else norms
 
 
 class Reader:
@@ -330,16 +388,24 @@ def build_hooks(steers: Sequence[Steer], prompt_len: int) -> list[tuple[str, Int
 
 
 def build_row_hooks(
-    rows: Sequence[Sequence[Steer]], prompt_len: int
+    rows: Sequence[Sequence[Steer]], prompt_len: int, starts: Sequence[int] | None = None
 ) -> list[tuple[str, Intervention]]:
     """Like ``build_hooks`` for a batch of ``len(rows)`` sequences where row i runs with the
     steers ``rows[i]`` (none: unsteered). Steers that differ only in strength share one
-    hook: ``rows=[[Steer(sae, f, strength=s)] for s in (0, 4, 8)]`` is a strength sweep."""
-    return _build(rows, prompt_len, every_row=False)
+    hook: ``rows=[[Steer(sae, f, strength=s)] for s in (0, 4, 8)]`` is a strength sweep.
+    ``starts``: for a left-padded batch of prompts of different lengths, where each row's BOS
+    is (its padding is never steered, and "prompt" means its own tokens); the prompts all end
+    at ``prompt_len``."""
+    if starts is not None and len(starts) != len(rows):
+        raise ScopeError(f"{len(starts)} starts for {len(rows)} rows: give one per row")
+    return _build(rows, prompt_len, every_row=False, starts=starts)
 
 
 def _build(
-    rows: Sequence[Sequence[Steer]], prompt_len: int, every_row: bool
+    rows: Sequence[Sequence[Steer]],
+    prompt_len: int,
+    every_row: bool,
+    starts: Sequence[int] | None = None,
 ) -> list[tuple[str, Intervention]]:
     for s in (s for row in rows for s in row):
         if s.unit == "max" and s.max_act is None:
@@ -361,7 +427,8 @@ def _build(
             s, where, amounts = groups[key]
             rows_at = slice(None) if every_row else _rows(where)
             made.append(RowSteer(s, rows_at, torch.tensor(amounts, dtype=torch.float64)))
-        hooks.append((hook, Intervention(made, prompt_len, None if every_row else len(rows))))
+        batch = None if every_row else len(rows)
+        hooks.append((hook, Intervention(made, prompt_len, batch, starts)))
     return hooks
 
 

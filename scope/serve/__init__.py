@@ -6,8 +6,8 @@
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (the chat template for -it models,
 plain text for base models, as ``scope steer``), ``POST /v1/completions``. Requests may carry
 ``steer`` (a list of ``SteerSpec`` dicts) and ``compare`` (the unsteered completions too, same
-seeds, under ``baseline_choices``). Requests that arrive together generate together as one
-batch (``scope.serve.engine``). ``run`` serves an app with uvicorn after the safety check:
+seeds, under ``baseline_choices``). Requests in flight generate together as one batch, whatever
+their prompts and settings (``scope.serve.engine``). ``run`` serves an app with uvicorn after the safety check:
 127.0.0.1 by default; another address needs an API key or an explicit ``no_auth``.
 
 - ``engine``: the thread that owns the model and batches requests;

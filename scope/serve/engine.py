@@ -1,14 +1,15 @@
 """The generation engine behind the server: one thread owns the model and runs every request.
 
-Requests that are waiting when the engine turns to new work start together: those with the
-same prompt tokens and sampling settings run as ONE batch (``scope.generate.row_steps``, the
-batched generation sweeps use), a row per generation with its own steers, seed and length, so
-each row draws exactly the numbers it would draw alone. Batches of different prompts take
-turns a token at a time, so a long request never holds up a short one. A cancelled request
-(its client went away) stops being read at once, and its batch stops computing when no row in
-it is wanted any more. A steer that fails its first forward (it would swamp the activation)
-fails its own request only: a batch that fails before its first token is retried a request at
-a time.
+Requests generate together as ONE batch (``scope.batch.Batch``): a row per generation, each with
+its own prompt (left-padded), sampling settings, steers, seed and length, so each row makes what
+``scope.generate.generate`` makes for it alone (up to float rounding: see ``scope.batch``).
+Requests that arrive while a batch runs join it: their prompts run in a forward of their own
+(those arriving together, in one), then their rows make their tokens in the same forwards as
+the others'. Past ``max_rows`` rows a second batch starts, and batches take turns a step at a
+time. A cancelled request (its client went away) stops being read at once and its rows leave
+the batch at the next step. A steer that fails its first forward (it would swamp the
+activation) fails its own request only: a group that fails to join is retried a request at a
+time. ``Engine.stats`` counts forwards and how many requests shared them.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
 
+from scope.batch import Batch, Gen, Step
 from scope.errors import ScopeError
-from scope.generate import Sampling, Step, end_tokens, row_steps
+from scope.generate import Sampling
 from scope.steer import Steer
 
 log = logging.getLogger("scope.serve")
@@ -33,6 +35,8 @@ GATHER_GAP = 0.005
 """An idle engine's first job waits this long (s) for another to join its batch, and so on."""
 GATHER_MAX = 0.05
 """... but never longer than this in all."""
+MAX_ROWS = 64
+"""At most this many rows (generations) in one batch; more requests start another."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,98 +108,103 @@ class Job:
         """Stop generating row ``row`` (it reached a stop sequence)."""
         self.stopped.add(row)
 
-    def group(self) -> tuple[Any, ...]:
-        """Requests with the same group run as one batch."""
-        s = self.sampling
-        return (
-            tuple(self.tokens[0].tolist()),
-            s.temperature,
-            s.top_p,
-            s.freq_penalty,
-            s.stop_at_eos,
-        )
+    def gens(self) -> list[Gen]:
+        """Its rows as generations for a batch."""
+        return [Gen(self.tokens, replace(self.sampling, seed=r.seed, max_new_tokens=r.length),
+                    r.steers) for r in self.rows]  # fmt: skip
 
 
 class Run:
-    """The jobs of one group generating as one batch, a step at a time."""
+    """Jobs generating as one batch, a step at a time; jobs join it as they come."""
 
-    def __init__(self, model: Any, jobs: list[Job]) -> None:
-        self.model, self.jobs = model, jobs
-        self.rows = [(job, i, row) for job in jobs for i, row in enumerate(job.rows)]
-        """(job, row index in the job, row) for each row of the batch."""
-        self.done = [False] * len(self.rows)
-        self.made = [0] * len(self.rows)
-        self.started = False
-        """Whether the first forward has run (before it, a failure is retried job by job)."""
-        self.ends = end_tokens(model.tokenizer) if jobs[0].sampling.stop_at_eos else set()
-        self.steps: Iterator[Step] | None = None
+    def __init__(self, model: Any, stats: Stats) -> None:
+        self.model, self.stats = model, stats
+        self.batch = Batch(model)
+        self.jobs: dict[int, tuple[Job, list[int]]] = {}
+        """id(job) -> the job and its rows' ids in the batch, for the jobs in it."""
+        self.rows: dict[int, tuple[Job, int]] = {}
+        """Batch row id -> its job and its index in the job."""
+        self.waiting: list[list[Job]] = []
+        """Jobs to join, a group at a time (a group joins in one forward)."""
 
-    def start(self) -> None:
-        job = self.jobs[0]
-        self.steps = row_steps(self.model, job.tokens, job.sampling, [r.steers for _, _, r in self.rows],
-                               seeds=[r.seed for _, _, r in self.rows],
-                               lengths=[r.length for _, _, r in self.rows])  # fmt: skip
+    def size(self) -> int:
+        """Rows in the batch or waiting to join."""
+        waiting = sum(len(job.rows) for group in self.waiting for job in group)
+        return waiting + sum(len(rows) for _, rows in self.jobs.values())
+
+    def all_jobs(self) -> list[Job]:
+        return [job for job, _ in self.jobs.values()] + [j for g in self.waiting for j in g]
 
     def step(self) -> bool:
-        """Run one step and hand each job its tokens; True when the run is over."""
-        for k, (job, i, _) in enumerate(self.rows):
-            if job.cancelled.is_set() or i in job.stopped:
-                self.done[k] = True
-        if all(self.done):
-            self.close()
-            return True
-        if self.steps is None:
-            self.start()
-        assert self.steps is not None
-        step = next(self.steps, None)
-        self.started = True
-        if step is None:  # every row ended
-            self.finish()
-            return True
-        ids = step.tokens.tolist()
-        k_max = max((j.logprobs for j in self.jobs if j.logprobs is not None), default=None)
+        """Run one step (the next waiting group's prompts, or a token for every row) and hand
+        each job its tokens; True when the run has nothing left to do."""
+        self.batch.drop(k for k, (job, i) in self.rows.items()
+                        if job.cancelled.is_set() or i in job.stopped)  # fmt: skip
+        if self.waiting:
+            group = [job for job in self.waiting.pop(0) if not job.cancelled.is_set()]
+            if group:
+                self._join(group)
+                return self._settle()
+        step = self.batch.step()
+        if step is not None:
+            self._hand(step)
+        return self._settle()
+
+    def _join(self, group: list[Job]) -> None:
+        try:
+            step = self.batch.join([g for job in group for g in job.gens()])
+        except ScopeError as e:  # a steer that cannot run: find whose, or fail it
+            if len(group) > 1:
+                self.waiting[0:0] = [[job] for job in group]
+            else:
+                group[0].emit(Event(error=e))
+            return
+        self.stats.batches += 1
+        self.stats.rows += len(step.rows)
+        ids = iter(step.rows)
+        for job in group:
+            rows = [next(ids) for _ in job.rows]
+            self.jobs[id(job)] = (job, rows)
+            self.rows.update((r, (job, i)) for i, r in enumerate(rows))
+        self._hand(step)
+
+    def _hand(self, step: Step) -> None:
+        """Give each job its rows' tokens (with log-probabilities when asked for)."""
+        self.stats.forward(len(step.rows), len({id(self.rows[r][0]) for r in step.rows}))
+        k_max = max((job.logprobs or 0 for job, _ in self.jobs.values()
+                     if job.logprobs is not None), default=None)  # fmt: skip
         logp = top = None
         if k_max is not None:
             logp = torch.log_softmax(step.logits.float(), dim=-1)
             top = logp.topk(k_max, dim=-1) if k_max else None
+        ids = step.tokens.tolist()
         out: dict[int, list[Token]] = {}
-        for k, (job, i, row) in enumerate(self.rows):
-            if self.done[k]:
+        for at, r in enumerate(step.rows):
+            job, i = self.rows[r]
+            if job.cancelled.is_set():
                 continue
-            self.made[k] += 1
-            finish = (
-                "stop" if ids[k] in self.ends else "length" if self.made[k] >= row.length else None
-            )
-            self.done[k] = finish is not None
             lp = tops = None
             if job.logprobs is not None and logp is not None:
-                lp = float(logp[k, ids[k]])
+                lp = float(logp[at, ids[at]])
+                tops = []
                 if top is not None and job.logprobs:
-                    vals, idx = (
-                        top.values[k, : job.logprobs].tolist(),
-                        top.indices[k, : job.logprobs].tolist(),
-                    )
-                    tops = list(zip(idx, vals, strict=True))
-                else:
-                    tops = []
-            out.setdefault(id(job), []).append(Token(i, ids[k], lp, tops, finish))
-        for job in self.jobs:
-            if id(job) in out:
-                job.emit(Event(tokens=out[id(job)]))
-        if all(self.done):
-            self.finish()
-            return True
-        return False
+                    vals = top.values[at, : job.logprobs].tolist()
+                    tops = list(zip(top.indices[at, : job.logprobs].tolist(), vals, strict=True))
+            out.setdefault(id(job), []).append(Token(i, ids[at], lp, tops, step.finish[at]))
+        for key, tokens in out.items():
+            self.jobs[key][0].emit(Event(tokens=tokens))
 
-    def finish(self) -> None:
-        self.close()
-        for job in self.jobs:
-            if not job.cancelled.is_set():
-                job.emit(Event(done=True))
-
-    def close(self) -> None:
-        if self.steps is not None and hasattr(self.steps, "close"):
-            self.steps.close()  # type: ignore[attr-defined]
+    def _settle(self) -> bool:
+        """Let go of the jobs none of whose rows still generate; True when nothing is left."""
+        alive = set(self.batch.rows) - self.batch.gone
+        for key, (job, rows) in list(self.jobs.items()):
+            if not alive.intersection(rows):
+                del self.jobs[key]
+                for r in rows:
+                    del self.rows[r]
+                if not job.cancelled.is_set():
+                    job.emit(Event(done=True))
+        return not self.jobs and not self.waiting
 
 
 @dataclass
@@ -203,29 +212,39 @@ class Stats:
     """Counts of what an engine ran."""
 
     batches: int = 0
-    """Batches started (a retried batch counts again)."""
+    """Groups of requests that started together (their prompts in one forward)."""
     rows: int = 0
     """Generations started."""
+    forwards: int = 0
+    """Forward passes run (each makes a token for every row in it)."""
+    row_tokens: int = 0
+    """Tokens made, all rows together: alone, each would have taken a forward of its own."""
     largest: int = 0
-    """Rows in the largest batch."""
+    """The most rows in one forward pass."""
+    shared: int = 0
+    """Forward passes that served more than one request."""
+    widest: int = 0
+    """The most requests served by one forward pass."""
 
-    def count(self, run: Run) -> None:
-        self.batches += 1
-        self.rows += len(run.rows)
-        self.largest = max(self.largest, len(run.rows))
+    def forward(self, rows: int, requests: int) -> None:
+        self.forwards += 1
+        self.row_tokens += rows
+        self.largest = max(self.largest, rows)
+        self.shared += requests > 1
+        self.widest = max(self.widest, requests)
 
 
 class Engine:
     """Runs jobs on ``model`` in its own thread (``start``/``close``)."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    def __init__(self, model: Any, max_rows: int = MAX_ROWS) -> None:
+        self.model, self.max_rows = model, max_rows
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.runs: list[Run] = []
         self.thread: threading.Thread | None = None
         self.closing = threading.Event()
         self.stats = Stats()
-        """What it has run so far: batches, rows, the largest batch."""
+        """What it has run so far: batches, rows, forwards and how many requests shared them."""
 
     def start(self) -> None:
         if self.thread is None:
@@ -269,18 +288,35 @@ class Engine:
 
     def _loop(self) -> None:
         while not self.closing.is_set():
-            for group in _groups(self._take(block=not self.runs)):
-                self.runs.append(Run(self.model, group))
-                self.stats.count(self.runs[-1])
+            self._place(self._take(block=not self.runs))
             for run in list(self.runs):
                 if self.closing.is_set():
                     break
                 self._turn(run)
         for run in self.runs:
-            run.close()
-            for job in run.jobs:
+            for job in run.all_jobs():
                 job.emit(Event(error=ShuttingDown()))
         self._drain()
+
+    def _place(self, jobs: Sequence[Job]) -> None:
+        """New jobs join the latest batch as one group while it has room (``max_rows``), else
+        start a new one; batches take turns a step at a time."""
+        if not jobs:
+            return
+        run = self.runs[-1] if self.runs else None
+        group: list[Job] = []
+        for job in jobs:
+            if (
+                run is None
+                or run.size() + sum(len(j.rows) for j in group) + len(job.rows) > self.max_rows
+            ):
+                if run is not None and group:
+                    run.waiting.append(group)
+                run, group = Run(self.model, self.stats), []
+                self.runs.append(run)
+            group.append(job)
+        assert run is not None
+        run.waiting.append(group)
 
     def _drain(self) -> None:
         while True:
@@ -294,32 +330,14 @@ class Engine:
     def _turn(self, run: Run) -> None:
         try:
             over = run.step()
-        except ScopeError as e:
-            run.close()
-            self.runs.remove(run)
-            if not run.started and len(run.jobs) > 1:  # find whose steer failed
-                self.runs.extend(Run(self.model, [job]) for job in run.jobs)
-            else:
-                for job in run.jobs:
-                    job.emit(Event(error=e))
-            return
         except Exception as e:  # a bug, not the user's input: log it, fail only this batch
             log.exception("generation failed")
-            run.close()
             self.runs.remove(run)
-            for job in run.jobs:
+            for job in run.all_jobs():
                 job.emit(Event(error=e))
             return
         if over:
             self.runs.remove(run)
-
-
-def _groups(jobs: Sequence[Job]) -> list[list[Job]]:
-    """Jobs that can share a batch, in arrival order."""
-    found: dict[tuple[Any, ...], list[Job]] = {}
-    for job in jobs:
-        found.setdefault(job.group(), []).append(job)
-    return list(found.values())
 
 
 __all__ = ["Engine", "Event", "Job", "Row", "ShuttingDown", "Stats", "Token"]
