@@ -106,6 +106,10 @@ def test_release_loads_as_a_transcoder_and_encodes_like_the_trained_module(train
         assert load_sae(f"tiny-train-tc/{r.sae_id}").cfg.d_sae == 96  # RELEASE/ID in one string
     readme = (root / "README.md").read_text()
     assert f"`{READS[0]}` -> `{WRITES[0]}`" in readme
+    with pytest.raises(
+        ScopeError, match=r"\(2 ids\)\. Nearest ids: .*layer_1/width_96/average_l0_"
+    ):
+        load_sae("tiny-train-tc", "layer_2/width_96/average_l0_8")
 
 
 def test_saved_transcoder_passes_the_transcoder_checks(trained, tiny_model, corpus, tmp_path):
@@ -191,7 +195,7 @@ def test_loss_equals_a_hand_computation(paired_cache, tmp_path):
     assert scaler.scaling_factor == pytest.approx(8 / float(x_raw.norm(dim=-1).mean()), rel=1e-6)
     assert scaler.target_factor == pytest.approx(8 / float(y_raw.norm(dim=-1).mean()), rel=1e-6)
     loop.run(t, stop_after=1)  # off the initial thresholds (set at pre-activations exactly)
-    assert float(tc.W_skip.abs().max()) > 0  # the skip has moved from zero
+    assert float(tc.W_skip.detach().abs().max()) > 0  # the skip has moved from zero
     dead = torch.zeros(96, dtype=torch.bool)
     dead[::3] = True
     trainer.n_forward_passes_since_fired[dead] = 10  # > the window of one 256-token step
@@ -264,7 +268,8 @@ def test_paired_cache_pairs_rows_and_resumes_and_training_resumes_bitwise(
         shifted = ((mlp[1:] - y[:-1]).norm(dim=-1) / y[:-1].norm(dim=-1)).median()
         assert float(err) < 0.05 and float(shifted) > 0.5, (read, float(err), float(shifted))
 
-    settings = TrainSettings(hooks=READS, outputs=WRITES, skip=True, l0_warm_up=0.5, **RECIPE,
+    # the training of one of the pairs (the loop is the same for each)
+    settings = TrainSettings(hooks=READS[:1], outputs=WRITES[:1], skip=True, l0_warm_up=0.5, **RECIPE,
                              **SETTINGS)  # fmt: skip
     a = loop.run(loop.start(settings, whole, tmp_path / "ckpt-a"))
     assert a.step == a.steps == 12
@@ -309,7 +314,7 @@ def test_all_spliced_loss_equals_a_two_pass_splice_by_hand(trained, tiny_model, 
     in as constants. One transcoder alone equals ``evaluate``'s one-site splice."""
     _, _, _, results, _ = trained
     saes = [load_sae(r.folder, device="cpu") for r in results]
-    windows = build_windows(CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=200),
+    windows = build_windows(CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=150),
                             tiny_model.tokenizer)  # fmt: skip
     got = splice_all(tiny_model, saes, windows, batch_size=4)
     tokens = torch.from_numpy(windows.tokens).long()
@@ -333,7 +338,7 @@ def test_all_spliced_loss_equals_a_two_pass_splice_by_hand(trained, tiny_model, 
         logp = torch.log_softmax(logits[:, :-1].float(), -1)[pred]
         ce += float(-logp.gather(-1, tok[:, 1:][pred][:, None]).double().sum())
         n += int(pred.sum())
-    assert got.predictions == n > 100
+    assert got.predictions == n > 80
     assert got.ce_loss_with_saes == pytest.approx(ce / n, rel=1e-5)
     assert got.delta_loss == pytest.approx(got.ce_loss_with_saes - got.ce_loss_without_saes)
     one = splice_all(tiny_model, saes[:1], windows, batch_size=4)
@@ -347,7 +352,7 @@ def test_train_command_every_layer(tiny_dir, corpus, tmp_path):
     result = CliRunner().invoke(app, [
         "train", "--model", str(tiny_dir), "--site", "transcoder", "--layer", "all", "--skip",
         "--width", "64", "--target-l0", "6", "--corpus", str(corpus), "--ctx", str(CTX),
-        "--tokens", "1200", "--epochs", "1", "--batch-size", "256", "--eval-tokens", "300",
+        "--tokens", "600", "--epochs", "1", "--batch-size", "256", "--eval-tokens", "120",
         "--out", str(tmp_path / "rel-tc"), "--cache", str(tmp_path / "cache"),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -82,10 +82,11 @@ def hooks_from(
 
 
 def _short(hook: str) -> str:
-    from scope.identity import hook_site
+    """``L6.res``; a transcoder (by the MLP input it reads) ``L6.tc``."""
+    from scope.identity import MLP_INPUT, hook_site
 
     layer, site = hook_site(hook)
-    return f"L{layer}.{site}"
+    return f"L{layer}.{'tc' if hook == MLP_INPUT.format(layer=layer) else site}"
 
 
 @contextmanager

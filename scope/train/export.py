@@ -132,7 +132,14 @@ def sae_cfg(hook: str, d_in: int, d_sae: int, model_name: str, ctx: int) -> dict
 
 
 def transcoder_cfg(
-    hook: str, hook_out: str, d_in: int, d_sae: int, d_out: int, skip: bool, model_name: str, ctx: int
+    hook: str,
+    hook_out: str,
+    d_in: int,
+    d_sae: int,
+    d_out: int,
+    skip: bool,
+    model_name: str,
+    ctx: int,
 ) -> dict[str, Any]:
     """cfg.json of a transcoder: sae-lens' own config of a JumpReLU (skip) transcoder reading
     ``hook`` and writing ``hook_out`` in the raw-activation convention, as its ``save_model``
