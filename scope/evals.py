@@ -18,6 +18,9 @@ never spliced or counted, and a prediction counts only when both its input and i
 token count. A transcoder's figures are of its output hook (reconstructed from its input,
 skip term included), and splicing replaces that output. Splicing replaces one site at a time (the other SAEs stay off). One forward pass
 per batch feeds every SAE's statistics; the spliced and ablated passes come per SAE.
+
+``splice_all`` splices every SAE at once (the replacement model that attribution graphs
+explain: each transcoder reads what the splices before it produced) and gives that loss.
 """
 
 from __future__ import annotations
@@ -222,26 +225,105 @@ def evaluate(
     keys = sae_keys([sae_info(s) for s in saes])
     if store is not None:
         keys = [sae_key(s, store.saes) for s in saes]
-    device = next(model.parameters()).device
     report = corpus.report if isinstance(corpus, Windows) else ReadReport()
-    blocks = (
-        [corpus] if isinstance(corpus, Windows) else iter_windows(corpus, model.tokenizer, report)
-    )
-
-    def batches() -> Any:
-        for block in blocks:
-            for i in range(0, len(block), batch_size):
-                lengths = block.lengths[i : i + batch_size]
-                tokens = block.tokens[i : i + batch_size, : int(lengths.max())]
-                yield (torch.from_numpy(tokens).to(device, torch.long),
-                       torch.from_numpy(lengths).to(device))  # fmt: skip
-
-    rows = evaluate_batches(model, saes, batches(), keys=keys)
+    rows = evaluate_batches(model, saes, _batches(model, corpus, report, batch_size), keys=keys)
     paths = list(corpus.paths) if isinstance(corpus, CorpusSpec) else sorted(set(corpus.doc_names))
     result = EvalReport(rows=rows, corpus=report.text_hash.hexdigest(), corpus_paths=paths)
     if store is not None:
         result.save(store.root)
     return result
+
+
+def _batches(
+    model: HookedSAETransformer, corpus: CorpusSpec | Windows, report: ReadReport, batch_size: int
+) -> Any:
+    """(tokens [batch, pos], lengths [batch]) on the model's device, each batch trimmed to its
+    longest window."""
+    device = next(model.parameters()).device
+    blocks = (
+        [corpus] if isinstance(corpus, Windows) else iter_windows(corpus, model.tokenizer, report)
+    )
+    for block in blocks:
+        for i in range(0, len(block), batch_size):
+            lengths = block.lengths[i : i + batch_size]
+            tokens = block.tokens[i : i + batch_size, : int(lengths.max())]
+            yield (torch.from_numpy(tokens).to(device, torch.long),
+                   torch.from_numpy(lengths).to(device))  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplicedTogether:
+    """Next-token loss with several SAEs spliced in at once (``splice_all``)."""
+
+    saes: int
+    predictions: int
+    ce_loss_without_saes: float
+    ce_loss_with_saes: float
+    delta_loss: float
+    """with - without, in nats."""
+    kl_div_with_saes: float
+    """Mean KL(clean || all spliced) of the next-token distributions."""
+
+
+def _replace_hooks(sae: SAE, where: Bool[torch.Tensor, "batch pos"]) -> list[tuple[str, Any]]:
+    """Hooks putting ``sae``'s output in place of its write hook's activation at ``where``,
+    computed from its read hook's activation in the same forward pass."""
+    codec = codec_of(sae)
+    seen: list[torch.Tensor] = []
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        seen.append(site_input(act).clone())
+
+    def put(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        x = seen.pop() if seen else site_input(act).clone()
+        return _splice(reconstruct(sae, x)[1], where)(act, hook)
+
+    if codec.read_hook == codec.write_hook:
+        return [(codec.write_hook, put)]
+    return [(codec.read_hook, grab), (codec.write_hook, put)]
+
+
+@torch.no_grad()
+def splice_all(
+    model: HookedSAETransformer,
+    saes: Sequence[SAE],
+    corpus: CorpusSpec | Windows,
+    *,
+    batch_size: int = 8,
+) -> SplicedTogether:
+    """The loss with every SAE of ``saes`` spliced in at once, counted tokens only, as in
+    ``evaluate``: each SAE's output (a transcoder's, skip term included) replaces its write
+    hook, computed from its read hook as the spliced model gives it, so a transcoder at layer
+    L reads what the transcoders before it wrote. SAEs at the same write hook are refused."""
+    codecs = [codec_of(s) for s in saes]
+    writes = [c.write_hook for c in codecs]
+    if len(set(writes)) != len(writes):
+        raise ScopeError(f"two SAEs write the same hook ({sorted(writes)}): splice one per hook")
+    from scope.fit import check_fit
+
+    for s in saes:
+        check_fit(model, s)
+    enable_hooks(model, sorted({c.read_hook for c in codecs} | set(writes)))
+    ce = torch.zeros(2, dtype=torch.float64)  # clean, spliced
+    kl = torch.zeros((), dtype=torch.float64)
+    n_pred = 0
+    for tokens, lengths in _batches(model, corpus, ReadReport(), batch_size):
+        counted = counted_mask(model, tokens, lengths)
+        pred = counted[:, :-1] & counted[:, 1:]
+        targets = tokens[:, 1:][pred]
+        clean_logp = torch.log_softmax(model(tokens)[:, :-1][pred].float(), dim=-1)
+        hooks = [h for sae in saes for h in _replace_hooks(sae, counted)]
+        spliced = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        c, k = _losses(spliced, clean_logp, targets, pred)
+        ce += torch.stack([-clean_logp.gather(-1, targets[:, None]).double().sum().cpu(), c.cpu()])
+        kl += k.cpu()
+        n_pred += int(pred.sum())
+    if n_pred == 0:
+        raise ScopeError("the corpus slice has no next-token predictions to evaluate on")
+    clean, with_saes = (float(v) / n_pred for v in ce)
+    return SplicedTogether(saes=len(saes), predictions=n_pred, ce_loss_without_saes=clean,
+                           ce_loss_with_saes=with_saes, delta_loss=with_saes - clean,
+                           kl_div_with_saes=float(kl) / n_pred)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,4 +373,11 @@ class EvalReport:
         return fig
 
 
-__all__ = ["EvalReport", "EvalRow", "evaluate", "evaluate_batches"]
+__all__ = [
+    "EvalReport",
+    "EvalRow",
+    "SplicedTogether",
+    "evaluate",
+    "evaluate_batches",
+    "splice_all",
+]

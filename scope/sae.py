@@ -322,7 +322,8 @@ def load_sae(
         if not local.is_dir():
             ids = sorted(
                 str(p.parent.relative_to(saes_dir() / target))
-                for p in (saes_dir() / target).rglob("params.npz")
+                for name in ("params.npz", "sae_weights.safetensors")  # Gemma Scope, sae-lens
+                for p in (saes_dir() / target).rglob(name)
             )
             raise _unknown_id(target, sae_id or "", ids)
         sae = _from_folder(local, str(dev), hook, label=f"{target} {sae_id}")

@@ -1,5 +1,5 @@
-"""`scope train`: JumpReLU SAEs trained with sae-lens on a model's hooks over a corpus, saved as
-a Gemma Scope release with cards."""
+"""`scope train`: JumpReLU SAEs (or transcoders) trained with sae-lens on a model's hooks over a
+corpus, saved as a Gemma Scope release with cards."""
 
 from __future__ import annotations
 
@@ -33,24 +33,60 @@ if TYPE_CHECKING:
     from scope.train import CacheProgress, StepReport
 
 
-def hooks_from(layers: list[int] | None, site: str, hooks: list[str] | None) -> tuple[str, ...]:
-    """--layer/--site or --hook as hook names."""
-    from scope.identity import SITE_HOOKS
+TRANSCODER_SITES = ("transcoder", "tc")
+
+
+def parse_layers(layers: list[str] | None, n_layers: int | None) -> list[int]:
+    """--layer values as layer numbers: integers, or ``all`` (every layer of a model with
+    ``n_layers``; None: not known yet, so layer 0 stands in for checking the other options)."""
+    out: list[int] = []
+    for value in layers or []:
+        if value.strip().lower() == "all":
+            out += list(range(n_layers)) if n_layers is not None else [0]
+            continue
+        try:
+            out.append(int(value))
+        except ValueError:
+            raise ScopeError(
+                f"--layer {value!r} is not a layer number: give e.g. --layer 6 (repeatable) or "
+                "--layer all"
+            ) from None
+    return list(dict.fromkeys(out))
+
+
+def hooks_from(
+    layers: list[int] | None, site: str, hooks: list[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """--layer/--site or --hook as (hooks read, hooks written): the second is empty for SAEs;
+    ``--site transcoder`` reads each layer's MLP input and writes its output."""
+    from scope.identity import MLP_INPUT, SITE_HOOKS
 
     if layers and hooks:
         raise ScopeError("give --layer (with --site) or --hook, not both")
+    if site in TRANSCODER_SITES:
+        if hooks:
+            raise ScopeError(
+                "--site transcoder takes --layer (it reads blocks.L.ln2.hook_out and writes "
+                "blocks.L.hook_mlp_out), not --hook"
+            )
+        chosen = layers or []
+        return (
+            tuple(MLP_INPUT.format(layer=layer) for layer in chosen),
+            tuple(SITE_HOOKS["mlp"].format(layer=layer) for layer in chosen),
+        )
     if hooks:
-        return tuple(hooks)
+        return tuple(hooks), ()
     if site not in SITE_HOOKS:
-        raise ScopeError(f"--site {site!r} is not one of {', '.join(SITE_HOOKS)}")
-    return tuple(SITE_HOOKS[site].format(layer=layer) for layer in layers or [])
+        raise ScopeError(f"--site {site!r} is not one of {', '.join((*SITE_HOOKS, 'transcoder'))}")
+    return tuple(SITE_HOOKS[site].format(layer=layer) for layer in layers or []), ()
 
 
 def _short(hook: str) -> str:
-    from scope.identity import hook_site
+    """``L6.res``; a transcoder (by the MLP input it reads) ``L6.tc``."""
+    from scope.identity import MLP_INPUT, hook_site
 
     layer, site = hook_site(hook)
-    return f"L{layer}.{site}"
+    return f"L{layer}.{'tc' if hook == MLP_INPUT.format(layer=layer) else site}"
 
 
 @contextmanager
@@ -129,9 +165,22 @@ def train(
         str, typer.Option("--out", help="Release folder to write, e.g. saes/my-sae-release.")
     ] = "",
     layer: Annotated[
-        list[int] | None, typer.Option(help="Layer to train on; repeat for several.")
+        list[str] | None,
+        typer.Option(help="Layer to train on; repeat for several, or 'all' for every layer."),
     ] = None,
-    site: Annotated[str, typer.Option(help="res, mlp or att (with --layer).")] = "res",
+    site: Annotated[
+        str,
+        typer.Option(
+            help="res, mlp or att (with --layer), or transcoder: the MLP's input "
+            "(blocks.L.ln2.hook_out) mapped to its output (blocks.L.hook_mlp_out)."
+        ),
+    ] = "res",
+    skip: Annotated[
+        bool,
+        typer.Option(
+            "--skip", help="Transcoders: learn an affine skip connection too (Gemma Scope 2's)."
+        ),
+    ] = False,
     hook: Annotated[
         list[str] | None, typer.Option(help="Hook name instead of --layer/--site; repeatable.")
     ] = None,
@@ -213,12 +262,15 @@ def train(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Train JumpReLU SAEs (sae-lens' own training) on hooks of a model over a corpus.
+    """Train JumpReLU SAEs (sae-lens' own training) on hooks of a model over a corpus, or
+    JumpReLU transcoders with --site transcoder (e.g. --layer all: one per layer).
 
     One forward pass caches every hook's activations once (half precision, on disk); the SAEs
     then train for --epochs over them. Saved as a Gemma Scope release: --out/layer_L/width_W/
     average_l0_N/ with params.npz, cfg.json and card.json (L0, FVU, delta loss on held-out
-    text). Ctrl-C saves a checkpoint; the same command again resumes.
+    text). Ctrl-C saves a checkpoint; the same command again resumes. A transcoder is saved as
+    sae-lens saves one (sae_weights.safetensors + cfg.json); its card's FVU is of the MLP
+    output, and with several the delta loss with all spliced in at once.
 
     Recipe options against dead and dense features (all off by default): --threshold-init
     per_feature, --pre-act-loss (with --dead-tokens), --freq-penalty (with --freq-target),
@@ -229,24 +281,32 @@ def train(
 
     if not out_:
         raise ScopeError("give --out FOLDER: the release to write, e.g. saes/my-sae-release")
-    settings = TrainSettings(
-        hooks=hooks_from(layer, site, hook),
-        width=width,
-        target_l0=target_l0,
-        l0_coefficient=l0_coefficient,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        sparsity_loss=sparsity_loss,  # type: ignore[arg-type]  # checked by TrainSettings
-        l0_warm_up=l0_warm_up,
-        pre_act_loss=pre_act_loss,
-        dead_tokens=parse_tokens(dead_tokens),
-        freq_penalty=freq_penalty,
-        freq_target=freq_target,
-        threshold_init=threshold_init,  # type: ignore[arg-type]
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
+
+    def make_settings(n_layers: int | None) -> TrainSettings:
+        reads, writes = hooks_from(parse_layers(layer, n_layers), site, hook)
+        return TrainSettings(
+            hooks=reads,
+            outputs=writes,
+            skip=skip,
+            width=width,
+            target_l0=target_l0,
+            l0_coefficient=l0_coefficient,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            sparsity_loss=sparsity_loss,  # type: ignore[arg-type]  # checked by TrainSettings
+            l0_warm_up=l0_warm_up,
+            pre_act_loss=pre_act_loss,
+            dead_tokens=parse_tokens(dead_tokens),
+            freq_penalty=freq_penalty,
+            freq_target=freq_target,
+            threshold_init=threshold_init,  # type: ignore[arg-type]
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+        )
+
+    every = any(v.strip().lower() == "all" for v in layer or [])
+    settings = make_settings(None)  # bad options fail before the model loads
     spec = CorpusSpec(
         paths=tuple(corpus or ()), field=field, ctx=ctx, max_tokens=parse_tokens(tokens)
     )
@@ -260,6 +320,8 @@ def train(
         notes[key.strip()] = text.strip()
     with out.status(f"loading {model}"):
         loaded = load_model(model, device=device, dtype=dtype)
+    if every:
+        settings = make_settings(loaded.cfg.n_layers)
     with progress(err) as (on_cache, on_step):
         try:
             trained = train_saes(
@@ -281,7 +343,8 @@ def train(
                 "interrupted: the cache and a checkpoint are saved; run the same command to resume"
             )
             raise typer.Exit(130) from None
-    table = Table(title=f"trained {len(trained)} SAEs into {escape(out_)}")
+    kind = "transcoders" if settings.transcoders else "SAEs"
+    table = Table(title=f"trained {len(trained)} {kind} into {escape(out_)}")
     for col in ("SAE", "hook", "L0", "FVU", "delta loss", "tokens seen", "minutes"):
         table.add_column(col, overflow="fold")
     for t in trained:
@@ -296,5 +359,12 @@ def train(
             f"{t.card['time']['total_seconds'] / 60:.1f}",
         )
     out.print(table)
+    together = trained[0].card["eval"].get("all_spliced")
+    if together:
+        out.print(
+            f"all {together['saes']} spliced in at once: delta loss "
+            f"{together['delta_loss']:.3f} nats",
+            highlight=False,
+        )
     for t in trained:
         out.print(f"--sae {escape(str(t.folder))}", highlight=False, soft_wrap=True)

@@ -1,9 +1,11 @@
-"""Activations cached once to disk, for training SAEs over several epochs.
+"""Activations cached once to disk, for training SAEs and transcoders over several epochs.
 
 The forward pass is what training costs on a CPU, so the hooked activations of every counted
 token (not BOS, padding or special tokens: ``scope.acts.counted_mask``) are written once, as
 half-precision rows, one raw file per hook, all hooks from the same forward pass
-(``scope.acts.capture`` stops after the deepest one). A folder holds:
+(``scope.acts.capture`` stops after the deepest one). Row i of every hook's file is the same
+token, so a transcoder's input and target hooks pair up row by row (``load_rows`` reads them
+side by side). A folder holds:
 
     manifest.json      settings, rows written, windows done, complete or not
     <hook>.bf16        [rows, d_in] bfloat16 bits as uint16, C order (np.memmap)
@@ -128,6 +130,14 @@ def as_tensor(rows: np.ndarray) -> torch.Tensor:
     if not bits.flags.writeable:  # torch wants a buffer it may write
         bits = bits.copy()
     return torch.from_numpy(bits).view(torch.bfloat16).float()
+
+
+def load_rows(cache: ActivationCache, hooks: Sequence[str], rows: np.ndarray) -> torch.Tensor:
+    """Cache rows ``rows`` (sorted indices) of ``hooks`` side by side as one float32 tensor
+    [len(rows), sum of the hooks' widths]: for one hook an SAE's batch, for an input and a
+    target hook a transcoder's paired batch (the same tokens: see the module docstring)."""
+    parts = [as_tensor(cache.rows(hook)[rows]) for hook in hooks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def to_bits(x: torch.Tensor) -> bytes:
@@ -270,4 +280,5 @@ __all__ = [
     "as_tensor",
     "build_cache",
     "cache_spec",
+    "load_rows",
 ]

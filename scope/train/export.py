@@ -2,6 +2,12 @@
 params.npz (the raw-activation convention), cfg.json (the hook) and card.json (how it was
 made and how well it does), plus one line per SAE in the library's README.md.
 
+Transcoders go in the same layout as sae-lens saves one (``SAE.load_from_disk`` reads it back
+as its ``JumpReLUTranscoder`` or ``JumpReLUSkipTranscoder``): sae_weights.safetensors
+(``W_enc``, ``W_dec`` [d_sae, d_out], ``b_enc``, ``b_dec``, ``threshold``, and ``W_skip``
+[d_out, d_in] with a skip connection) and a cfg.json naming the hook read (``hook_name``) and
+the hook written (``hook_name_out``), beside the same card.json.
+
 Raw-activation convention, as Gemma Scope released its SAEs: ``pre = x @ W_enc + b_enc``,
 ``acts = relu(pre) * (pre > threshold)``, ``x_hat = acts @ W_dec + b_dec``, with no input
 normalisation and no b_dec subtracted at the input. Training's normalisation is folded in by
@@ -34,8 +40,9 @@ ALWAYS_FP32 = ("b_enc", "threshold")
 
 @torch.no_grad()
 def raw_params(sae: SAE) -> dict[str, np.ndarray]:
-    """The five Gemma Scope arrays (float32) of a trained sae-lens JumpReLU SAE, in the
-    raw-activation convention. Refuses an SAE whose normalisation is not folded yet."""
+    """The five Gemma Scope arrays (float32) of a trained sae-lens JumpReLU SAE (and a skip
+    transcoder's ``W_skip``), in the raw-activation convention. Refuses an SAE whose
+    normalisation is not folded yet."""
     if sae.cfg.normalize_activations != "none":
         raise ScopeError(
             f"the SAE still normalises its input ({sae.cfg.normalize_activations}): fold it "
@@ -53,6 +60,8 @@ def raw_params(sae: SAE) -> dict[str, np.ndarray]:
         "b_dec": b_dec,
         "threshold": sae.threshold.detach().float(),
     }
+    if isinstance(getattr(sae, "W_skip", None), torch.Tensor):
+        arrays["W_skip"] = sae.W_skip.detach().float()
     return {k: np.ascontiguousarray(v.cpu().numpy()) for k, v in arrays.items()}
 
 
@@ -89,6 +98,20 @@ def write_sae(
     write_json(folder / "cfg.json", cfg)
 
 
+def write_transcoder(
+    folder: Path, arrays: dict[str, np.ndarray], dtypes: dict[str, str], cfg: dict[str, Any]
+) -> None:
+    """sae_weights.safetensors and cfg.json into ``folder``, as sae-lens' ``save_model`` writes
+    a transcoder (each written to a temporary name first)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "sae_weights.tmp.safetensors"
+    save_file({k: torch.from_numpy(v.astype(dtypes[k])) for k, v in arrays.items()}, str(tmp))
+    os.replace(tmp, folder / "sae_weights.safetensors")
+    write_json(folder / "cfg.json", cfg)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -108,12 +131,39 @@ def sae_cfg(hook: str, d_in: int, d_sae: int, model_name: str, ctx: int) -> dict
     }
 
 
+def transcoder_cfg(
+    hook: str,
+    hook_out: str,
+    d_in: int,
+    d_sae: int,
+    d_out: int,
+    skip: bool,
+    model_name: str,
+    ctx: int,
+) -> dict[str, Any]:
+    """cfg.json of a transcoder: sae-lens' own config of a JumpReLU (skip) transcoder reading
+    ``hook`` and writing ``hook_out`` in the raw-activation convention, as its ``save_model``
+    writes it."""
+    from sae_lens.registry import get_sae_class
+    from sae_lens.saes.sae import SAEMetadata
+
+    _, cfg_cls = get_sae_class("jumprelu_skip_transcoder" if skip else "jumprelu_transcoder")
+    meta = SAEMetadata(hook_name=hook, hook_name_out=hook_out, model_name=model_name,
+                       context_size=ctx)  # fmt: skip
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, d_out=d_out, dtype="float32", device="cpu",
+                  apply_b_dec_to_input=False, normalize_activations="none", metadata=meta)  # fmt: skip
+    return dict(cfg.to_dict())
+
+
 def card_line(release: str, sae_id: str, card: dict[str, Any]) -> str:
-    """One Markdown table row of the SAE library's README."""
+    """One Markdown table row of the SAE library's README (a transcoder's hook: in -> out)."""
     ev = card["eval"]
     minutes = card["time"]["total_seconds"] / 60
+    hook = (
+        f"`{card['hook']}` -> `{card['hook_out']}`" if "hook_out" in card else f"`{card['hook']}`"
+    )
     return (
-        f"| `{release}/{sae_id}` | {card['model']} | `{card['hook']}` | {card['d_sae']} "
+        f"| `{release}/{sae_id}` | {card['model']} | {hook} | {card['d_sae']} "
         f"| {ev['l0']:.1f} | {ev['fvu']:.3f} | {ev['delta_loss']:.3f} "
         f"| {card['training']['tokens_seen']:,} | {minutes:.0f} min, {card['time']['machine']} |"
     )
@@ -122,7 +172,8 @@ def card_line(release: str, sae_id: str, card: dict[str, Any]) -> str:
 README_HEADER = (
     "\n## SAEs trained here\n\n"
     "Trained with `scope train`; L0, FVU and delta loss (next-token cross-entropy with the SAE "
-    "spliced in, minus without) measured on held-out text, as each SAE's card.json records.\n\n"
+    "spliced in, minus without) measured on held-out text, as each SAE's card.json records; a "
+    "transcoder's (hooks `in -> out`) FVU is of the hook it writes.\n\n"
     "| SAE | model | hook | width | L0 | FVU | delta loss | tokens seen | time |\n"
     "|---|---|---|---|---|---|---|---|---|\n"
 )
@@ -147,5 +198,7 @@ __all__ = [
     "raw_params",
     "sae_cfg",
     "storage_dtypes",
+    "transcoder_cfg",
     "write_sae",
+    "write_transcoder",
 ]

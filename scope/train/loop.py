@@ -1,4 +1,5 @@
-"""The training loop: sae-lens' own JumpReLU training, one SAE per hook, over cached rows.
+"""The training loop: sae-lens' own JumpReLU training, one SAE (or transcoder) per hook, over
+cached rows.
 
 Each SAE is a ``sae_lens.JumpReLUTrainingSAE`` (by default Gemma Scope 2's quadratic L0
 penalty around the target L0; the recipe options of ``TrainSettings`` pick sae-lens' other
@@ -10,8 +11,13 @@ as sae-lens' ``MultiSAETrainer`` drives them: its loss, optimizer, schedules, gr
 clipping and activation scaling are sae-lens'; this module chooses the batches, shows
 progress and writes resumable checkpoints.
 
+A transcoder (``scope.train.losses.TrainingTranscoder``) is the same SAE with a decoder that
+writes its output hook; the same trainer drives it over paired rows ``[input | target]``
+(``scope.train.cache.load_rows``), the same loop, checkpoints and resumption.
+
 Inputs are scaled by sae-lens' ``expected_average_only_in`` factor (mean norm -> sqrt(d_in))
-during training; ``finish`` folds it into the weights as sae-lens does at the end of a fit.
+during training (a transcoder's target by a factor of its own: ``PairedScaler``); ``finish``
+folds the scaling into the weights as sae-lens does at the end of a fit.
 
 Resuming: a checkpoint holds every SAE's weights (safetensors, fp32), its trainer's Adam
 moments, schedules, firing statistics and scaling factor, and the step. The batch order is a
@@ -29,14 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from scope.errors import ScopeError
 from scope.interrupt import stop_on_signals
-from scope.train.cache import ActivationCache, as_tensor
+from scope.train.cache import ActivationCache, load_rows
 from scope.train.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -79,6 +85,7 @@ class Training:
     settings: TrainSettings
     cache: ActivationCache
     saes: dict[str, TrainingSAE]
+    """Per input hook: the SAE, or a ``TrainingTranscoder``."""
     trainers: dict[str, SAETrainer]
     step: int
     seconds: float
@@ -106,18 +113,28 @@ def batch_rows(settings: TrainSettings, rows: int, step: int) -> np.ndarray:
 
 def load_batch(cache: ActivationCache, hook: str, rows: np.ndarray) -> torch.Tensor:
     """Cached rows of ``hook`` as an fp32 tensor [batch, d_in]."""
-    return as_tensor(cache.rows(hook)[rows])
+    return load_rows(cache, [hook], rows)
+
+
+def module_batch(
+    settings: TrainSettings, cache: ActivationCache, hook: str, rows: np.ndarray
+) -> torch.Tensor:
+    """The batch the module reading ``hook`` trains on: its cached rows [batch, d_in], or for
+    a transcoder its input and target rows side by side [batch, d_in + d_out]."""
+    if not settings.transcoders:
+        return load_batch(cache, hook, rows)
+    return load_rows(cache, [hook, settings.target(hook)], rows)
 
 
 def _new_sae(
-    settings: TrainSettings, hook: str, d_in: int, index: int, steps: int, device: str
+    settings: TrainSettings, cache: ActivationCache, hook: str, index: int, steps: int, device: str
 ) -> TrainingSAE:
     from sae_lens import JumpReLUTrainingSAEConfig
 
-    from scope.train.losses import TrainingSAE
+    from scope.train.losses import TrainingSAE, TrainingTranscoder, TrainingTranscoderConfig
 
-    cfg = JumpReLUTrainingSAEConfig(
-        d_in=d_in,
+    fields: dict[str, Any] = dict(
+        d_in=cache.spec.d_in[hook],
         d_sae=settings.width,
         dtype="float32",
         device=device,
@@ -131,9 +148,16 @@ def _new_sae(
         l0_warm_up_steps=round(settings.l0_warm_up * steps),
         pre_act_loss_coefficient=settings.pre_act_loss or None,
     )
-    cfg.metadata.hook_name = hook
+    freq = dict(freq_penalty=settings.freq_penalty, freq_target=settings.freq_target)
     torch.manual_seed(settings.seed * 1_000_003 + index)  # the initial weights
-    return TrainingSAE(cfg, freq_penalty=settings.freq_penalty, freq_target=settings.freq_target)
+    if settings.transcoders:
+        out = settings.target(hook)
+        tc_cfg = TrainingTranscoderConfig(**fields, d_out=cache.spec.d_in[out], skip=settings.skip)
+        tc_cfg.metadata.hook_name, tc_cfg.metadata.hook_name_out = hook, out
+        return TrainingTranscoder(tc_cfg, **freq)
+    cfg = JumpReLUTrainingSAEConfig(**fields)
+    cfg.metadata.hook_name = hook
+    return TrainingSAE(cfg, **freq)
 
 
 def dead_window(settings: TrainSettings, steps: int) -> int:
@@ -148,6 +172,8 @@ def _new_trainer(settings: TrainSettings, sae: TrainingSAE, steps: int, device: 
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    from scope.train.losses import PairedScaler
+
     cfg = SAETrainerConfig(
         total_training_samples=steps * settings.batch_size,
         train_batch_size_samples=settings.batch_size,
@@ -159,15 +185,19 @@ def _new_trainer(settings: TrainSettings, sae: TrainingSAE, steps: int, device: 
         dead_feature_window=dead_window(settings, steps),
         feature_sampling_window=max(1, steps // 4),
     )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    if settings.transcoders:
+        trainer.activation_scaler = PairedScaler(d_in=sae.cfg.d_in)
+    return trainer
 
 
 @torch.no_grad()
 def _initialise(t: Training) -> None:
-    """Before the first step: sae-lens' input scaling factor from the first batches; b_dec at
-    their mean (in scaled units) and b_enc = -b_dec @ W_enc, so the encoder starts on centred
-    inputs and the decoder on the mean (Gemma's residual stream has a large mean that b_dec
-    would otherwise take thousands of steps to learn); then the thresholds where the target L0
+    """Before the first step: sae-lens' input scaling factor from the first batches (and a
+    transcoder's target factor); b_dec at the mean of what is reconstructed (in scaled units)
+    and b_enc = -mean(input) @ W_enc, so the encoder starts on centred inputs and the decoder
+    on the mean (Gemma's residual stream has a large mean that b_dec would otherwise take
+    thousands of steps to learn); then the thresholds where the target L0
     fires: the (1 - target/width) quantile of the initial pre-activations, over all features
     (``threshold_init="global"``, one value) or of each feature's own (``"per_feature"``)."""
     rows = t.cache.state.rows
@@ -175,16 +205,16 @@ def _initialise(t: Training) -> None:
     first = [batch_rows(t.settings, rows, k) for k in range(n_norm)]
     q = 1 - t.settings.target_l0 / t.settings.width
     for hook, trainer in t.trainers.items():
-        batches = [load_batch(t.cache, hook, idx) for idx in first]
+        batches = [module_batch(t.settings, t.cache, hook, idx) for idx in first]
+        d_in = t.cache.spec.d_in[hook]
         trainer.activation_scaler.estimate_scaling_factor(
-            d_in=t.cache.spec.d_in[hook],
-            data_provider=iter(batches),
-            n_batches_for_norm_estimate=n_norm,
+            d_in=d_in, data_provider=iter(batches), n_batches_for_norm_estimate=n_norm
         )
-        x = trainer.activation_scaler(torch.cat(batches))
+        both = trainer.activation_scaler(torch.cat(batches))
+        x, target = (both[:, :d_in], both[:, d_in:]) if t.settings.transcoders else (both, both)
         sae = t.saes[hook]
-        sae.b_dec.data.copy_(x.double().mean(0).to(sae.b_dec.dtype))
-        sae.b_enc.data.copy_(-(sae.b_dec @ sae.W_enc))
+        sae.b_dec.data.copy_(target.double().mean(0).to(sae.b_dec.dtype))
+        sae.b_enc.data.copy_(-(x.double().mean(0).to(sae.b_enc.dtype) @ sae.W_enc))
         pre = x[:THRESHOLD_SAMPLE] @ sae.W_enc + sae.b_enc
         if t.settings.threshold_init == "per_feature":
             k = max(1, int(q * pre.shape[0]))
@@ -199,7 +229,7 @@ def start(
 ) -> Training:
     """New SAEs and trainers for ``settings`` over ``cache``, or the ones in the latest
     checkpoint under ``checkpoints`` when it was written with the same settings and cache."""
-    missing = [h for h in settings.hooks if h not in cache.spec.hooks]
+    missing = [h for h in settings.cached if h not in cache.spec.hooks]
     if missing:
         raise ScopeError(f"the activation cache {cache.folder} has no rows for {missing}")
     if cache.state.rows < settings.batch_size:
@@ -208,10 +238,7 @@ def start(
             f"(--batch-size {settings.batch_size}): give more --tokens or a smaller --batch-size"
         )
     steps = cache.state.rows // settings.batch_size * settings.epochs
-    saes = {
-        h: _new_sae(settings, h, cache.spec.d_in[h], i, steps, device)
-        for i, h in enumerate(settings.hooks)
-    }
+    saes = {h: _new_sae(settings, cache, h, i, steps, device) for i, h in enumerate(settings.hooks)}
     trainers = {h: _new_trainer(settings, s, steps, device) for h, s in saes.items()}
     t = Training(settings, cache, saes, trainers, step=0, seconds=0.0, checkpoints=checkpoints)
     latest = latest_checkpoint(checkpoints)
@@ -298,7 +325,7 @@ def run(
             l0s, fvus, dead = {}, {}, {}
             for hook, trainer in t.trainers.items():
                 trainer.maybe_reset_sparsity()
-                out = trainer.step(load_batch(t.cache, hook, idx))
+                out = trainer.step(module_batch(t.settings, t.cache, hook, idx))
                 l0s[hook], fvus[hook] = _batch_figures(out)
                 dead[hook] = int(trainer.dead_neurons.sum())
                 trainer.n_training_steps += 1
@@ -316,11 +343,13 @@ def run(
 
 
 class Finished(NamedTuple):
-    """A trained SAE in raw-activation units."""
+    """A trained SAE (or transcoder) in raw-activation units."""
 
     sae: TrainingSAE
     scaling_factor: float | None
     """The input scaling sae-lens trained with, now folded into the weights."""
+    target_factor: float | None = None
+    """A transcoder's target scaling, folded too."""
 
 
 @torch.no_grad()
@@ -329,6 +358,8 @@ def finish(t: Training) -> dict[str, Finished]:
     scaling factor folded into the weights (``fold_activation_norm_scaling_factor``), as
     ``SAETrainer.fit`` ends, and the threshold projected onto >= 0. The training cannot go on
     after this."""
+    from scope.train.losses import TrainingTranscoder
+
     out = {}
     for hook, trainer in t.trainers.items():
         trainer.set_final_sae_metadata()
@@ -336,11 +367,14 @@ def finish(t: Training) -> dict[str, Finished]:
         # one too, so the training encode (x * (x > t)) and Gemma Scope's (relu(x) * (x > t))
         # agree exactly
         trainer.sae.threshold.data.clamp_(min=0.0)
-        factor = trainer.activation_scaler.scaling_factor
-        if factor is not None:
-            trainer.sae.fold_activation_norm_scaling_factor(factor)
-            trainer.activation_scaler.scaling_factor = None
-        out[hook] = Finished(trainer.sae, factor)
+        scaler, sae = trainer.activation_scaler, trainer.sae
+        factor, target = scaler.scaling_factor, getattr(scaler, "target_factor", None)
+        if isinstance(sae, TrainingTranscoder) and factor is not None and target is not None:
+            sae.fold_scaling(factor, target)
+        elif factor is not None:
+            sae.fold_activation_norm_scaling_factor(factor)
+        scaler.scaling_factor = None
+        out[hook] = Finished(sae, factor, target)
     return out
 
 
@@ -351,6 +385,8 @@ __all__ = [
     "batch_rows",
     "finish",
     "latest_checkpoint",
+    "load_batch",
+    "module_batch",
     "run",
     "save_checkpoint",
     "start",

@@ -53,8 +53,9 @@ class TrainedSAE:
     card: dict[str, Any]
     """The card.json contents."""
     trained: Any
-    """The sae-lens ``JumpReLUTrainingSAE`` as trained, with its input scaling folded in
-    (float32; params.npz holds the same weights in the raw-activation convention)."""
+    """The sae-lens ``JumpReLUTrainingSAE`` (or ``scope.train.losses.TrainingTranscoder``) as
+    trained, with its scaling folded in (float32; the saved file holds the same weights in the
+    raw-activation convention)."""
 
 
 def machine() -> str:
@@ -110,7 +111,8 @@ def default_cache_folder(
 
 
 def check_layout(settings: TrainSettings, out: Path) -> None:
-    """One SAE per layer in a release (Gemma Scope's layout names folders by layer only)."""
+    """One SAE (or transcoder) per layer in a release (Gemma Scope's layout names folders by
+    layer only)."""
     layers: dict[int, str] = {}
     for hook in settings.hooks:
         layer, _ = hook_site(hook)
@@ -145,14 +147,17 @@ def train_saes(
     on_step: Callable[[loop.StepReport], None] | None = None,
 ) -> list[TrainedSAE]:
     """Train one JumpReLU SAE per hook of ``settings`` on ``corpus`` (its ``max_tokens`` are
-    the tokens cached) and save them as the Gemma Scope release ``out``
-    (``out/layer_L/width_W/average_l0_N/``), each with a card, and a row per SAE in
-    ``out.parent/README.md``. Activations are cached in ``cache`` (default: a folder under
+    the tokens cached), or with ``settings.outputs`` one JumpReLU transcoder per hook pair, and
+    save them as the Gemma Scope release ``out`` (``out/layer_L/width_W/average_l0_N/``; a
+    transcoder as sae-lens saves one, see ``scope.train.export``), each with a card, and a row
+    per SAE in ``out.parent/README.md``. A transcoder's card measures FVU on the hook it
+    writes, and, with several, the delta loss with all of them spliced in at once
+    (``eval.all_spliced``). Activations are cached in ``cache`` (default: a folder under
     ``default_cache_root()`` named by what it holds); an interrupted run resumes from the cache
     and the latest checkpoint. L0, FVU and delta loss are measured on ``eval_tokens`` tokens of
     ``eval_corpus``, or of ``corpus`` right after the cached tokens. ``notes`` (e.g. where the
     model and corpus came from, and their licences) are copied into every card."""
-    from scope.evals import evaluate
+    from scope.evals import evaluate, splice_all
     from scope.sae import load_sae
 
     check_layout(settings, out)
@@ -161,9 +166,9 @@ def train_saes(
     if eval_tokens <= 0:
         raise ScopeError(f"--eval-tokens {eval_tokens} must be positive")
     export.storage_dtypes({}, save_dtype)  # a wrong dtype fails now, not after training
-    folder = cache or default_cache_folder(model, settings.hooks, corpus)
+    folder = cache or default_cache_folder(model, settings.cached, corpus)
     acts: ActivationCache = build_cache(
-        model, settings.hooks, corpus, folder, batch_size=forward_batch, on_batch=on_cache
+        model, settings.cached, corpus, folder, batch_size=forward_batch, on_batch=on_cache
     )
     device = str(next(model.parameters()).device)
     training = loop.start(settings, acts, folder / f"train-{settings.fingerprint()}", device)
@@ -184,14 +189,22 @@ def train_saes(
     for hook in settings.hooks:
         raw = export.raw_params(finished[hook].sae)
         dtypes[hook] = export.storage_dtypes(raw, save_dtype)
-        cfg = export.sae_cfg(hook, acts.spec.d_in[hook], settings.width, model_name, corpus.ctx)
-        export.write_sae(staging / gemma_scope_id(hook, settings.width, 0), raw, dtypes[hook], cfg)
-        loaded.append(
-            load_sae(
-                staging / gemma_scope_id(hook, settings.width, 0), device=device, dtype="float32"
-            )
-        )
+        where = staging / gemma_scope_id(hook, settings.width, 0)
+        d_in = acts.spec.d_in[hook]
+        if settings.transcoders:
+            out_hook = settings.target(hook)
+            cfg = export.transcoder_cfg(hook, out_hook, d_in, settings.width,
+                                        acts.spec.d_in[out_hook], settings.skip, model_name,
+                                        corpus.ctx)  # fmt: skip
+            export.write_transcoder(where, raw, dtypes[hook], cfg)
+        else:
+            cfg = export.sae_cfg(hook, d_in, settings.width, model_name, corpus.ctx)
+            export.write_sae(where, raw, dtypes[hook], cfg)
+        loaded.append(load_sae(where, device=device, dtype="float32"))
     report = evaluate(model, loaded, held_out, batch_size=EVAL_BATCH)
+    together = None
+    if settings.transcoders and len(loaded) > 1:  # the replacement model attribution explains
+        together = splice_all(model, loaded, held_out, batch_size=EVAL_BATCH)
     eval_seconds = time.perf_counter() - t_eval
 
     results = []
@@ -209,12 +222,15 @@ def train_saes(
             if "/" in model_name and not Path(model_name).is_dir()
             else model.cfg.model_name,
             "hook": hook,
+            **(
+                {"hook_out": settings.target(hook), "d_out": int(sae.W_dec.shape[-1])}
+                if settings.transcoders
+                else {}
+            ),
             "d_in": acts.spec.d_in[hook],
             "d_sae": settings.width,
-            "architecture": "jumprelu",
-            "convention": "raw activations: pre = x @ W_enc + b_enc; acts = relu(pre) * "
-            "(pre > threshold); x_hat = acts @ W_dec + b_dec; no input normalisation, no b_dec "
-            "subtracted at the input",
+            "architecture": str(sae.cfg.architecture()),
+            "convention": TRANSCODER_CONVENTION if settings.transcoders else SAE_CONVENTION,
             "dtypes": dtypes[hook],
             "sha256": sae.cfg.metadata["scope_sha256"],
             "corpus": {
@@ -224,16 +240,22 @@ def train_saes(
                 "tokens_cached": acts.state.rows,
             },
             "training": {
-                **{k: v for k, v in asdict(settings).items() if k != "hooks"},
+                **{
+                    k: v
+                    for k, v in asdict(settings).items()
+                    if k not in _NOT_ON_CARD[settings.transcoders]
+                },
                 "steps": training.step,
                 "tokens_seen": training.step * settings.batch_size,
-                "trainer": "sae_lens JumpReLUTrainingSAE + SAETrainer, "
-                f"{settings.sparsity_loss} L0 penalty"
-                + (", pre-activation loss" if settings.pre_act_loss else "")
-                + (", frequency penalty (scope.train.losses)" if settings.freq_penalty else ""),
+                "trainer": _trainer(settings),
                 "dead_window_steps": loop.dead_window(settings, training.steps),
                 "sae_lens_version": _sae_lens_version(),
                 "scaling_factor_folded": finished[hook].scaling_factor,
+                **(
+                    {"target_scaling_factor_folded": finished[hook].target_factor}
+                    if settings.transcoders
+                    else {}
+                ),
             },
             "eval": {
                 "held_out": "eval corpus"
@@ -244,6 +266,8 @@ def train_saes(
                     for k, v in asdict(row).items()
                     if k not in ("sae", "hook", "sha256", "d_sae")
                 },
+                "dead_fraction": row.dead / row.d_sae,
+                **({"all_spliced": asdict(together)} if together is not None else {}),
             },
             "time": {
                 "cache_seconds": acts.state.seconds,
@@ -267,6 +291,34 @@ def train_saes(
         )
     shutil.rmtree(staging, ignore_errors=True)
     return results
+
+
+_NOT_ON_CARD = {False: ("hooks", "outputs", "skip"), True: ("hooks", "outputs")}
+"""Settings the card's training section leaves out (its hooks are the card's own)."""
+SAE_CONVENTION = (
+    "raw activations: pre = x @ W_enc + b_enc; acts = relu(pre) * (pre > threshold); "
+    "x_hat = acts @ W_dec + b_dec; no input normalisation, no b_dec subtracted at the input"
+)
+TRANSCODER_CONVENTION = (
+    "raw activations: x read at hook, y written at hook_out; pre = x @ W_enc + b_enc; acts = "
+    "relu(pre) * (pre > threshold); y_hat = acts @ W_dec + b_dec (+ x @ W_skip.T with a skip "
+    "connection); no input normalisation"
+)
+
+
+def _trainer(settings: TrainSettings) -> str:
+    """The card's one-line account of what trained it."""
+    module = (
+        "scope.train.losses.TrainingTranscoder (sae_lens JumpReLUTrainingSAE's encoder and "
+        "losses" + (", affine skip connection" if settings.skip else "") + ")"
+        if settings.transcoders
+        else "sae_lens JumpReLUTrainingSAE"
+    )
+    return (
+        f"{module} + SAETrainer, {settings.sparsity_loss} L0 penalty"
+        + (", pre-activation loss" if settings.pre_act_loss else "")
+        + (", frequency penalty (scope.train.losses)" if settings.freq_penalty else "")
+    )
 
 
 def _sae_lens_version() -> str:

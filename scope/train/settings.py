@@ -15,11 +15,21 @@ THRESHOLD_INITS = ("global", "per_feature")
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
-    """Settings of one training run: one JumpReLU SAE per hook, all over the same tokens."""
+    """Settings of one training run: one JumpReLU SAE (or transcoder) per hook, all over the
+    same tokens."""
 
     hooks: tuple[str, ...]
-    """Hooks to train an SAE on (``blocks.6.hook_resid_post``), one SAE each, all cached
-    from one forward pass."""
+    """Hooks to train on (``blocks.6.hook_resid_post``), one SAE (or transcoder) reading each,
+    all cached from one forward pass."""
+    outputs: tuple[str, ...] = ()
+    """Empty (SAEs): each SAE reconstructs the hook it reads. Else transcoders, one hook per
+    entry of ``hooks``: the transcoder reading ``hooks[i]`` is trained to give ``outputs[i]``
+    (``scope train --site transcoder``: the MLP's input ``blocks.L.ln2.hook_out`` to its output
+    ``blocks.L.hook_mlp_out``), both cached from the same forward pass."""
+    skip: bool = False
+    """Transcoders only: learn an affine skip connection too, ``x @ W_skip.T`` added to the
+    output (Gemma Scope 2's affine transcoders; sae-lens' ``jumprelu_skip_transcoder``), so the
+    features model what a linear map of the input does not. Starts at zero, as sae-lens'."""
     width: int = 4096
     """Features per SAE (d_sae)."""
     target_l0: float = 60.0
@@ -87,6 +97,19 @@ class TrainSettings:
             raise ScopeError("no hook to train on: pass --layer (with --site) or --hook")
         if len(set(self.hooks)) != len(self.hooks):
             raise ScopeError(f"a hook is given twice in {list(self.hooks)}: give each once")
+        if self.outputs and len(self.outputs) != len(self.hooks):
+            raise ScopeError(
+                f"{len(self.outputs)} output hooks for {len(self.hooks)} input hooks: a transcoder "
+                "needs one of each"
+            )
+        for read, write in zip(self.hooks, self.outputs, strict=False):
+            if read == write:
+                raise ScopeError(
+                    f"transcoder output {write} is its input: a transcoder maps one hook to "
+                    "another (train an SAE on it instead)"
+                )
+        if self.skip and not self.outputs:
+            raise ScopeError("--skip is for transcoders: add --site transcoder")
         if self.width < 1:
             raise ScopeError(f"--width {self.width} must be at least 1, e.g. 4096")
         if not 0 < self.target_l0 < self.width:
@@ -133,11 +156,28 @@ class TrainSettings:
         if self.checkpoint_every < 1:
             raise ScopeError(f"--checkpoint-every {self.checkpoint_every} must be at least 1")
 
+    @property
+    def transcoders(self) -> bool:
+        """True when the run trains transcoders (``outputs`` given)."""
+        return bool(self.outputs)
+
+    @property
+    def cached(self) -> tuple[str, ...]:
+        """Every hook the run caches: the inputs, and the transcoders' outputs."""
+        return tuple(dict.fromkeys(self.hooks + self.outputs))
+
+    def target(self, hook: str) -> str:
+        """The hook the module reading ``hook`` reconstructs: its output, or ``hook`` itself."""
+        return self.outputs[self.hooks.index(hook)] if self.outputs else hook
+
     def fingerprint(self) -> str:
         """A short hash of everything that changes the trained weights (not checkpoint_every):
         a checkpoint is resumed only by a run with the same fingerprint and cache."""
         fields = asdict(self)
         fields.pop("checkpoint_every")
+        for key in ("outputs", "skip"):  # SAE runs keep the fingerprints they had before
+            if not fields[key]:
+                fields.pop(key)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
