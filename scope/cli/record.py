@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,7 +35,8 @@ from scope.cli.common import (
 from scope.errors import ScopeError
 
 if TYPE_CHECKING:
-    from scope.record import RecordProgress, RecordSummary
+    from scope.corpus import CorpusSpec
+    from scope.record import RecordProgress, RecordSettings, RecordSummary
     from scope.store.view import Example
 
 
@@ -152,14 +153,33 @@ def record(
     threads: Annotated[
         int | None, typer.Option(help="--ray without GPUs: CPU threads per worker.")
     ] = None,
+    snapshots: Annotated[
+        bool,
+        typer.Option(
+            "--snapshots",
+            help="Make every checkpoint a snapshot `scope app` can show (the first after "
+            "15 s of recording), not only the end.",
+        ),
+    ] = False,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Serve the explorer (as `scope app`) from the first snapshot on while the "
+            "recording goes on, and after it ends until Ctrl-C (implies --snapshots).",
+        ),
+    ] = False,
+    port: Annotated[
+        int, typer.Option(help="--serve: the explorer's port.", min=1, max=65535)
+    ] = 8501,
 ) -> None:
     """Record every feature of the SAEs over a corpus in one pass into a store.
 
     Ctrl-C or SIGTERM stops after the current batch, everything saved; --resume continues.
-    With --ray the corpus is recorded as shards on a Ray cluster and merged as they finish."""
+    With --serve the explorer shows the recording as it goes. With --ray the corpus is recorded
+    as shards on a Ray cluster and merged as they finish."""
     from scope.corpus import CorpusSpec, parse_tokens
-    from scope.record import RecordSettings, stop_on_signals
-    from scope.record import record as run_record
+    from scope.record import RecordSettings
 
     if not store:
         raise ScopeError("give --store FOLDER: where the recording goes")
@@ -176,8 +196,14 @@ def record(
         shard=parse_shard(shard),
         checkpoint_seconds=checkpoint_seconds,
         overlap=overlap,
+        snapshots=snapshots or serve,
     )
     if ray is not None:
+        if serve or snapshots:
+            raise ScopeError(
+                "--serve and --snapshots go without --ray: a --ray store is readable from its "
+                "first merged shard on, so serve it with `scope app --store` beside the run"
+            )
         from scope.cli.scale import record_on_cluster
         from scope.record.distributed import RayOptions
         from scope.record.shard_worker import Loader
@@ -190,26 +216,66 @@ def record(
         return
     if workers is not None or shards is not None or threads is not None:
         raise ScopeError("--workers, --shards and --threads go with --ray: add --ray auto or local")
-    loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
+    explorer = None
+    if serve:
+        from scope.cli.serve import Explorer
+
+        explorer = Explorer(store, port, model, device)
     try:
-        with stop_on_signals(say_stopping) as should_stop, progress_bar(err) as on_progress:
-            summary = run_record(
-                loaded,
-                saes_,
-                spec,
-                store,
-                settings,
-                resume=resume,
-                on_progress=on_progress,
-                should_stop=should_stop,
-            )
+        if explorer is not None and has_snapshot(Path(store)):
+            explorer.start()  # a run continued: what it recorded is shown while the model loads
+        loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
+        on_snapshot = explorer.start if explorer is not None else None
+        summary = record_session(loaded, saes_, spec, store, settings, resume, on_snapshot)
+        _print_summary(summary)
+        if explorer is not None:
+            out.print("the recording is complete; the explorer serves it until Ctrl-C")
+            explorer.serve()
+    finally:
+        if explorer is not None:
+            explorer.stop()
+
+
+def has_snapshot(store: Path) -> bool:
+    """Whether the store has a snapshot readers can open."""
+    from scope.store.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(store) if store.is_dir() else None
+    except ScopeError:
+        return False
+    return manifest is not None and manifest.tables_version is not None
+
+
+def record_session(
+    model: Any,
+    saes: list[Any],
+    spec: CorpusSpec,
+    store: str,
+    settings: RecordSettings,
+    resume: bool,
+    on_snapshot: Callable[[str], None] | None,
+) -> RecordSummary:
+    """Open, record and finish a recording session under a progress bar; the first Ctrl-C (or
+    SIGTERM) stops it after the batch, everything saved, a second at once."""
+    from scope.record import RecordingSession, stop_on_signals
+
+    try:
+        with (
+            stop_on_signals(say_stopping) as should_stop,
+            progress_bar(err) as on_progress,
+            RecordingSession.open(
+                model, saes, spec, store, settings, resume=resume, on_snapshot=on_snapshot
+            ) as session,
+        ):
+            session.record(on_progress, should_stop)
+            return session.finish()
     except KeyboardInterrupt:
         raise ScopeError(
             f"stopped at once by a second Ctrl-C: the store keeps what its last checkpoint saved "
-            f"(one every {checkpoint_seconds:g} s, --checkpoint-seconds): run the same command "
-            "with --resume to continue from there"
+            f"(one every {settings.checkpoint_seconds:g} s, --checkpoint-seconds): run the same "
+            "command with --resume to continue from there"
         ) from None
-    _print_summary(summary)
 
 
 def say_stopping(signal_name: str) -> None:
