@@ -10,6 +10,7 @@ import argparse
 import html
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -91,9 +92,10 @@ def recording_progress(s: Store) -> None:
         eta = status.eta_seconds
         left = str(timedelta(seconds=round(eta))) if eta is not None else "estimating"
         rate = f"{status.tokens_per_s:,.0f} tokens/s" if status.tokens_per_s > 0 else "starting"
-        text = f"Recording: {of} · {rate} · ETA {left}"
-        st.progress(min(status.fraction, 1.0), text=text)
-        note, button = st.columns([5, 1])
+        now = "writing a snapshot" if status.writing else f"{rate} · ETA {left}"
+        ago = max(0, round(time.time() - status.updated))
+        st.progress(min(status.fraction, 1.0), text=f"Recording: {of} · {now} ({ago} s ago)")
+        note, button = st.columns([5, 1], vertical_alignment="center")
         note.caption(
             f"{shown}{in_snapshot}; the recording writes a newer one every checkpoint: "
             "refresh to see it."

@@ -28,7 +28,12 @@ if s.manifest.state == "complete":
 else:  # a snapshot of a recording going on: what its tables hold
     recorded = max(int(t) for t in view.saes.df()["tokens"])
 cols[2].metric("tokens recorded", f"{recorded:,}", help="in the snapshot shown")
-cols[3].metric("documents", f"{sum(p['documents'] for p in view.parts):,}")
+if s.manifest.state == "complete" or not s.manifest.parts:
+    cols[3].metric("documents", f"{sum(p['documents'] for p in view.parts):,}")
+else:  # the part being recorded, as far as the snapshot goes
+    part, m_ = s.manifest.parts[-1], s.manifest
+    done = part.next if m_.tables_version == m_.state_version else 0  # else an older snapshot
+    cols[3].metric("windows recorded", f"{done:,} of {part.windows:,}")
 
 st.subheader("Corpus")
 st.dataframe(view.parts, hide_index=True, width="stretch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -221,6 +222,8 @@ def record(
         from scope.cli.serve import Explorer
 
         explorer = Explorer(store, port, model, device)
+        # SIGTERM while the model loads ends this process through ``finally``, explorer and all
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if explorer is not None and has_snapshot(Path(store)):
             explorer.start()  # a run continued: what it recorded is shown while the model loads

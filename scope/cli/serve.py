@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -103,19 +102,28 @@ class Explorer:
         sys.stdout.flush()
 
     def serve(self) -> None:
-        """Serve until Ctrl-C or SIGTERM (or the explorer's own end: an error says why)."""
+        """Serve until Ctrl-C or SIGTERM, or until the explorer ends (an error says why where
+        it failed; a terminal's Ctrl-C reaches it too, and it ends cleanly)."""
         self.start()
         assert self.proc is not None
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        asked: list[int] = []
+        previous = {sig: signal.signal(sig, lambda n, _f: asked.append(n)) for sig in STOPS}
         try:
-            code = self.proc.wait()
-        except KeyboardInterrupt:
-            return
+            while not asked:
+                try:
+                    code = self.proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    continue
+                if code in (0, *(-sig for sig in STOPS)):  # stopped, as this process is
+                    return
+                self._log.seek(0)
+                tail = self._log.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise ScopeError(
+                    f"the explorer stopped (status {code}): {' / '.join(tail) or 'no output'}"
+                )
         finally:
-            signal.signal(signal.SIGTERM, previous)
-        self._log.seek(0)
-        tail = self._log.read().decode(errors="replace").strip().splitlines()[-3:]
-        raise ScopeError(f"the explorer stopped (status {code}): {' / '.join(tail) or 'no output'}")
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -128,8 +136,7 @@ class Explorer:
         self._log.close()
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 @app.command("app")

@@ -338,6 +338,8 @@ class RecordingSession:
                 finalize(builder, manifest, run.states, self.saes, self.model, self.root,
                          tables=settings.tables)  # fmt: skip
 
+        if readable:
+            self._say("recording", writing=True)
         name = writer.commit(fill, final=readable, complete=final)
         self._since_snapshot = time.perf_counter()
         if readable and settings.tables:
@@ -407,7 +409,7 @@ class RecordingSession:
         assert self._run is not None
         return int(self._run.windows.lengths[:windows].sum()) - windows
 
-    def _say(self, state: str) -> None:
+    def _say(self, state: str, writing: bool = False) -> None:
         """Rewrite the progress file (what the explorer's overview shows)."""
         p = self.progress
         if p is None:
@@ -417,7 +419,7 @@ class RecordingSession:
         write_status(self.root, RecordingStatus(
             state=state, tokens=p.tokens, total=p.total, tokens_per_s=p.tokens_per_s,
             snapshot=name, snapshot_tokens=tokens, started=self._started, updated=time.time(),
-            pid=pid, host=host,
+            pid=pid, host=host, writing=writing,
         ))  # fmt: skip
         self._said = time.monotonic()
 

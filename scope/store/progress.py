@@ -47,6 +47,8 @@ class RecordingStatus:
     """When this status was written (Unix time)."""
     pid: int
     host: str
+    writing: bool = False
+    """A snapshot is being written now (its tables: seconds to minutes, the first one most)."""
 
     @property
     def fraction(self) -> float:
