@@ -19,21 +19,28 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from scope.corpus import CHUNK_BITS, CorpusSpec
+from scope.corpus import CorpusSpec
 from scope.errors import ScopeError
 from scope.fit import check_fit
 from scope.identity import ModelIdentity, sae_info, sae_keys
 from scope.interrupt import StopFn
 from scope.record.finalize import finalize
 from scope.record.loop import ProgressFn, RecordProgress, run_batches
+from scope.record.parts import open_part, part_first_doc
 from scope.record.settings import RecordSettings, RecordSummary
-from scope.record.spec import SAME_WINDOWS, RunSpec, check_same
+from scope.record.spec import RunSpec, check_same
 from scope.record.state import HIST_EDGES, SAMPLE_EDGES, FeatureState, load_states, save_states
 from scope.record.tables import sae_summary, vocab_table
 from scope.record.windows import PartWindows, write_windows
 from scope.store.files import VersionBuilder
 from scope.store.manifest import Manifest, Part, StoreSettings
-from scope.store.progress import PROGRESS, RecordingStatus, this_process, write_status
+from scope.store.progress import (
+    PROGRESS,
+    RecordingStatus,
+    read_status,
+    this_process,
+    write_status,
+)
 from scope.store.writer import StoreWriter, current_part
 
 if TYPE_CHECKING:
@@ -74,76 +81,6 @@ def new_manifest(spec: RunSpec) -> Manifest:
         sample_edges=SAMPLE_EDGES.tolist(),
         versions=versions(),
     )
-
-
-def next_doc(manifest: Manifest) -> int:
-    """The document index a new part starts at: after every part's documents (and, for parts
-    of older stores with dense window ids, after all of their ids)."""
-    end = 0
-    for p in manifest.parts:
-        if p.first_doc is not None and p.docs is not None:
-            end = max(end, p.first_doc + p.docs)
-        else:
-            last_id = (p.first_window or 0) + p.windows - 1
-            end = max(end, (last_id >> CHUNK_BITS) + 1)
-    return end
-
-
-def part_first_doc(manifest: Manifest, root: Path) -> int:
-    """Where the windows of the part to record are numbered from."""
-    interrupted = current_part(manifest)
-    if interrupted is None:
-        return next_doc(manifest)
-    if interrupted.first_doc is None:
-        raise ScopeError(
-            f"{root} holds a run interrupted under an older version of the workbench, which "
-            "numbered windows differently: record that corpus into a new --store"
-        )
-    return interrupted.first_doc
-
-
-def open_part(
-    writer: StoreWriter, windows: PartWindows, spec: RunSpec, resume: bool, batch_size: int
-) -> tuple[Part, PartWindows]:
-    """The corpus part to record: the interrupted one (with --resume), or a new one appended.
-    ``windows`` were written for it beside the store; they are moved into place."""
-    manifest, root, corpus = writer.manifest, writer.root, spec.corpus
-    assert manifest is not None and corpus is not None
-    interrupted = current_part(manifest)
-    if interrupted is not None:
-        if not resume:
-            raise ScopeError(
-                f"{root} holds an interrupted run of {', '.join(interrupted.corpus)} "
-                f"({interrupted.next:,} windows recorded and kept): add --resume to continue it"
-            )
-        recorded = replace(RunSpec.of_store(manifest), windows=(interrupted.fingerprint,))
-        asked = replace(spec, windows=(windows.fingerprint,))
-        check_same(recorded, asked, where=str(root), compare=SAME_WINDOWS)
-    elif any(p.fingerprint == windows.fingerprint for p in manifest.parts):
-        raise ScopeError(
-            f"{root} already holds this corpus (same windows): adding it again would count it twice"
-        )
-    else:
-        manifest.parts.append(
-            Part(
-                corpus=list(corpus.paths),
-                field=corpus.field,
-                max_tokens=corpus.max_tokens,
-                fingerprint=windows.fingerprint,
-                first_doc=next_doc(manifest),
-                docs=windows.report.read,
-                windows=len(windows),
-                tokens=windows.n_tokens,
-                documents=windows.report.documents,
-                skipped=windows.report.skipped,
-                next=0,
-                batch_size=batch_size,
-            )
-        )
-        manifest.state = "recording"
-    path = writer.place_windows(len(manifest.parts) - 1, windows.path)
-    writer.save()
-    return manifest.parts[-1], replace(windows, path=path)
 
 
 @dataclass
@@ -236,7 +173,8 @@ class RecordingSession:
         like = writer.manifest.model if writer.manifest is not None else None
         self.spec = replace(self.spec, model=ModelIdentity.of(model, like=like))
         if writer.manifest is None:
-            (root / PROGRESS).unlink(missing_ok=True)
+            if read_status(root) is not None:  # a first run's, stopped before its checkpoint
+                (root / PROGRESS).unlink()
             writer.create(new_manifest(self.spec),
                           lambda: vocab_table(model.tokenizer, model.cfg.d_vocab))  # fmt: skip
         else:
