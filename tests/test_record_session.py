@@ -110,6 +110,8 @@ def test_snapshots_are_readable_while_recording_and_change_nothing(
     assert status is not None and status.state == "complete" and not status.running()
     assert status.tokens == status.total == summary.tokens
     assert not list(root.glob(".v*"))  # no half-built version left where readers look
+    kept = sorted(p.name for p in root.glob("v[0-9]*") if (p / "state").is_dir())
+    assert kept == [status.snapshot] and len(list(root.glob("v[0-9]*"))) == len(seen)
     assert_identical(plain, root)
 
 
