@@ -10,7 +10,9 @@ import argparse
 import html
 import os
 import sys
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,6 +21,7 @@ import streamlit as st
 
 from scope.errors import ScopeError
 from scope.store import Store
+from scope.store.progress import read_status
 from scope.store.view import Example, example_html
 
 
@@ -65,6 +68,47 @@ def store() -> Store:
         st.error(str(err))
         st.stop()
     return opened
+
+
+def recording_progress(s: Store) -> None:
+    """Where a recording into the store stands (tokens done of the total, rate, time left) and
+    which snapshot the page shows, when the store is not complete; nothing once it is."""
+    status = read_status(s.root)
+    if s.manifest.state == "complete" and (status is None or status.state == "complete"):
+        return
+    shown = f"This page shows snapshot {s.version.name}"
+    if status is None:  # no word from the recording (a --ray run, or an older workbench)
+        part = s.manifest.parts[-1] if s.manifest.parts else None
+        so_far = f": {part.next:,} of {part.windows:,} windows" if part is not None else ""
+        st.info(f"The recording into this store is not finished{so_far}. {shown}.")
+        return
+    of = f"{status.tokens:,} of {status.total:,} tokens ({status.fraction:.0%})"
+    in_snapshot = (
+        f" ({status.snapshot_tokens:,} tokens)"
+        if status.snapshot == s.version.name and status.snapshot_tokens is not None
+        else ""
+    )
+    if status.running():
+        eta = status.eta_seconds
+        left = str(timedelta(seconds=round(eta))) if eta is not None else "estimating"
+        rate = f"{status.tokens_per_s:,.0f} tokens/s" if status.tokens_per_s > 0 else "starting"
+        now = "writing a snapshot" if status.writing else f"{rate} · ETA {left}"
+        ago = max(0, round(time.time() - status.updated))
+        st.progress(min(status.fraction, 1.0), text=f"Recording: {of} · {now} ({ago} s ago)")
+        note, button = st.columns([5, 1], vertical_alignment="center")
+        note.caption(
+            f"{shown}{in_snapshot}; the recording writes a newer one every checkpoint: "
+            "refresh to see it."
+        )
+        if button.button("Refresh", icon=":material/refresh:"):
+            st.rerun()
+    elif status.state == "complete":
+        st.info(f"The recording finished ({of}): refresh to see its last snapshot.")
+    else:
+        st.warning(
+            f"The recording stopped at {of}. {shown}{in_snapshot}. Run the same `scope record "
+            "... --resume` (or `./dev demo`) again to continue it."
+        )
 
 
 @dataclass(frozen=True)
@@ -195,6 +239,7 @@ __all__ = [
     "kept_text_area",
     "model_or_reason",
     "model_quietly",
+    "recording_progress",
     "settings",
     "store",
 ]

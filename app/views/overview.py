@@ -6,7 +6,7 @@ import html
 
 import plotly.express as px
 import streamlit as st
-from explorer import feature_link, store
+from explorer import feature_link, recording_progress, store
 
 from scope.store import explore
 
@@ -19,11 +19,21 @@ m = view.model
 
 st.title("Overview")
 st.caption(f"store `{s.root}` · snapshot {s.version.name} · state {s.manifest.state}")
+recording_progress(s)
 cols = st.columns([1.6, 1, 1, 1])  # room for a model name like gemma-3-270m
 cols[0].metric("model", str(m["name"]).rsplit("/", 1)[-1], help=str(m["name"]))
 cols[1].metric("layers × d_model", f"{m['n_layers']} × {m['d_model']}")
-cols[2].metric("tokens recorded", f"{sum(p['tokens'] for p in view.parts):,}")
-cols[3].metric("documents", f"{sum(p['documents'] for p in view.parts):,}")
+if s.manifest.state == "complete":
+    recorded = sum(p["tokens"] for p in view.parts)
+else:  # a snapshot of a recording going on: what its tables hold
+    recorded = max(int(t) for t in view.saes.df()["tokens"])
+cols[2].metric("tokens recorded", f"{recorded:,}", help="in the snapshot shown")
+if s.manifest.state == "complete" or not s.manifest.parts:
+    cols[3].metric("documents", f"{sum(p['documents'] for p in view.parts):,}")
+else:  # the part being recorded, as far as the snapshot goes
+    part, m_ = s.manifest.parts[-1], s.manifest
+    done = part.next if m_.tables_version == m_.state_version else 0  # else an older snapshot
+    cols[3].metric("windows recorded", f"{done:,} of {part.windows:,}")
 
 st.subheader("Corpus")
 st.dataframe(view.parts, hide_index=True, width="stretch")

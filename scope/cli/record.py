@@ -1,13 +1,13 @@
-"""`scope record`, `scope merge`, `scope feature` and `scope sql`: make a store, then read it."""
+"""`scope record` and `scope merge`: make a store (`scope.cli.query` reads it)."""
 
 from __future__ import annotations
 
-import functools
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,7 +23,6 @@ from scope.cli.common import (
     FieldOpt,
     HookOpt,
     LogEvery,
-    RecordedStoreOpt,
     RequiredModelOpt,
     SaeOpt,
     app,
@@ -35,8 +34,8 @@ from scope.cli.common import (
 from scope.errors import ScopeError
 
 if TYPE_CHECKING:
-    from scope.record import RecordProgress, RecordSummary
-    from scope.store.view import Example
+    from scope.corpus import CorpusSpec
+    from scope.record import RecordProgress, RecordSettings, RecordSummary
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -152,14 +151,33 @@ def record(
     threads: Annotated[
         int | None, typer.Option(help="--ray without GPUs: CPU threads per worker.")
     ] = None,
+    snapshots: Annotated[
+        bool,
+        typer.Option(
+            "--snapshots",
+            help="Make every checkpoint a snapshot `scope app` can show (the first after "
+            "15 s of recording), not only the end.",
+        ),
+    ] = False,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Serve the explorer (as `scope app`) from the first snapshot on while the "
+            "recording goes on, and after it ends until Ctrl-C (implies --snapshots).",
+        ),
+    ] = False,
+    port: Annotated[
+        int, typer.Option(help="--serve: the explorer's port.", min=1, max=65535)
+    ] = 8501,
 ) -> None:
     """Record every feature of the SAEs over a corpus in one pass into a store.
 
     Ctrl-C or SIGTERM stops after the current batch, everything saved; --resume continues.
-    With --ray the corpus is recorded as shards on a Ray cluster and merged as they finish."""
+    With --serve the explorer shows the recording as it goes. With --ray the corpus is recorded
+    as shards on a Ray cluster and merged as they finish."""
     from scope.corpus import CorpusSpec, parse_tokens
-    from scope.record import RecordSettings, stop_on_signals
-    from scope.record import record as run_record
+    from scope.record import RecordSettings
 
     if not store:
         raise ScopeError("give --store FOLDER: where the recording goes")
@@ -176,8 +194,14 @@ def record(
         shard=parse_shard(shard),
         checkpoint_seconds=checkpoint_seconds,
         overlap=overlap,
+        snapshots=snapshots or serve,
     )
     if ray is not None:
+        if serve or snapshots:
+            raise ScopeError(
+                "--serve and --snapshots go without --ray: a --ray store is readable from its "
+                "first merged shard on, so serve it with `scope app --store` beside the run"
+            )
         from scope.cli.scale import record_on_cluster
         from scope.record.distributed import RayOptions
         from scope.record.shard_worker import Loader
@@ -190,26 +214,68 @@ def record(
         return
     if workers is not None or shards is not None or threads is not None:
         raise ScopeError("--workers, --shards and --threads go with --ray: add --ray auto or local")
-    loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
+    explorer = None
+    if serve:
+        from scope.cli.serve import Explorer
+
+        explorer = Explorer(store, port, model, device)
+        # SIGTERM while the model loads ends this process through ``finally``, explorer and all
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with stop_on_signals(say_stopping) as should_stop, progress_bar(err) as on_progress:
-            summary = run_record(
-                loaded,
-                saes_,
-                spec,
-                store,
-                settings,
-                resume=resume,
-                on_progress=on_progress,
-                should_stop=should_stop,
-            )
+        if explorer is not None and has_snapshot(Path(store)):
+            explorer.start()  # a run continued: what it recorded is shown while the model loads
+        loaded, saes_ = load_model_and_saes(model, sae, device=device, dtype=dtype, hook=hook)
+        on_snapshot = explorer.start if explorer is not None else None
+        summary = record_session(loaded, saes_, spec, store, settings, resume, on_snapshot)
+        _print_summary(summary)
+        if explorer is not None:
+            out.print("the recording is complete; the explorer serves it until Ctrl-C")
+            explorer.serve()
+    finally:
+        if explorer is not None:
+            explorer.stop()
+
+
+def has_snapshot(store: Path) -> bool:
+    """Whether the store has a snapshot readers can open."""
+    from scope.store.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(store) if store.is_dir() else None
+    except ScopeError:
+        return False
+    return manifest is not None and manifest.tables_version is not None
+
+
+def record_session(
+    model: Any,
+    saes: list[Any],
+    spec: CorpusSpec,
+    store: str,
+    settings: RecordSettings,
+    resume: bool,
+    on_snapshot: Callable[[str], None] | None,
+) -> RecordSummary:
+    """Open, record and finish a recording session under a progress bar; the first Ctrl-C (or
+    SIGTERM) stops it after the batch, everything saved, a second at once."""
+    from scope.record import RecordingSession, stop_on_signals
+
+    try:
+        with (
+            stop_on_signals(say_stopping) as should_stop,
+            progress_bar(err) as on_progress,
+            RecordingSession.open(
+                model, saes, spec, store, settings, resume=resume, on_snapshot=on_snapshot
+            ) as session,
+        ):
+            session.record(on_progress, should_stop)
+            return session.finish()
     except KeyboardInterrupt:
         raise ScopeError(
             f"stopped at once by a second Ctrl-C: the store keeps what its last checkpoint saved "
-            f"(one every {checkpoint_seconds:g} s, --checkpoint-seconds): run the same command "
-            "with --resume to continue from there"
+            f"(one every {settings.checkpoint_seconds:g} s, --checkpoint-seconds): run the same "
+            "command with --resume to continue from there"
         ) from None
-    _print_summary(summary)
 
 
 def say_stopping(signal_name: str) -> None:
@@ -256,118 +322,3 @@ def merge(
 
     manifest = merge_stores(store, shards)
     out.print(f"merged {len(shards)} shards into {store}: {manifest.tokens_recorded:,} tokens")
-
-
-SPARK = " ▁▂▃▄▅▆▇█"
-
-
-def sparkline(counts: list[int]) -> str:
-    """Counts as a one-line bar chart."""
-    top = max(counts, default=0)
-    return "".join(SPARK[round(c / top * (len(SPARK) - 1))] if top else " " for c in counts)
-
-
-def example_line(ex: Example, context: int | None = None) -> str:
-    """A window on one line: every control character visible, the max token in ⟦ ⟧ (which
-    survives piping, unlike colour); ``context`` tokens either side of it, or all."""
-    from scope.store.view import visible
-
-    lo, hi = 1, len(ex.tokens)
-    if context is not None:
-        lo, hi = max(1, ex.pos - context), min(len(ex.tokens), ex.pos + context + 1)
-    return "".join(
-        f"⟦{visible(t)}⟧" if i == ex.pos else visible(t)
-        for i, t in enumerate(ex.tokens[lo:hi], start=lo)
-    )
-
-
-@app.command()
-@friendly
-def feature(
-    address: Annotated[str, typer.Argument(help="SAE/INDEX, e.g. L12.res.16k/1234.")],
-    store: RecordedStoreOpt,
-    examples: Annotated[int, typer.Option(help="Top examples to show (0 for none).")] = 5,
-) -> None:
-    """Print a feature's statistics, histogram, logit lens, neighbours and examples."""
-    from scope.store import Store
-    from scope.store.schema import N_INTERVALS
-    from scope.store.view import visible
-
-    if examples < 0:
-        raise ScopeError(f"--examples {examples} must be 0 or more")
-    view = Store(store).feature(address)
-    say = functools.partial(out.print, markup=False, highlight=False, soft_wrap=True)
-    say(
-        f"{view.sae}/{view.index}{'  ' + visible(view.label) if view.label else ''}  fires on "
-        f"{view.density:.3%} of tokens ({view.count:,}), max {view.max:.2f}, "
-        f"mean {view.mean:.2f} ± {view.std:.2f}"
-    )
-    if view.neuronpedia_url:
-        say(view.neuronpedia_url)
-    for e in view.explanations:
-        scores = "  ".join(
-            f"{name} {value:.2f}"
-            for name, value in (("detection", e.detection), ("fuzzing", e.fuzzing))
-            if value is not None
-        )
-        say(f"explained: {visible(e.explanation)}  ({scores or 'not scored'}; {e.explainer})")
-    if view.histogram:
-        lo, hi = view.histogram[0][0], view.histogram[-1][1]
-        say(f"histogram {lo:.3g} {sparkline([c for _, _, c in view.histogram])} {hi:.3g}")
-    if view.top_tokens:
-        say("promotes:   " + "  ".join(visible(t) for t, _ in view.top_tokens))
-        say("suppresses: " + "  ".join(visible(t) for t, _ in view.bottom_tokens))
-    if view.neighbours:
-        say("neighbours: " + "  ".join(f"{n} ({c:.2f})" for n, c in view.neighbours))
-    if examples:
-        say("top examples:")
-    for ex in view.top[:examples]:
-        say(f"{ex.act:8.2f}  {example_line(ex, context=20)}")
-    if examples and view.intervals:
-        say(f"interval examples ({N_INTERVALS} equal parts of the max, highest first):")
-        for interval in sorted(view.intervals, reverse=True):
-            for ex in view.intervals[interval][:2]:
-                say(f"{interval} {ex.act:6.2f}  {example_line(ex, context=20)}")
-
-
-@app.command()
-@friendly
-def sql(
-    query: Annotated[
-        str,
-        typer.Argument(
-            help="A read-only query over features, topk, intervals, samples, hist, l0, saes, "
-            "lens, windows, vocab (and labels, experiments, evals once written)."
-        ),
-    ],
-    store: RecordedStoreOpt,
-    limit: Annotated[int, typer.Option(help="Rows to print or export (0: all).", min=0)] = 50,
-    csv: Annotated[
-        str | None, typer.Option("--csv", help="Write the rows to this CSV file.")
-    ] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON lines.")] = False,
-) -> None:
-    """Query a store with DuckDB SQL (SELECT only: the store is never written)."""
-    import json as json_lib
-
-    from scope.store import Rows, Store
-
-    if csv is not None:
-        target = Path(csv).expanduser()
-        if target.is_dir() or not target.parent.is_dir():
-            raise ScopeError(f"--csv {csv}: give a file path in an existing folder")
-    table = Store(store).sql(query).arrow()
-    total = table.num_rows
-    shown = table if limit == 0 else table.slice(0, limit)
-    if csv is not None:
-        import pyarrow.csv as pa_csv
-
-        pa_csv.write_csv(shown, csv)
-        err.print(f"wrote {shown.num_rows:,} of {total:,} rows to {escape(csv)}", highlight=False)
-    elif json:
-        for row in shown.to_pylist():
-            print(json_lib.dumps(row, default=str))
-    else:
-        print(Rows(shown))
-    if shown.num_rows < total:
-        err.print(f"{total - shown.num_rows:,} more rows: --limit 0 for all", highlight=False)

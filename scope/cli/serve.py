@@ -4,8 +4,11 @@ behind an OpenAI-compatible API. Both on 127.0.0.1 by default."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +78,65 @@ def streamlit_command(home: Path, store: str, model: str | None, device: str | N
     if device:
         args += ["--device", device]
     return args
+
+
+class Explorer:
+    """The explorer as a child process over a store that a recording in this process writes
+    (`scope record --serve`): ``start`` once there is a snapshot to show (again: nothing),
+    ``serve`` until Ctrl-C or SIGTERM, ``stop`` at the end whatever happened."""
+
+    def __init__(self, store: str, port: int, model: str | None, device: str | None,
+                 address: str = "127.0.0.1") -> None:  # fmt: skip
+        check_port(address, port)  # before anything loads
+        self.command = streamlit_command(app_script(), store, model, device, address, port)
+        self.url = f"http://{address}:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop)
+
+    def start(self, *_: object) -> None:
+        """Serve (a snapshot's name may be given: the explorer shows the newest itself)."""
+        if self.proc is not None:
+            return
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=self._log)
+        out.print(f"explorer: {self.url}  (Ctrl-C stops it)", highlight=False)
+        sys.stdout.flush()
+
+    def serve(self) -> None:
+        """Serve until Ctrl-C or SIGTERM, or until the explorer ends (an error says why where
+        it failed; a terminal's Ctrl-C reaches it too, and it ends cleanly)."""
+        self.start()
+        assert self.proc is not None
+        asked: list[int] = []
+        previous = {sig: signal.signal(sig, lambda n, _f: asked.append(n)) for sig in STOPS}
+        try:
+            while not asked:
+                try:
+                    code = self.proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    continue
+                if code in (0, *(-sig for sig in STOPS)):  # stopped, as this process is
+                    return
+                self._log.seek(0)
+                tail = self._log.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise ScopeError(
+                    f"the explorer stopped (status {code}): {' / '.join(tail) or 'no output'}"
+                )
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 @app.command("app")

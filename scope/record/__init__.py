@@ -3,7 +3,9 @@
 from scope.interrupt import stop_on_signals
 from scope.record.loop import RecordProgress
 from scope.record.runner import record
+from scope.record.session import RecordingSession
 from scope.record.settings import RecordSettings, RecordSummary
+from scope.record.spec import RunSpec
 from scope.record.state import FeatureState
 
 __all__ = [
@@ -11,6 +13,8 @@ __all__ = [
     "RecordProgress",
     "RecordSettings",
     "RecordSummary",
+    "RecordingSession",
+    "RunSpec",
     "record",
     "stop_on_signals",
 ]

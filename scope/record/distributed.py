@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from scope.record.scale_report import (
 )
 from scope.record.settings import RecordSettings, RecordSummary
 from scope.record.shard_worker import LoadFn, Report, ShardResult, ShardWorker, WorkerInfo
+from scope.record.spec import SAME_CORPUS, RunSpec, check_same
 from scope.store.manifest import Manifest, read_manifest
 from scope.store.writer import StoreWriter
 
@@ -101,7 +102,9 @@ def record_on_ray(
     settings, options = settings or RecordSettings(), options or RayOptions()
     if settings.shard != (0, 1):
         raise ScopeError("--shard does not go with --ray: --ray cuts the corpus into --shards")
-    corpus = replace(corpus, ctx=settings.ctx)
+    windowed = RunSpec(model=None, saes=None, corpus=corpus, settings=settings).corpus
+    assert windowed is not None
+    corpus = windowed  # cut at the settings' ctx, the run's one window length
     root = Path(store)
     ray = _import_ray()
     if root.exists() and not root.is_dir():
@@ -165,17 +168,8 @@ def _check_store(
             f"{root} is being recorded as {sharded.shards} shards, not {options.shards}: "
             f"use --shards {sharded.shards} (or leave it out) to continue it"
         )
-    part = m.parts[-1]
-    asked = (list(corpus.paths), corpus.field, corpus.max_tokens)
-    if (part.corpus, part.field, part.max_tokens) != asked:
-        raise ScopeError(
-            f"--resume needs the same --corpus, --field and --tokens as the run of {root} "
-            f"(its corpus was {', '.join(part.corpus)})"
-        )
-    for name in ("ctx", "k", "samples"):
-        was, now = getattr(m.settings, name), getattr(settings, name)
-        if was != now:
-            raise ScopeError(f"{root} was recorded with --{name} {was}, not {now}: use the same")
+    asked = RunSpec(model=None, saes=None, corpus=corpus, settings=settings)
+    check_same(RunSpec.of_store(m), asked, where=str(root), compare=SAME_CORPUS)
     if not sharded.done:
         return None
     record = RecordSummary(store=str(root), tokens=0, windows=0, seconds=0.0, already_recorded=True)

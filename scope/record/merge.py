@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,6 +21,7 @@ import torch
 
 from scope.errors import ScopeError
 from scope.record.finalize import finalize
+from scope.record.spec import SHARDS_OF_ONE_RUN, RunSpec, check_same
 from scope.record.state import FeatureState, load_states, save_states
 from scope.store.files import VersionBuilder, as_created
 from scope.store.manifest import MANIFEST, Manifest, Part, ShardedRun, read_manifest
@@ -43,18 +44,8 @@ def read_shard(path: Path, name: str | None = None) -> Manifest:
 
 def check_same_run(base: Manifest, base_name: str, m: Manifest, name: str) -> None:
     """Refuse a shard recorded with another model, SAEs, settings or corpus than ``base``."""
-    for what in ("model", "settings"):
-        if asdict(getattr(m, what)) != asdict(getattr(base, what)):
-            raise ScopeError(
-                f"{name} has another {what} than {base_name}: only shards of one run merge"
-            )
-    if {k: v.sha256 for k, v in m.saes.items()} != {k: v.sha256 for k, v in base.saes.items()}:
-        raise ScopeError(f"{name} holds other SAEs than {base_name}: only shards of one run merge")
-    if [x.fingerprint for x in m.parts] != [x.fingerprint for x in base.parts]:
-        raise ScopeError(
-            f"{name} recorded another corpus than {base_name}: only shards of one run merge "
-            "(were the corpus files changed?)"
-        )
+    check_same(RunSpec.of_store(base), RunSpec.of_store(m), where=base_name, given=name,
+               fix="only shards of one run merge", compare=SHARDS_OF_ONE_RUN)  # fmt: skip
 
 
 def _check_shards(paths: list[Path], manifests: list[Manifest]) -> None:

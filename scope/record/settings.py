@@ -38,6 +38,10 @@ class RecordSettings:
     recorded only to be merged (what `scope record --ray` workers record): the merge writes
     them from the merged state, so the shard's store keeps its state and windows alone
     (``Store`` cannot read it; a merge given the lens tables can)."""
+    snapshots: bool = False
+    """Make every checkpoint a snapshot readers can open (its tables written, as at the end),
+    the first within ``FIRST_SNAPSHOT_SECONDS`` of recording: the explorer shows the recording
+    as it goes (`scope record --serve`, `./dev demo`). Each costs the time the tables take."""
 
     def __post_init__(self) -> None:
         i, n = self.shard
@@ -45,6 +49,8 @@ class RecordSettings:
             raise ScopeError(f"--shard {i}/{n} is not valid: use i/N with 0 <= i < N, e.g. 0/4")
         if self.k < 1 or self.samples < 1:
             raise ScopeError("--k and --samples must be at least 1")
+        if self.snapshots and not self.tables:
+            raise ScopeError("snapshots need the tables: a recording without tables has none")
         if self.batch_size is not None and self.batch_size < 1:
             raise ScopeError(f"--batch-size {self.batch_size} must be at least 1")
 

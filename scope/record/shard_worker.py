@@ -1,5 +1,5 @@
 """What each Ray worker of `scope record --ray` runs: the model and SAEs loaded once, then one
-shard after another recorded by ``scope.record.record``, exactly as a local ``--shard i/N`` run
+shard after another recorded by a ``RecordingSession``, exactly as a local ``--shard i/N`` run
 records it, into a folder of its own. The files a merge needs go back to the driver.
 
 Nothing here imports Ray: the driver (``scope.record.distributed``) wraps ``ShardWorker`` as an
@@ -29,7 +29,7 @@ from scope.identity import sae_info, sae_keys
 from scope.record import tables
 from scope.record.loop import RecordProgress
 from scope.record.merge import shard_files
-from scope.record.runner import record
+from scope.record.session import RecordingSession
 from scope.record.settings import RecordSettings
 from scope.store.schema import LENS, lens_file
 
@@ -168,11 +168,14 @@ class ShardWorker:
 
         # a shard is short and its folder goes with the process: checkpoints would be lost;
         # the driver writes the tables readers query, from the merged state and ``lens()``
-        one = replace(settings, shard=(shard, shards), checkpoint_seconds=math.inf, tables=False)
+        one = replace(settings, shard=(shard, shards), checkpoint_seconds=math.inf, tables=False,
+                      snapshots=False)  # fmt: skip
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="scope-shard-") as tmp:
             root = Path(tmp) / "store"
-            summary = record(model, saes, corpus, root, one, on_progress=on_progress)
+            with RecordingSession.open(model, saes, corpus, root, one) as session:
+                session.record(on_progress)
+                summary = session.finish()
             files = {rel: (root / rel).read_bytes() for rel in shard_files(root)}
         seconds = time.perf_counter() - started
         return ShardResult(shard, files, summary.tokens, summary.windows, seconds, pid)

@@ -91,6 +91,8 @@ class VersionBuilder:
                 shutil.rmtree(old, ignore_errors=True)
                 continue
             # a snapshot readers may still have open: drop it a grace period after it is replaced
+            # (its resumable state at once: readers never read it, and it is most of the size)
+            shutil.rmtree(old / "state", ignore_errors=True)
             marker = old / ".superseded"
             if not marker.exists():
                 marker.touch()
