@@ -398,7 +398,7 @@ def load_states(
 def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> None:
     """Each SAE's state as ``state/<key>.safetensors`` in a version being built: each tensor
     as the entries that differ from its empty value (``FILL``), where that is smaller, to the
-    bit (most top-k activations are zero and most sample slots empty: a fifth of the size)."""
+    bit (most top-k activations are zero and most sample slots empty: a sixth of the size)."""
     for key, st in states.items():
         tensors: dict[str, torch.Tensor] = {}
         for name, t in st.tensors().items():
