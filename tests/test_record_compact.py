@@ -21,13 +21,15 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def test_packbits_round_trip():
-    for n in (0, 1, 7, 8, 9, 1001):
-        keep = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
-        packed = compact.packbits(keep)
-        assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
-        assert torch.equal(compact.unpackbits(packed, n), keep)
-    assert compact.packbits(torch.tensor([True, False, False, True] + [False] * 4)).tolist() == [9]
+def test_mask_bits_first_entry_lowest():
+    mask = torch.tensor([9, 128], dtype=torch.uint8)
+    assert compact.unpackbits(mask, 12).tolist() == [True, False, False, True] + [False] * 8
+    for n in (1001, 1007, 1008, 1009, 40001):  # the last byte part full, or full
+        t = torch.zeros(n)
+        t[torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.02] = 1.0
+        packed = compact.pack("t", t, 0)
+        assert packed["t.mask"].numel() == -(-n // 8)
+        assert bits_equal(compact.unpack(packed)["t"], t)
 
 
 def test_pack_keeps_every_bit():
