@@ -32,21 +32,26 @@ def test_mask_bits_first_entry_lowest():
         assert bits_equal(compact.unpack(packed)["t"], t)
 
 
-def test_pack_keeps_every_bit():
-    t = torch.zeros(30, 4, 50)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pack_keeps_every_bit(device):
+    t = torch.zeros(30, 4, 50, device=device)
     t[0, 1, 2], t[1, 0, 0], t[2, 3, 4] = -0.0, float("nan"), 2.5
     packed = compact.pack("acts", t, 0)
     assert set(packed) == {"acts.mask", "acts.values", "acts.shape", "acts.fill"}
     kept = compact.unpackbits(packed["acts.mask"], t.numel()).nonzero().view(-1).tolist()
     assert kept == [52, 200, 554]  # -0.0 is not 0.0's bits
     assert bits_equal(compact.unpack(packed)["acts"], t)
-    keys = torch.full((2, 300), EMPTY_KEY)
+    keys = torch.full((2, 300), EMPTY_KEY, device=device)
     keys[1, 7] = -3
     back = compact.unpack({**compact.pack("k", keys, EMPTY_KEY), "other": torch.ones(2)})
     assert bits_equal(back["k"], keys) and back["other"].tolist() == [1.0, 1.0]
-    dense = torch.arange(1, 1000)
+    assert back["k"].device == keys.device
+    dense = torch.arange(1, 1000, device=device)
     assert compact.pack("d", dense, 0) == {"d": dense}  # nothing to gain: kept whole
-    empty = torch.full((400,), float("-inf"))
+    empty = torch.full((400,), float("-inf"), device=device)
     assert bits_equal(compact.unpack(compact.pack("e", empty, float("-inf")))["e"], empty)
 
 
