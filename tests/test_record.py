@@ -361,11 +361,12 @@ def test_store_feature_address_errors(one_pass):
 
 
 def test_states_are_on_device_tensors(one_pass):
-    from safetensors.torch import load_file
+    from scope.record.state import load_states
 
     manifest = json.loads((one_pass / "manifest.json").read_text())
-    state = load_file(one_pass / manifest["state_version"] / "state" / "L2.res.256.safetensors")
-    assert state["top_acts"].shape == (256, K, CTX) and state["count"].dtype == torch.int64
+    key = "L2.res.256"
+    state = load_states(one_pass / manifest["state_version"], [key], torch.device("cpu"))[key]
+    assert state.top_acts.shape == (256, K, CTX) and state.count.dtype == torch.int64
 
 
 def test_fast_encode_is_bitwise_sae_encode(saes, tiny_model, tmp_path):

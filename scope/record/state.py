@@ -25,7 +25,7 @@ from torch import Tensor
 
 from scope.errors import ScopeError
 from scope.identity import splitmix64
-from scope.record import exact
+from scope.record import compact, exact
 from scope.store.files import VersionBuilder, as_created
 
 # Activation histogram: 16 bins a decade over [1e-3, 1e4), plus under/overflow bins.
@@ -33,6 +33,9 @@ HIST_EDGES = torch.logspace(-3, 4, 16 * 7 + 1, dtype=torch.float64)
 # Interval samples: 4 bins a decade over the same range.
 SAMPLE_EDGES = HIST_EDGES[::4].clone()
 EMPTY_KEY = torch.iinfo(torch.int64).max
+FILL = {"top_act": float("-inf"), "top_win": -1, "smp_key": EMPTY_KEY, "smp_win": -1}
+"""What an empty slot holds, by field (0 where not named): ``empty`` fills with it, and saved
+states keep only what differs from it (``scope.record.compact``)."""
 
 
 def sample_key(window: Int[Tensor, " n"], feature: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
@@ -82,25 +85,26 @@ class FeatureState:
     def empty(cls, d_sae: int, *, k: int, ctx: int, m: int, device: torch.device) -> FeatureState:
         f, s = d_sae, len(SAMPLE_EDGES) + 1
 
-        def z(*shape: int, dtype: torch.dtype = torch.int64, fill: float = 0) -> torch.Tensor:
-            return torch.full(shape, fill, dtype=dtype, device=device)
+        def z(name: str, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.full(shape, FILL.get(name, 0), dtype=dtype, device=device)
 
+        f32 = torch.float32
         return cls(
-            count=z(f),
+            count=z("count", f),
             act_sum_fx=exact.fixed_zeros(f, device),
             act_sumsq_fx=exact.fixed_zeros(f, device),
-            act_max=z(f, dtype=torch.float32),
-            hist=z(f, len(HIST_EDGES) + 1),
-            l0_hist=z(f + 1),
-            tokens=z(),
-            top_act=z(f, k, dtype=torch.float32, fill=float("-inf")),
-            top_win=z(f, k, fill=-1),
-            top_pos=z(f, k),
-            top_acts=z(f, k, ctx, dtype=torch.float32),
-            smp_key=z(f, s, m, fill=EMPTY_KEY),
-            smp_win=z(f, s, m, fill=-1),
-            smp_pos=z(f, s, m),
-            smp_act=z(f, s, m, dtype=torch.float32),
+            act_max=z("act_max", f, dtype=f32),
+            hist=z("hist", f, len(HIST_EDGES) + 1),
+            l0_hist=z("l0_hist", f + 1),
+            tokens=z("tokens"),
+            top_act=z("top_act", f, k, dtype=f32),
+            top_win=z("top_win", f, k),
+            top_pos=z("top_pos", f, k),
+            top_acts=z("top_acts", f, k, ctx, dtype=f32),
+            smp_key=z("smp_key", f, s, m),
+            smp_win=z("smp_win", f, s, m),
+            smp_pos=z("smp_pos", f, s, m),
+            smp_act=z("smp_act", f, s, m, dtype=f32),
         )
 
     @property
@@ -378,21 +382,27 @@ def _merge_rows(
 def load_states(
     version: Path, keys: Iterable[str], device: torch.device
 ) -> dict[str, FeatureState]:
-    """The resumable state of each SAE key saved in the version folder ``version``."""
+    """The resumable state of each SAE key saved in the version folder ``version`` (compact,
+    as ``save_states`` writes it, or every tensor whole, as stores recorded before did)."""
     out = {}
     for key in keys:
         path = version / "state" / f"{key}.safetensors"
         try:
-            out[key] = FeatureState.from_tensors(load_file(path, device=str(device)))
+            tensors = compact.unpack(load_file(path, device=str(device)))
+            out[key] = FeatureState.from_tensors(tensors)
         except Exception as err:  # safetensors raises several types for damaged files
             raise ScopeError(f"{path} is damaged ({err}); the store cannot be resumed") from err
     return out
 
 
 def save_states(builder: VersionBuilder, states: dict[str, FeatureState]) -> None:
-    """Each SAE's state as ``state/<key>.safetensors`` in a version being built."""
+    """Each SAE's state as ``state/<key>.safetensors`` in a version being built: each tensor
+    as the entries that differ from its empty value (``FILL``), where that is smaller, to the
+    bit (most top-k activations are zero and most sample slots empty: a sixth of the size)."""
     for key, st in states.items():
-        tensors = {n: t.contiguous() for n, t in st.tensors().items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in st.tensors().items():
+            tensors.update(compact.pack(name, t, FILL.get(name, 0)))
         path = builder.path(f"state/{key}.safetensors")
         save_file(tensors, path)
         as_created(path)  # safetensors writes 0600
