@@ -74,6 +74,31 @@ def busiest(store) -> int:
     )
 
 
+def test_a_base_model_reads_past_blank_lines_to_its_one_line_explanation(tiny_model, monkeypatch):
+    import scope.generate
+    from scope.explain.models import LocalModel
+    from scope.explain.prompts import Shown
+
+    local = LocalModel(tiny_model, "tiny")
+    assert local.style == "completion"
+    said = tiny_model.tokenizer.encode("\n\n the word fox\nExamples:", add_special_tokens=False)
+    made: list[int] = []
+
+    def scripted(model, tokens, sampling, steers=()):
+        for t in said:
+            made.append(t)
+            yield t
+
+    monkeypatch.setattr(scope.generate, "generate", scripted)
+    monkeypatch.setattr(
+        tiny_model.cfg, "n_ctx", 4096
+    )  # room for the few-shot prompt; no forward runs
+    shown = [Shown(tokens=[" the", " fox"], acts=[0.0, 2.0])]
+    prompt, explanation = local.explain(shown, top=2.0)
+    assert explanation == "the word fox" and prompt.endswith("Explanation:")
+    assert len(made) < len(said)  # it stopped at the line's end
+
+
 def test_split_holds_out_what_it_scores_and_negatives_never_fire(store, tiny_model, sae):
     f = busiest(store)
     sets = split(store, tiny_model, sae, KEY, f, n_shown=6)

@@ -160,8 +160,8 @@ class LocalModel:
         steps = generate(self.model, tokens.to(self.model.cfg.device), sampling)
         for piece in text_stream(self.model.tokenizer, steps):
             answer += piece
-            if not chat and "\n" in answer:  # a base model's explanation is one line
-                break
+            if not chat and "\n" in answer.lstrip():  # a base model's explanation is one
+                break  # line; blank lines before it (a small model's habit) are read past
         return text, read_explanation(answer)
 
     @torch.no_grad()
