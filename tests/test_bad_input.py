@@ -316,9 +316,9 @@ def test_train_progress_without_a_terminal_prints_lines(monkeypatch):
     hook = "blocks.3.hook_resid_post"
     on_cache(CacheProgress(1000, 8, 2.0))
     on_cache(CacheProgress(2000, 16, 4.0))
-    on_step(StepReport(1, 10, 4096, 2.0, {hook: 61.5}, {hook: 0.25}))
-    on_step(StepReport(10, 10, 40960, 20.0, {hook: 60.0}, {hook: 0.125}))
+    on_step(StepReport(1, 10, 4096, 2.0, {hook: 61.5}, {hook: 0.25}, {hook: 300}))
+    on_step(StepReport(10, 10, 40960, 20.0, {hook: 60.0}, {hook: 0.125}, {hook: 12}))
     assert text.getvalue().splitlines() == [
         "cached 1,000 tokens, 500 tok/s",
-        "step 10/10, 40,960 tokens, 2,048 tok/s: L3.res L0 60.0 FVU 0.125",
+        "step 10/10, 40,960 tokens, 2,048 tok/s: L3.res L0 60.0 FVU 0.125 dead 12",
     ]
