@@ -13,6 +13,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from train_resume import cache_resumes, training_resumes
 from typer.testing import CliRunner
 
 from scope import load_sae
@@ -130,71 +131,16 @@ def test_fvu_falls_over_training(trained):
         assert last < 0.8 * first, (hook, first, last)
 
 
-def _state(t: loop.Training) -> dict[str, torch.Tensor]:
-    out = {}
-    for hook, trainer in t.trainers.items():
-        for k, v in trainer.sae.state_dict().items():
-            out[f"{hook}/{k}"] = v.clone()
-        for i, st in trainer.optimizer.state_dict()["state"].items():
-            out[f"{hook}/adam{i}"] = torch.cat(
-                [st["exp_avg"].flatten(), st["exp_avg_sq"].flatten()]
-            )
-    return out
-
-
 def test_cache_and_training_resume_bitwise(tiny_model, corpus, tmp_path):
     spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=1024)
-    whole = build_cache(tiny_model, HOOKS, spec, tmp_path / "whole")
-
-    calls = [0]
-
-    def die(_):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(tiny_model, HOOKS, spec, tmp_path / "cut", on_batch=die)
-    resumed = build_cache(tiny_model, HOOKS, spec, tmp_path / "cut")
-    assert resumed.state.rows == whole.state.rows == 1024
-    for hook in HOOKS:
-        assert np.array_equal(resumed.rows(hook), whole.rows(hook))
-
+    whole = cache_resumes(tiny_model, HOOKS, spec, tmp_path)
     # with every recipe option on: the L0 warm-up's scheduler, the dead-feature counters the
-    # pre-activation loss reads and the frequency penalty all resume too
+    # pre-activation loss reads and the frequency penalty all resume too; Ctrl-C at step 7,
+    # SIGTERM at step 8
     settings = TrainSettings(hooks=HOOKS, threshold_init="per_feature", pre_act_loss=1e-3,
                              dead_tokens=256, freq_penalty=1.0, freq_target=0.1, l0_warm_up=0.5,
                              **SETTINGS)  # fmt: skip
-    a = loop.run(loop.start(settings, whole, tmp_path / "ckpt-a"))
-    assert a.step == a.steps == 12
-
-    # killed after step 5: the checkpoint at step 3 survives, steps 4-5 are redone
-    loop.run(loop.start(settings, whole, tmp_path / "ckpt-b"), stop_after=5)
-    b = loop.start(settings, whole, tmp_path / "ckpt-b")
-    assert b.step == 3
-    loop.run(b)
-
-    # Ctrl-C at step 7, SIGTERM at step 8: the step finishes, a checkpoint is written, then
-    # KeyboardInterrupt
-    resumed_runs = [b]
-    for sig, at in ((signal.SIGINT, 7), (signal.SIGTERM, 8)):
-
-        def stop(r: loop.StepReport, sig: int = sig, at: int = at) -> None:
-            if r.step == at:
-                os.kill(os.getpid(), sig)
-
-        folder = tmp_path / f"ckpt-{sig}"
-        with pytest.raises(KeyboardInterrupt):
-            loop.run(loop.start(settings, whole, folder), on_step=stop)
-        c = loop.start(settings, whole, folder)
-        assert c.step == at
-        resumed_runs.append(loop.run(c))
-
-    expected = _state(a)
-    for other in resumed_runs:
-        got = _state(other)
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    training_resumes(settings, whole, tmp_path, ((signal.SIGINT, 7), (signal.SIGTERM, 8)))
 
 
 def test_folds_are_exact_algebra():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from conftest import PROMPT
 from reference import reference
 from safetensors.torch import load_file
 from test_architectures import check_evals, check_steering
+from train_resume import cache_resumes, training_resumes
 from typer.testing import CliRunner
 
 from scope import load_sae
@@ -222,39 +222,11 @@ def test_loss_equals_a_hand_computation(paired_cache, tmp_path):
     assert torch.equal(out.sae_in, pair[:, 64:])  # FVU and sae-lens' logs read the target
 
 
-def _state(t: loop.Training) -> dict[str, torch.Tensor]:
-    out = {}
-    for hook, trainer in t.trainers.items():
-        for k, v in trainer.sae.state_dict().items():
-            out[f"{hook}/{k}"] = v.clone()
-        for i, st in trainer.optimizer.state_dict()["state"].items():
-            out[f"{hook}/adam{i}"] = torch.cat(
-                [st["exp_avg"].flatten(), st["exp_avg_sq"].flatten()]
-            )
-        scaler = trainer.activation_scaler
-        out[f"{hook}/scale"] = torch.tensor([scaler.scaling_factor, scaler.target_factor])
-    return out
-
-
 def test_paired_cache_pairs_rows_and_resumes_and_training_resumes_bitwise(
     tiny_model, corpus, tmp_path
 ):
     spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=1024)
-    hooks = (*READS, *WRITES)
-    whole = build_cache(tiny_model, hooks, spec, tmp_path / "whole")
-    calls = [0]
-
-    def die(_):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(tiny_model, hooks, spec, tmp_path / "cut", on_batch=die)
-    resumed = build_cache(tiny_model, hooks, spec, tmp_path / "cut")
-    assert resumed.state.rows == whole.state.rows == 1024
-    for hook in hooks:
-        assert np.array_equal(resumed.rows(hook), whole.rows(hook))
+    whole = cache_resumes(tiny_model, (*READS, *WRITES), spec, tmp_path)
 
     # row i of the output hook is the MLP of row i of the input hook (to bfloat16 rounding),
     # and not of its neighbour's
@@ -271,29 +243,8 @@ def test_paired_cache_pairs_rows_and_resumes_and_training_resumes_bitwise(
     # the training of one of the pairs (the loop is the same for each)
     settings = TrainSettings(hooks=READS[:1], outputs=WRITES[:1], skip=True, l0_warm_up=0.5, **RECIPE,
                              **SETTINGS)  # fmt: skip
-    a = loop.run(loop.start(settings, whole, tmp_path / "ckpt-a"))
-    assert a.step == a.steps == 12
-    # killed after step 5: the checkpoint at step 3 survives, steps 4-5 are redone
-    loop.run(loop.start(settings, whole, tmp_path / "ckpt-b"), stop_after=5)
-    b = loop.start(settings, whole, tmp_path / "ckpt-b")
-    assert b.step == 3
-    loop.run(b)
-
-    def stop(r: loop.StepReport) -> None:  # Ctrl-C at step 7
-        if r.step == 7:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(loop.start(settings, whole, tmp_path / "ckpt-c"), on_step=stop)
-    c = loop.start(settings, whole, tmp_path / "ckpt-c")
-    assert c.step == 7
-    loop.run(c)
-    expected = _state(a)
+    expected = training_resumes(settings, whole, tmp_path)  # Ctrl-C at step 7
     assert any(k.endswith("W_skip") for k in expected)
-    for other in (b, c):
-        got = _state(other)
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def capture_spliced(model, tokens, put):
