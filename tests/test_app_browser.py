@@ -109,7 +109,13 @@ def test_explorer_in_a_browser(browser, app_store, tiny_dir):
         )
         page.get_by_role("button", name="Inspect").click()
         page.get_by_text("Heat strips").wait_for()
-        assert page.locator("a[href*='/feature?sae=L2.res.256']").count() > 0
+        # the table's feature links and each strip's link (the page may draw them a moment
+        # after the heading shows, so poll rather than count at once)
+        links = page.locator("table a[href*='/feature?sae=L2.res.256']")
+        strips = page.locator(".ex a[href*='/feature?sae=L2.res.256']")
+        until(page, lambda: links.count() > 0 and strips.count() > 0,
+              lambda: f"no feature links on the inspector: {page.locator('body').inner_text()}",
+              timeout=120)  # fmt: skip
         shot(page, "inspector")
 
         # the lab, entered from the feature page, generates baseline and steered text

@@ -153,7 +153,9 @@ def test_why_in_a_browser(app_store, tiny_dir):
             page.goto(f"{url}/why")
             page.get_by_text("Top features by attribution").wait_for()
             page.locator(".js-plotly-plot").first.wait_for()
-            assert page.locator("table a[href*='/feature?sae=L2.res.256']").count() == 15
+            links = page.locator("table a[href*='/feature?sae=L2.res.256']")
+            links.nth(14).wait_for()
+            assert links.count() == 15
             shot(page, "why-top")
             page.get_by_role("button", name="Run the ablation check").click()
             page.get_by_text("features ablated at every position").wait_for()
