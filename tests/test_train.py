@@ -13,7 +13,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from train_resume import cache_resumes, training_resumes
+from train_resume import cache_resumes, standardised_and_folded, training_resumes
 from typer.testing import CliRunner
 
 from scope import load_sae
@@ -135,11 +135,11 @@ def test_cache_and_training_resume_bitwise(tiny_model, corpus, tmp_path):
     spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=1024)
     whole = cache_resumes(tiny_model, HOOKS, spec, tmp_path)
     # with every recipe option on: the L0 warm-up's scheduler, the dead-feature counters the
-    # pre-activation loss reads and the frequency penalty all resume too; Ctrl-C at step 7,
-    # SIGTERM at step 8
+    # pre-activation loss reads, the frequency penalty and the standardisation all resume
+    # too; Ctrl-C at step 7, SIGTERM at step 8
     settings = TrainSettings(hooks=HOOKS, threshold_init="per_feature", pre_act_loss=1e-3,
                              dead_tokens=256, freq_penalty=1.0, freq_target=0.1, l0_warm_up=0.5,
-                             **SETTINGS)  # fmt: skip
+                             standardize=True, **SETTINGS)  # fmt: skip
     training_resumes(settings, whole, tmp_path, ((signal.SIGINT, 7), (signal.SIGTERM, 8)))
 
 
@@ -230,7 +230,7 @@ def test_train_command(tiny_dir, corpus, tmp_path):
         "--batch-size", "256", "--eval-tokens", "300", "--out", str(tmp_path / "rel-res"),
         "--cache", str(tmp_path / "cache"), "--threshold-init", "per_feature", "--pre-act-loss",
         "1e-3", "--dead-tokens", "1k", "--freq-penalty", "2", "--freq-target", "0.2",
-        "--l0-warm-up", "0.5", "--sparsity-loss", "step",
+        "--l0-warm-up", "0.5", "--sparsity-loss", "step", "--standardize",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "/rel-res/layer_2/width_64/average_l0_" in result.output
@@ -245,10 +245,12 @@ def test_train_command(tiny_dir, corpus, tmp_path):
         freq_target=0.2,
         l0_warm_up=0.5,
         sparsity_loss="step",
+        standardize=True,
     )
     assert {k: training[k] for k in expected} == expected
     assert training["dead_window_steps"] == 4  # 1000 tokens in 256-token steps, rounded up
-    recipe = "step L0 penalty, pre-activation loss, frequency penalty (scope.train.losses)"
+    recipe = ("step L0 penalty, pre-activation loss, frequency penalty (scope.train.losses), "
+              "per-dimension standardisation (scope.train.standardize)")  # fmt: skip
     assert training["trainer"].endswith(recipe)
     bad = CliRunner().invoke(app, ["train", "--model", str(tiny_dir), "--layer", "2",
                                    "--target-l0", "0", "--corpus", str(corpus), "--out", "x"])  # fmt: skip
@@ -304,6 +306,12 @@ def test_threshold_init_per_feature_starts_every_feature_at_the_target_rate(smal
     assert thresholds["global"].unique().numel() == 1
     assert abs(int(fired["global"].sum()) - (n - k) * 96) <= 96
     assert int(fired["global"].max() - fired["global"].min()) > 40
+
+
+def test_standardize_trains_on_standardised_rows_and_folds_back_exactly(small_cache, tmp_path):
+    s = TrainSettings(hooks=HOOKS[:1], standardize=True, **RECIPE)
+    t = loop.run(loop.start(s, small_cache, tmp_path / "c"), stop_after=6)
+    standardised_and_folded(t, HOOKS[0], np.arange(0, small_cache.state.rows, 2))
 
 
 def _train(settings: TrainSettings, cache, folder, *, kill=None, stop_after=None):

@@ -18,7 +18,7 @@ from conftest import PROMPT
 from reference import reference
 from safetensors.torch import load_file
 from test_architectures import check_evals, check_steering
-from train_resume import cache_resumes, training_resumes
+from train_resume import cache_resumes, standardised_and_folded, training_resumes
 from typer.testing import CliRunner
 
 from scope import load_sae
@@ -59,7 +59,8 @@ def trained(tiny_model, corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("lib")
     os.environ["SCOPE_SAES_DIR"] = str(root)
     spec = CorpusSpec(paths=(str(corpus),), ctx=CTX, max_tokens=2048)
-    settings = TrainSettings(hooks=READS, outputs=WRITES, skip=True, **RECIPE, **SETTINGS)
+    settings = TrainSettings(hooks=READS, outputs=WRITES, skip=True, standardize=True, **RECIPE,
+                             **SETTINGS)  # fmt: skip
     cache = tmp_path_factory.mktemp("tc-cache") / "cache"
     results = train_saes(tiny_model, settings, spec, root / "tiny-train-tc", cache=cache,
                          eval_tokens=400)  # fmt: skip
@@ -222,6 +223,14 @@ def test_loss_equals_a_hand_computation(paired_cache, tmp_path):
     assert torch.equal(out.sae_in, pair[:, 64:])  # FVU and sae-lens' logs read the target
 
 
+def test_standardize_folds_a_skip_transcoder_back_exactly(paired_cache, tmp_path):
+    s = TrainSettings(hooks=READS[:1], outputs=WRITES[:1], skip=True, standardize=True, **RECIPE,
+                      **SETTINGS)  # fmt: skip
+    t = loop.run(loop.start(s, paired_cache, tmp_path / "c"), stop_after=4)
+    assert float(t.saes[READS[0]].W_skip.detach().abs().max()) > 0  # the skip is folded too
+    standardised_and_folded(t, READS[0], np.arange(0, paired_cache.state.rows, 2))
+
+
 def test_paired_cache_pairs_rows_and_resumes_and_training_resumes_bitwise(
     tiny_model, corpus, tmp_path
 ):
@@ -241,8 +250,8 @@ def test_paired_cache_pairs_rows_and_resumes_and_training_resumes_bitwise(
         assert float(err) < 0.05 and float(shifted) > 0.5, (read, float(err), float(shifted))
 
     # the training of one of the pairs (the loop is the same for each)
-    settings = TrainSettings(hooks=READS[:1], outputs=WRITES[:1], skip=True, l0_warm_up=0.5, **RECIPE,
-                             **SETTINGS)  # fmt: skip
+    settings = TrainSettings(hooks=READS[:1], outputs=WRITES[:1], skip=True, l0_warm_up=0.5,
+                             standardize=True, **RECIPE, **SETTINGS)  # fmt: skip
     expected = training_resumes(settings, whole, tmp_path)  # Ctrl-C at step 7
     assert any(k.endswith("W_skip") for k in expected)
 

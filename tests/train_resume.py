@@ -1,6 +1,8 @@
-"""The resume checks `scope train`'s tests share: an activation cache killed part-way and built
-again equals one built whole, and training killed (a crash after a step, or a signal) and
-resumed ends bitwise equal to an uninterrupted run (weights, Adam moments, input scaling)."""
+"""The checks `scope train`'s SAE and transcoder tests share: an activation cache killed
+part-way and built again equals one built whole; training killed (a crash after a step, or a
+signal) and resumed ends bitwise equal to an uninterrupted run (weights, Adam moments, input
+scaling); a standardised run folds back into raw-activation weights that compute what the
+trained module did on its standardised rows."""
 
 from __future__ import annotations
 
@@ -90,3 +92,48 @@ def training_state(t: loop.Training) -> dict[str, torch.Tensor]:
         if factors:
             out[f"{hook}/scale"] = torch.tensor(factors)
     return out
+
+
+@torch.no_grad()
+def standardised_and_folded(t: loop.Training, hook: str, rows: np.ndarray) -> None:
+    """With ``standardize``: the module's training rows are its raw rows standardised by hand
+    (each dimension's mean and standard deviation over the first batches), and after
+    ``loop.finish`` the module reads and writes raw rows giving the codes and output (in raw
+    units) the trained module gave on the standardised, scaled rows."""
+    assert t.settings.standardize
+    d_in = t.cache.spec.d_in[hook]
+    first = np.concatenate(loop.first_rows(t))
+    raw_first = loop.module_batch(t.settings, t.cache, hook, np.sort(first)).double()
+    mean, std = raw_first.mean(0), raw_first.std(0)
+    z = loop.training_batch(t, hook, np.sort(first)).double()
+    assert torch.allclose(z, (raw_first - mean) / std, atol=1e-4)
+    assert float(z.mean(0).abs().max()) < 1e-4 and torch.allclose(
+        z.std(0), torch.ones_like(std), atol=1e-4
+    )
+
+    trainer, module = t.trainers[hook], t.saes[hook]
+    scaler = trainer.activation_scaler
+    both = scaler(loop.training_batch(t, hook, rows))
+    x = both[:, :d_in]
+    codes = module.encode(x)
+    assert float((codes > 0).float().mean()) > 0.02  # it fires: the comparison has teeth
+    out_factor = getattr(scaler, "target_factor", None) or scaler.scaling_factor
+    out = (module.output(x, codes) if t.settings.transcoders else module.decode(codes)) / out_factor
+    out_mean, out_std = (mean, std) if not t.settings.transcoders else (mean[d_in:], std[d_in:])
+    want = out.double() * out_std + out_mean
+
+    folded = loop.finish(t)[hook].sae
+    raw = loop.module_batch(t.settings, t.cache, hook, rows)
+    got_codes = folded.encode(raw[:, :d_in])
+    same = (got_codes > 0) == (codes > 0)
+    assert float(same.float().mean()) > 0.999  # a code within rounding of its threshold aside
+    both_fire = (got_codes > 0) & (codes > 0)
+    assert torch.allclose(got_codes[both_fire], codes[both_fire], rtol=1e-3, atol=1e-3)
+    got = (
+        folded.output(raw[:, :d_in], got_codes)
+        if t.settings.transcoders
+        else folded.decode(got_codes)
+    )
+    err = (got.double() - want).norm(dim=1) / want.norm(dim=1)
+    agree = same.all(1)
+    assert float(err[agree].max()) < 1e-4, float(err[agree].max())

@@ -238,6 +238,14 @@ def train(
             "per_feature: each at its own quantile, so every feature starts alive."
         ),
     ] = "global",
+    standardize: Annotated[
+        bool,
+        typer.Option(
+            help="Train on each dimension standardised (mean 0, variance 1), folded back into "
+            "raw-activation weights: for streams where a few dimensions carry most of the "
+            "variance (Gemma 3's residual stream)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Initialisation and batch-order seed.")] = 0,
     cache: Annotated[
         str | None,
@@ -274,7 +282,8 @@ def train(
 
     Recipe options against dead and dense features (all off by default): --threshold-init
     per_feature, --pre-act-loss (with --dead-tokens), --freq-penalty (with --freq-target),
-    --l0-warm-up, --sparsity-loss."""
+    --l0-warm-up, --sparsity-loss; and --standardize, for streams whose variance sits in a few
+    dimensions."""
     from scope.corpus import CorpusSpec, parse_tokens
     from scope.model import load_model
     from scope.train import TrainSettings, train_saes
@@ -301,6 +310,7 @@ def train(
             freq_penalty=freq_penalty,
             freq_target=freq_target,
             threshold_init=threshold_init,  # type: ignore[arg-type]
+            standardize=standardize,
             seed=seed,
             checkpoint_every=checkpoint_every,
         )

@@ -17,7 +17,9 @@ writes its output hook; the same trainer drives it over paired rows ``[input | t
 
 Inputs are scaled by sae-lens' ``expected_average_only_in`` factor (mean norm -> sqrt(d_in))
 during training (a transcoder's target by a factor of its own: ``PairedScaler``); ``finish``
-folds the scaling into the weights as sae-lens does at the end of a fit.
+folds the scaling into the weights as sae-lens does at the end of a fit. With
+``TrainSettings.standardize`` each dimension is first standardised, and folded back too
+(``scope.train.standardize``).
 
 Resuming: a checkpoint holds every SAE's weights (safetensors, fp32), its trainer's Adam
 moments, schedules, firing statistics and scaling factor, and the step. The batch order is a
@@ -33,7 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -44,6 +46,7 @@ from scope.errors import ScopeError
 from scope.interrupt import stop_on_signals
 from scope.train.cache import ActivationCache, load_rows
 from scope.train.settings import TrainSettings
+from scope.train.standardize import Standardizer
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainStepOutput
@@ -72,7 +75,8 @@ class StepReport(NamedTuple):
     l0: dict[str, float]
     """Per hook: mean features firing per token in this step's batch."""
     fvu: dict[str, float]
-    """Per hook: fraction of variance unexplained on this step's batch."""
+    """Per hook: fraction of variance unexplained on this step's batch (of the standardised
+    rows with ``settings.standardize``, where every dimension weighs alike)."""
     dead: dict[str, int]
     """Per hook: features that have not fired for sae-lens' dead-feature window (the ones
     ``pre_act_loss`` works on)."""
@@ -90,6 +94,9 @@ class Training:
     step: int
     seconds: float
     checkpoints: Path
+    standard: dict[str, Standardizer] = field(default_factory=dict)
+    """Per input hook, with ``settings.standardize``: the per-dimension standardisation its
+    batches get (``scope.train.standardize``)."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -124,6 +131,32 @@ def module_batch(
     if not settings.transcoders:
         return load_batch(cache, hook, rows)
     return load_rows(cache, [hook, settings.target(hook)], rows)
+
+
+def first_rows(t: Training) -> list[np.ndarray]:
+    """The rows of the first batches of epoch 0, which sae-lens' scaling factor, the
+    standardisation and the initial thresholds are estimated from."""
+    n = min(NORM_BATCHES, t.steps_per_epoch)
+    return [batch_rows(t.settings, t.cache.state.rows, k) for k in range(n)]
+
+
+def training_batch(t: Training, hook: str, rows: np.ndarray) -> torch.Tensor:
+    """What the module reading ``hook`` is given for ``rows``: ``module_batch``, standardised
+    when the run standardises (before sae-lens' own scaling, which the trainer applies)."""
+    batch = module_batch(t.settings, t.cache, hook, rows)
+    standard = t.standard.get(hook)
+    return batch if standard is None else standard.apply(batch)
+
+
+def _standardize(t: Training) -> None:
+    """With ``settings.standardize``: each module's standardisation, from the raw first
+    batches (a function of the settings and cache: a resumed run gets it bitwise again)."""
+    if not t.settings.standardize:
+        return
+    first = first_rows(t)
+    for hook in t.saes:
+        raw = torch.cat([module_batch(t.settings, t.cache, hook, idx) for idx in first])
+        t.standard[hook] = Standardizer.of(raw, t.cache.spec.d_in[hook], t.settings.transcoders)
 
 
 def _new_sae(
@@ -200,12 +233,11 @@ def _initialise(t: Training) -> None:
     thousands of steps to learn); then the thresholds where the target L0
     fires: the (1 - target/width) quantile of the initial pre-activations, over all features
     (``threshold_init="global"``, one value) or of each feature's own (``"per_feature"``)."""
-    rows = t.cache.state.rows
-    n_norm = min(NORM_BATCHES, t.steps_per_epoch)
-    first = [batch_rows(t.settings, rows, k) for k in range(n_norm)]
+    first = first_rows(t)
+    n_norm = len(first)
     q = 1 - t.settings.target_l0 / t.settings.width
     for hook, trainer in t.trainers.items():
-        batches = [module_batch(t.settings, t.cache, hook, idx) for idx in first]
+        batches = [training_batch(t, hook, idx) for idx in first]
         d_in = t.cache.spec.d_in[hook]
         trainer.activation_scaler.estimate_scaling_factor(
             d_in=d_in, data_provider=iter(batches), n_batches_for_norm_estimate=n_norm
@@ -241,6 +273,7 @@ def start(
     saes = {h: _new_sae(settings, cache, h, i, steps, device) for i, h in enumerate(settings.hooks)}
     trainers = {h: _new_trainer(settings, s, steps, device) for h, s in saes.items()}
     t = Training(settings, cache, saes, trainers, step=0, seconds=0.0, checkpoints=checkpoints)
+    _standardize(t)
     latest = latest_checkpoint(checkpoints)
     if latest is None:
         _initialise(t)
@@ -298,7 +331,8 @@ def save_checkpoint(t: Training) -> Path:
 
 @torch.no_grad()
 def _batch_figures(out: TrainStepOutput) -> tuple[float, float]:
-    """L0 and FVU of a training step's batch (in the scaled units; FVU does not depend on them)."""
+    """L0 and FVU of a training step's batch, in the units trained on (FVU does not depend on
+    sae-lens' scaling, but is of the standardised rows when the run standardises)."""
     sae_in, sae_out, acts = out.sae_in, out.sae_out.detach(), out.feature_acts.detach()
     l0 = float((acts > 0).float().sum(-1).mean())
     var = ((sae_in - sae_in.mean(0)) ** 2).sum()
@@ -325,7 +359,7 @@ def run(
             l0s, fvus, dead = {}, {}, {}
             for hook, trainer in t.trainers.items():
                 trainer.maybe_reset_sparsity()
-                out = trainer.step(module_batch(t.settings, t.cache, hook, idx))
+                out = trainer.step(training_batch(t, hook, idx))
                 l0s[hook], fvus[hook] = _batch_figures(out)
                 dead[hook] = int(trainer.dead_neurons.sum())
                 trainer.n_training_steps += 1
@@ -374,6 +408,8 @@ def finish(t: Training) -> dict[str, Finished]:
         elif factor is not None:
             sae.fold_activation_norm_scaling_factor(factor)
         scaler.scaling_factor = None
+        if hook in t.standard:
+            t.standard[hook].fold(sae)
         out[hook] = Finished(sae, factor, target)
     return out
 
@@ -384,10 +420,12 @@ __all__ = [
     "Training",
     "batch_rows",
     "finish",
+    "first_rows",
     "latest_checkpoint",
     "load_batch",
     "module_batch",
     "run",
     "save_checkpoint",
     "start",
+    "training_batch",
 ]

@@ -318,7 +318,9 @@ def _trainer(settings: TrainSettings) -> str:
         f"{module} + SAETrainer, {settings.sparsity_loss} L0 penalty"
         + (", pre-activation loss" if settings.pre_act_loss else "")
         + (", frequency penalty (scope.train.losses)" if settings.freq_penalty else "")
-    )
+        + (", per-dimension standardisation (scope.train.standardize)" if settings.standardize
+           else "")
+    )  # fmt: skip
 
 
 def _sae_lens_version() -> str:

@@ -87,6 +87,12 @@ class TrainSettings:
     target L0 fires over the first batch (features whose pre-activations sit low never fire,
     and get no reconstruction gradient); ``per_feature`` puts each at its own (1 - target_l0 /
     width) quantile, so every feature starts firing on the same share of tokens."""
+    standardize: bool = False
+    """Train on each input dimension standardised (mean 0, variance 1 over the run's first
+    batches; a transcoder's target too), folded back into raw-activation weights at the end
+    (``scope.train.standardize``): where a few dimensions carry most of the variance, as in
+    Gemma 3's residual stream, the reconstruction then weighs every dimension alike instead of
+    spending the features on those few. The workbench's own option."""
     seed: int = 0
     """Seeds the SAE initialisation and the order tokens are visited in."""
     checkpoint_every: int = 100
@@ -175,7 +181,7 @@ class TrainSettings:
         a checkpoint is resumed only by a run with the same fingerprint and cache."""
         fields = asdict(self)
         fields.pop("checkpoint_every")
-        for key in ("outputs", "skip"):  # SAE runs keep the fingerprints they had before
+        for key in ("outputs", "skip", "standardize"):  # older runs keep their fingerprints
             if not fields[key]:
                 fields.pop(key)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
