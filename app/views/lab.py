@@ -17,7 +17,7 @@ from scope.generate import Sampling, compare
 from scope.steer import MODES, POSITIONS, Steer
 from scope.steer_spec import resolve
 from scope.store import explore
-from scope.sweep import experiments, parse_strengths, sweep
+from scope.sweep import SweepPoint, experiments, parse_strengths, sweep
 
 s = store()
 st.title("Steering lab")
@@ -106,12 +106,12 @@ for spec in steers:
 
 prompt = kept_text_area("prompt", "lab_prompt", "I think that", height=80)
 with st.expander("Sampling"):
-    cols = st.columns(5)
-    max_new = cols[0].number_input("new tokens", 1, 512, 40)
-    temperature = cols[1].number_input("temperature", 0.0, 5.0, 0.7, step=0.1, help="0 is greedy")
-    top_p = cols[2].number_input("top p", 0.01, 1.0, 0.9, step=0.05)
-    freq = cols[3].number_input("frequency penalty", 0.0, 5.0, 0.0, step=0.1)
-    seed = cols[4].number_input("seed", 0, 2**31 - 1, 0)
+    knobs = st.columns(5)
+    max_new = knobs[0].number_input("new tokens", 1, 512, 40)
+    temperature = knobs[1].number_input("temperature", 0.0, 5.0, 0.7, step=0.1, help="0 is greedy")
+    top_p = knobs[2].number_input("top p", 0.01, 1.0, 0.9, step=0.05)
+    freq = knobs[3].number_input("frequency penalty", 0.0, 5.0, 0.0, step=0.1)
+    seed = knobs[4].number_input("seed", 0, 2**31 - 1, 0)
 
 
 def text_box(text: str, which: str) -> str:
@@ -177,8 +177,12 @@ if loaded is not None and cols[1].button("Run sweep", disabled=not steers):
         try:
             values = parse_strengths(strengths)
             bar = st.progress(0.0, text="sweeping")
-            done = sweep(loaded.model, prompt, ready[0][0], values, sampling=ready[1], store=s, save_to=s.root,
-                         on_point=lambda p, i, n: bar.progress((i + 1) / n, text=f"strength {p.strength:g}"))  # fmt: skip
+
+            def shown(p: SweepPoint, i: int, n: int) -> None:
+                bar.progress((i + 1) / n, text=f"strength {p.strength:g}")
+
+            done = sweep(loaded.model, prompt, ready[0][0], values, sampling=ready[1], store=s,
+                         save_to=s.root, on_point=shown)  # fmt: skip
         except ScopeError as err:
             st.error(str(err))
         else:

@@ -91,21 +91,21 @@ st.markdown(  # links open in place (feature_link's <a target=_self>); the text 
 )
 
 st.subheader("Layer by position")
-transcoders = {hook_site(codec_of(sae).write_hook)[0]: k for k, sae in saes.items()
-               if codec_of(sae).transcoder}  # fmt: skip
+transcoders = {layer: k for k, sae in saes.items() if codec_of(sae).transcoder
+               and (layer := hook_site(codec_of(sae).write_hook)[0]) is not None}  # fmt: skip
 why_not = ""
 try:
     ordered = layer_transcoders(model, [saes[k] for k in transcoders.values()])
 except ScopeError as err:
     ordered, why_not = [], str(err)
 if ordered:  # an attribution graph: every feature's direct effects in the replacement model
-    cols = st.columns(3)
-    node_t = cols[0].slider("node threshold", 0.1, 1.0, NODE_THRESHOLD, 0.01, key="why_node_t",
+    knobs = st.columns(3)
+    node_t = knobs[0].slider("node threshold", 0.1, 1.0, NODE_THRESHOLD, 0.01, key="why_node_t",
                             help="keep the nodes that hold this share of the influence on the "
                             "output (circuit-tracer's node threshold)")  # fmt: skip
-    edge_t = cols[1].slider("edge threshold", 0.1, 1.0, EDGE_THRESHOLD, 0.01, key="why_edge_t",
+    edge_t = knobs[1].slider("edge threshold", 0.1, 1.0, EDGE_THRESHOLD, 0.01, key="why_edge_t",
                             help="then the edges that hold this share of the edge influence")  # fmt: skip
-    most = int(cols[2].number_input("feature nodes at most", 16, 8192, 512, step=16))
+    most = int(knobs[2].number_input("feature nodes at most", 16, 8192, 512, step=16))
     made = st.session_state.get("why_graph")
     if made is None or made[0] != (prompt, most):
         with st.spinner("attributing every active feature (batched backward passes)"):
