@@ -180,7 +180,7 @@ class Batch:
                 n = g.sampling.max_new_tokens
                 self.gens.append(g)
                 self.steers.append(steers)
-                self.draws.append(gen._draws(g.sampling.seed, n))
+                self.draws.append(draws(g.sampling.seed, n))
                 self.ends.append(
                     gen.end_tokens(model.tokenizer) if g.sampling.stop_at_eos else set()
                 )
@@ -286,6 +286,12 @@ class Batch:
             self.counts = self.counts[at]
 
 
+def draws(seed: int, n: int) -> Float[torch.Tensor, " n"]:
+    """The ``n`` uniform draws of a run seeded with ``seed``: its own generator, float64 (the
+    same seed draws the same numbers, whatever else is in the batch)."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def _length(cache: Any) -> int:
     return int(cache.previous_attention_mask.shape[1])
 
@@ -313,4 +319,4 @@ def run(model: Any, gens: Sequence[Gen]) -> list[list[int]]:
     return out
 
 
-__all__ = ["Batch", "Gen", "Step", "run"]
+__all__ = ["Batch", "Gen", "Step", "draws", "run"]

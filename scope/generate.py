@@ -160,11 +160,6 @@ def end_tokens(tokenizer: Any) -> set[int]:
     return {int(t) for t in ends - {None, tokenizer.unk_token_id}}
 
 
-def _draws(seed: int, n: int) -> Float[torch.Tensor, " n"]:
-    """The ``n`` uniform draws of a run seeded with ``seed``: its own generator, float64."""
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
 def generate(
     model: Any,
     tokens: Int[torch.Tensor, "1 pos"],
