@@ -462,6 +462,10 @@ def test_health_counts_duplicate_features_against_brute_force(
     shown = next(d.value for d in at.dataframe if "dup_examples" in d.value.columns)
     assert list(shown["dup_examples"]) == [len(by_examples)]
     assert list(shown["dup_decoder"]) == [len(by_decoder)]
+    # flagged: more than 1% of the live features are in a duplicate group
+    live = 256 - dead
+    assert max(len(by_decoder), len(by_examples)) > 0.01 * live
+    assert "duplicates" in shown["flags"][0].split()
 
 
 def test_feature_lens_over_corpus_tokens_is_the_raw_lens_filtered(

@@ -12,6 +12,8 @@ from scope.store import explore
 
 DEAD_FLAG = 0.10
 DENSE_FLAG = 0.01
+DUP_FLAG = 0.01
+"""Flag duplicates when more than this share of the live features are in a duplicate group."""
 
 s = store()
 view = explore.overview(s)
@@ -63,7 +65,7 @@ health.insert(
             for flag, bad in (
                 ("many dead", r.dead_frac > DEAD_FLAG),
                 ("many dense", r.dense_frac > DENSE_FLAG),
-                ("duplicates", r.dup_decoder + r.dup_examples > 0),
+                ("duplicates", max(r.dup_decoder, r.dup_examples) > DUP_FLAG * (r.width - r.dead)),
             )
             if bad
         )
@@ -78,7 +80,8 @@ st.dataframe(
     column_config={
         "flags": st.column_config.TextColumn(
             help=f"many dead: over {DEAD_FLAG:.0%} never fired; many dense: over "
-            f"{DENSE_FLAG:.0%} fire on more than the dense threshold of tokens"
+            f"{DENSE_FLAG:.0%} fire on more than the dense threshold of tokens; duplicates: over "
+            f"{DUP_FLAG:.0%} of the live features are in a duplicate group (by decoder or examples)"
         ),
         "dead_frac": st.column_config.NumberColumn("dead %", format="percent"),
         "dense_frac": st.column_config.NumberColumn("dense %", format="percent"),
