@@ -13,6 +13,7 @@ import torch
 
 from scope.demo import DEMO_RELEASE, demo_available, demo_sae_ids
 from scope.sae import saes_dir
+from scope.train.standardize import STD_FLOOR
 
 TOKENS = 4000
 """Held-out tokens recomputed through scope.acts: the start of each card's slice."""
@@ -114,7 +115,7 @@ def test_demo_saes_are_mostly_alive_and_distinct_on_the_demo_tokens(demo):
         # standard deviation): in raw units the residual stream's one massive dimension (most
         # of the variance at layer 9) makes every feature that writes mostly to it look alike
         with torch.no_grad():
-            d = sae.W_dec[live].double() / std.clamp(min=float(std.median()) * 1e-2)
+            d = sae.W_dec[live].double() / std.clamp(min=float(std.median()) * STD_FLOOR)
             d = d / d.norm(dim=1, keepdim=True)
             cos = d @ d.T
             cos.fill_diagonal_(0)
