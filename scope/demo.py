@@ -158,10 +158,9 @@ def prepare_corpus(root: Path | None = None) -> DemoCorpus:
 def demo_sae_ids(saes_root: Path | None = None, release: str = DEMO_RELEASE) -> list[str]:
     """The shipped demo SAEs (or, with ``release=DEMO_TRANSCODERS``, transcoders) as
     ``RELEASE/ID`` strings (what ``--sae`` takes), by layer."""
-    from scope.sae import saes_dir
+    from scope.sae import local_ids
 
-    root = (saes_root or saes_dir()) / release
-    ids = [str(p.parent.relative_to(root)) for p in root.rglob("params.npz")]
+    ids = local_ids(release, saes_root)
     return [f"{release}/{i}" for i in sorted(ids, key=lambda i: int(i.split("/")[0][6:]))]
 
 

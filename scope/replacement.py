@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 _RMS = ("RMSNorm", "RMSNormPre")
 _LN = ("LayerNorm", "LayerNormPre")
 _MID = ("hook_mlp_in", "hook_resid_mid")
+_NORMED = ("ln2.hook_normalized", "ln2.hook_out")
+"""A transcoder's read after the pre-MLP norm: before its weight, or after it (the MLP's input
+exactly, ``scope.identity.MLP_INPUT``, what Gemma Scope's transcoders and ``scope train`` read)."""
 _REFUSED_FLAGS = ("parallel_attn_mlp", "use_split_qkv_input", "use_attn_in", "attn_only")
 
 
@@ -91,21 +94,22 @@ class _Layer:
         self.w_v = w_v.transpose(1, 2).reshape(-1, w_v.shape[1])  # [kv * d_head, d_model]
         codec = codec_of(sae)
         read = codec.read_hook.removeprefix(f"{name}.")
-        if codec.write_hook != f"{name}.hook_mlp_out" or read not in (*_MID, "ln2.hook_normalized"):
+        if codec.write_hook != f"{name}.hook_mlp_out" or read not in (*_MID, *_NORMED):
             raise ScopeError(
                 f"transcoder {codec.read_hook} -> {codec.write_hook}: attribution graphs take "
-                f"transcoders reading {name}.hook_mlp_in (or ln2.hook_normalized) and writing "
-                f"{name}.hook_mlp_out"
+                f"transcoders reading {name}.hook_mlp_in (or ln2.hook_normalized, or "
+                f"ln2.hook_out) and writing {name}.hook_mlp_out"
             )
         self.read = (
             None if read in _MID else _Norm(block.ln2, held.get(f"{name}.ln2.hook_scale"), read)
         )
+        self.read_weight = read == "ln2.hook_out"  # after the norm's weight, not before it
         skip = getattr(sae, "W_skip", None)
         self.skip = skip.detach() if codec.skip and skip is not None else None  # [d_out, d_in]
 
     def read_t(self, g: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """From the transcoder's input back to the residual stream it was read from."""
-        return g if self.read is None else self.read.t(g, weight=False, at=at)
+        return g if self.read is None else self.read.t(g, weight=self.read_weight, at=at)
 
     def skip_t(self, g: torch.Tensor) -> torch.Tensor:
         """``g`` at the MLP's output -> at the residual stream before it (the skip path)."""

@@ -175,6 +175,18 @@ def _from_release(release: str, sae_id: str, device: str) -> SAE:
     return sae
 
 
+WEIGHT_FILES = ("params.npz", "sae_weights.safetensors")
+"""What an SAE folder under saes/ holds: Gemma Scope's arrays, or a sae-lens save."""
+
+
+def local_ids(release: str, root: Path | None = None) -> list[str]:
+    """The ids of a release in the local SAE library (``root``, default ``saes_dir()``): its
+    folders holding Gemma Scope's params.npz or a sae-lens save, sorted."""
+    folder = (root or saes_dir()) / release
+    return sorted({str(p.parent.relative_to(folder)) for name in WEIGHT_FILES
+                   for p in folder.rglob(name)})  # fmt: skip
+
+
 def infer_hook(path: Path) -> str | None:
     text = path.as_posix()
     layer = re.search(r"layer_(\d+)", text)
@@ -320,12 +332,7 @@ def load_sae(
     elif (saes_dir() / target).is_dir():
         local = saes_dir() / target / (sae_id or "")
         if not local.is_dir():
-            ids = sorted(
-                str(p.parent.relative_to(saes_dir() / target))
-                for name in ("params.npz", "sae_weights.safetensors")  # Gemma Scope, sae-lens
-                for p in (saes_dir() / target).rglob(name)
-            )
-            raise _unknown_id(target, sae_id or "", ids)
+            raise _unknown_id(target, sae_id or "", local_ids(target))
         sae = _from_folder(local, str(dev), hook, label=f"{target} {sae_id}")
         sae.cfg.metadata["release"], sae.cfg.metadata["sae_id"] = target, sae_id
     elif "/" in target or target.startswith("."):
@@ -413,6 +420,7 @@ __all__ = [
     "SAEInfo",
     "hook_site",
     "load_recorded_sae",
+    "local_ids",
     "open_recorded",
     "load_sae",
     "recorded_key",

@@ -15,10 +15,10 @@ TINY = "tiny-scope-res/layer_2/width_256/average_l0_13"
 
 def test_shipped_ids_are_listed_by_layer(tiny_sae_dir, tmp_path):
     params = (tiny_sae_dir / "params.npz").read_bytes()
-    for layer in (10, 2, 0):
+    for layer, name in ((10, "sae_weights.safetensors"), (2, "params.npz"), (0, "params.npz")):
         folder = tmp_path / DEMO_TRANSCODERS / f"layer_{layer}" / "width_2k" / "average_l0_60"
         folder.mkdir(parents=True)
-        (folder / "params.npz").write_bytes(params)
+        (folder / name).write_bytes(params)  # a sae-lens save (what scope train writes) counts
     assert demo_transcoder_ids(tmp_path) == [
         f"{DEMO_TRANSCODERS}/layer_{i}/width_2k/average_l0_60" for i in (0, 2, 10)
     ]

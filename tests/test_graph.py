@@ -246,15 +246,19 @@ def test_max_feature_nodes_keeps_the_most_influential_rows_unchanged(
     Model.model_validate(graph_json(small))
 
 
-def test_rows_on_gemma3_with_transcoders_reading_the_normalised_mlp_input(tmp_path):
+@pytest.mark.parametrize("read", ["ln2.hook_normalized", "ln2.hook_out"])
+def test_rows_on_gemma3_with_transcoders_reading_the_normalised_mlp_input(tmp_path, read):
     """Gemma 3's shape (one KV head for four query heads, qk-norm, local and global layers)
-    with transcoders reading ``ln2.hook_normalized``: the batched rows of ``scope.replacement``
-    equal ``scope.attribute``'s autograd through the frozen model, one target at a time."""
+    with transcoders reading the pre-MLP norm's output before its weight
+    (``ln2.hook_normalized``) or after it (``ln2.hook_out``, the MLP's input: what Gemma Scope's
+    transcoders and ``scope train --site transcoder`` read): the batched rows of
+    ``scope.replacement`` equal ``scope.attribute``'s autograd through the frozen model, one
+    target at a time."""
     from scope import load_model
 
     model = load_model(fixtures.build_gemma3(tmp_path / "g3", n_layers=3), device="cpu")
     folders = fixtures.build_transcoders(model, tmp_path / "tc", d_sae=32, firing_rate=0.1,
-                                         read="ln2.hook_normalized")  # fmt: skip
+                                         read=read)  # fmt: skip
     saes = [load_sae(f, device="cpu") for f in folders]
     g = attribution_graph(model, saes, TEXT, batch_size=8)
     assert g.n_features > 20
