@@ -520,3 +520,19 @@ def test_feature_page_tries_the_feature_on_typed_text(app, app_store, tiny_model
     values = acts.strip("L2.res.256", f)
     shown = next(h.proto.body for h in app.get("html") if "id='tried'" in h.proto.body)
     assert re.findall(r'title="([-\d.]+)"', shown) == [f"{values[p]:.3f}" for p in acts.counted]
+
+
+def test_page_scripts_hold_no_bare_strings_that_streamlit_would_draw():
+    """Streamlit's "magic" draws each bare expression of a page script: a string after the
+    page's docstring (an attribute docstring, say) shows at the top of the page as text."""
+    import ast
+
+    pages = [HOME, *sorted((HOME.parent / "views").glob("*.py"))]
+    assert len(pages) > 5
+    drawn = [
+        f"{page.name}:{node.lineno}"
+        for page in pages
+        for node in ast.parse(page.read_text()).body[1:]
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    ]
+    assert drawn == [], f"bare strings Streamlit would draw (make them comments): {drawn}"

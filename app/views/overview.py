@@ -12,8 +12,7 @@ from scope.store import explore
 
 DEAD_FLAG = 0.10
 DENSE_FLAG = 0.01
-DUP_FLAG = 0.01
-"""Flag duplicates when more than this share of the live features are in a duplicate group."""
+DUP_FLAG = 0.01  # flag duplicates when more than this share of the live features are in a group
 
 s = store()
 view = explore.overview(s)
