@@ -6,13 +6,11 @@ dense or near-duplicates of another."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from shipped import load_shipped
 
-from scope.demo import DEMO_RELEASE, demo_available, demo_sae_ids
-from scope.sae import saes_dir
+from scope.demo import DEMO_RELEASE
 from scope.train.standardize import STD_FLOOR
 
 TOKENS = 4000
@@ -30,20 +28,9 @@ layer 9, 0.35 at layer 15)."""
 
 @pytest.fixture(scope="module")
 def demo():
-    if why := demo_available():
-        pytest.skip(f"the demo model and corpus packages are needed: {why}")
-    ids = demo_sae_ids()
-    if not ids:
-        pytest.skip(f"no demo SAEs under {saes_dir() / DEMO_RELEASE}")
-    from scope.demo import prepare_corpus, prepare_model
-    from scope.model import load_model
-    from scope.sae import load_sae
-
-    model = load_model(prepare_model(), device="cpu")
-    saes = [load_sae(i, device="cpu") for i in ids]
+    model, saes, cards, corpus = load_shipped(DEMO_RELEASE)
     assert len(saes) >= 3
-    cards = [json.loads((saes_dir() / i / "card.json").read_text()) for i in ids]
-    return model, saes, cards, prepare_corpus()
+    return model, saes, cards, corpus
 
 
 def _fired(model, saes, windows) -> tuple[torch.Tensor, int, list[torch.Tensor]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from served import free_port, wait_served
+from shipped import load_shipped
 from streamlit.testing.v1 import AppTest
 
 from scope.demo import DEMO_TRANSCODERS, demo_available, demo_sae_ids, demo_transcoder_ids
@@ -38,19 +39,7 @@ RECOMPUTED = (0, 9, 17)
 
 @pytest.fixture(scope="module")
 def demo():
-    if why := demo_available():
-        pytest.skip(f"the demo model and corpus packages are needed: {why}")
-    ids = demo_transcoder_ids()
-    if not ids:
-        pytest.skip(f"no demo transcoders under {saes_dir() / DEMO_TRANSCODERS}")
-    from scope.demo import prepare_corpus, prepare_model
-    from scope.model import load_model
-    from scope.sae import load_sae
-
-    model = load_model(prepare_model(), device="cpu")
-    tcs = [load_sae(i, device="cpu") for i in ids]
-    cards = [json.loads((saes_dir() / i / "card.json").read_text()) for i in ids]
-    return model, tcs, cards, prepare_corpus()
+    return load_shipped(DEMO_TRANSCODERS)
 
 
 def test_a_transcoder_at_every_layer_within_the_bars(demo):
