@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from shipped import load_shipped
+from shipped import fired_on, load_shipped
 
 from scope.demo import DEMO_RELEASE
 from scope.train.standardize import STD_FLOOR
@@ -33,28 +33,6 @@ def demo():
     return model, saes, cards, corpus
 
 
-def _fired(model, saes, windows) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
-    """Tokens each feature of each SAE fires on [n_saes, d_sae], the counted tokens, and the
-    standard deviation of each dimension of each SAE's input over them."""
-    from scope.acts import sae_acts, site_input
-    from scope.codec import codec_of
-
-    fired = torch.zeros(len(saes), saes[0].cfg.d_sae, dtype=torch.int64)
-    sums = [torch.zeros(2, s.cfg.d_in, dtype=torch.float64) for s in saes]
-    counted = 0
-    for i in range(0, len(windows), 8):
-        tokens = torch.from_numpy(windows.tokens[i : i + 8]).long()
-        lengths = torch.from_numpy(windows.lengths[i : i + 8]).long()
-        acts = sae_acts(model, saes, tokens, lengths)
-        counted += int(acts.counted.sum())
-        for k, codes in enumerate(acts.codes):
-            fired[k] += (codes[acts.counted] > 0).sum(0)
-            x = site_input(acts.hooks[codec_of(saes[k]).read_hook])[acts.counted].double()
-            sums[k] += torch.stack([x.sum(0), (x**2).sum(0)])
-    stds = [(s[1] / counted - (s[0] / counted) ** 2).clamp(min=0).sqrt() for s in sums]
-    return fired, counted, stds
-
-
 @pytest.mark.slow
 def test_demo_sae_cards_match_a_recomputation(demo):
     from scope.corpus import CorpusSpec, build_windows
@@ -65,7 +43,7 @@ def test_demo_sae_cards_match_a_recomputation(demo):
     windows = build_windows(
         CorpusSpec(paths=(str(corpus.held_out),), ctx=ctx, max_tokens=TOKENS), model.tokenizer
     )
-    fired, counted, _ = _fired(model, saes, windows)
+    fired, counted, _ = fired_on(model, saes, windows)
     assert counted >= TOKENS * 0.95
     for card, l0 in zip(cards, (fired.sum(1) / counted).tolist(), strict=True):
         assert card["eval"]["l0"] == pytest.approx(l0, rel=0.05), card["sae_id"]
@@ -91,7 +69,7 @@ def test_demo_saes_are_mostly_alive_and_distinct_on_the_demo_tokens(demo):
     windows = build_windows(
         CorpusSpec(paths=(str(corpus.train),), ctx=128, max_tokens=DEMO_TOKENS), model.tokenizer
     )
-    fired, counted, stds = _fired(model, saes, windows)
+    fired, counted, stds = fired_on(model, saes, windows)
     assert counted >= DEMO_TOKENS * 0.95
     for sae, card, n, std in zip(saes, cards, fired, stds, strict=True):
         width = sae.cfg.d_sae

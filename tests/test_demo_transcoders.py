@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from served import free_port, wait_served
-from shipped import load_shipped
+from shipped import fired_on, load_shipped
 from streamlit.testing.v1 import AppTest
 
 from scope.demo import DEMO_TRANSCODERS, demo_available, demo_sae_ids, demo_transcoder_ids
@@ -78,22 +77,13 @@ def test_demo_transcoder_cards_match_a_recomputation(demo):
 
 
 def test_demo_transcoders_are_mostly_alive_on_the_demo_tokens(demo):
-    from scope.acts import sae_acts
     from scope.corpus import CorpusSpec, build_windows
 
     model, tcs, cards, corpus = demo
     windows = build_windows(
         CorpusSpec(paths=(str(corpus.train),), ctx=128, max_tokens=DEMO_TOKENS), model.tokenizer
     )
-    fired = torch.zeros(len(tcs), tcs[0].cfg.d_sae, dtype=torch.int64)
-    counted = 0
-    for i in range(0, len(windows), 8):
-        tokens = torch.from_numpy(windows.tokens[i : i + 8]).long()
-        lengths = torch.from_numpy(windows.lengths[i : i + 8]).long()
-        acts = sae_acts(model, tcs, tokens, lengths)
-        counted += int(acts.counted.sum())
-        for k, codes in enumerate(acts.codes):
-            fired[k] += (codes[acts.counted] > 0).sum(0)
+    fired, counted, _ = fired_on(model, tcs, windows)
     assert counted >= DEMO_TOKENS * 0.95
     for card, n in zip(cards, fired, strict=True):
         dead = int((n == 0).sum())
